@@ -1,0 +1,310 @@
+"""The one settings object of Reframe Cluster.
+
+Every field is also an environment variable: ``REFRAME_<FIELD_NAME>`` (upper case), except the
+fal key, which is read from ``FAL_KEY`` exactly as fal's own tools read it. Durations and sizes
+carry their unit in the name (``_s``, ``_ms``, ``_bytes``, ``_usd``).
+
+Nothing is read at import time: call :func:`load_settings` once at start-up (the CLI and the worker
+do), and pass the object down. This module is the only place that reads the process environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "REFRAME_"
+FAL_KEY_ENV = "FAL_KEY"
+
+NonNegFloat = Annotated[float, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class SettingsError(ValueError):
+    """Raised when the environment does not describe a valid configuration.
+
+    The message names every offending environment variable, one per line.
+    """
+
+
+class AmbiguousSubmitPolicy(StrEnum):
+    """What to do with a submit whose outcome is unknown (fal may or may not have the request)."""
+
+    DEAD_LETTER = "dead_letter"
+    """Never risk a second charge: park the job in the dead-letter set for an operator."""
+    RESUBMIT = "resubmit"
+    """Accept a bounded risk of paying twice: submit again (counted, budget reserved again)."""
+
+
+REAL_FAL_HOST_SUFFIXES = ("fal.run", "fal.ai", "fal.media", "falrun.com")
+
+
+class Settings(BaseSettings):
+    """Validated configuration. Build it with :func:`load_settings`, not directly from the env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis for the Celery broker, job records, flow control and the result stream.",
+    )
+    key_prefix: str = Field(default="reframe", min_length=1, description="Prefix of every Redis key we own.")
+    redis_socket_timeout_s: PosFloat = Field(default=10.0, description="Socket timeout of Redis calls.")
+
+    # --- fal ---------------------------------------------------------------------------------
+    fal_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FAL_KEY", "fal_key"),
+        description="fal API key (`key_id:key_secret`), read from FAL_KEY. Required against real fal.",
+    )
+    fal_queue_url: str = Field(default="https://queue.fal.run", description="fal queue API base URL.")
+    fal_rest_url: str = Field(default="https://rest.fal.ai", description="fal REST (storage token) base URL.")
+    fal_cdn_url: str = Field(default="https://v3.fal.media", description="fal CDN upload base URL.")
+    fal_model_id: str = Field(
+        default="fal-ai/luma-dream-machine/ray-2-flash/reframe", description="Full model id submitted to."
+    )
+    fal_connect_timeout_s: PosFloat = Field(default=5.0, description="TCP/TLS connect timeout per fal call.")
+    fal_read_timeout_s: PosFloat = Field(default=30.0, description="Read timeout per fal call.")
+    fal_write_timeout_s: PosFloat = Field(default=30.0, description="Write timeout per fal call.")
+    fal_pool_timeout_s: PosFloat = Field(default=10.0, description="Wait for a free pooled connection.")
+    fal_http_retries: NonNegInt = Field(
+        default=2, description="In-call retries of idempotent fal calls (status, result, cancel, upload)."
+    )
+    fal_http_backoff_base_s: PosFloat = Field(default=0.5, description="Backoff base of in-call retries.")
+    fal_http_backoff_cap_s: PosFloat = Field(default=10.0, description="Backoff cap of in-call retries.")
+
+    # --- Celery / worker ---------------------------------------------------------------------
+    queue_name: str = Field(default="reframe", min_length=1, description="Celery queue (a Redis list).")
+    worker_concurrency: PosInt = Field(default=8, description="Threads per worker process.")
+    task_soft_time_limit_s: PosFloat = Field(default=60.0, description="Soft time limit of a Celery task.")
+    task_time_limit_s: PosFloat = Field(default=90.0, description="Hard time limit of a Celery task.")
+    visibility_timeout_s: PosFloat = Field(
+        default=600.0, description="Redis redelivery of unacked messages; above every time limit."
+    )
+    worker_soft_shutdown_timeout_s: NonNegFloat = Field(
+        default=20.0, description="Celery soft shutdown; below the pod's terminationGracePeriodSeconds."
+    )
+    job_retention_s: PosFloat = Field(default=7 * 86400.0, description="How long job records are kept.")
+
+    # --- completion tracking -----------------------------------------------------------------
+    tracker_max_jobs: PosInt = Field(default=2000, description="Most in-flight jobs one process tracks.")
+    tracker_claim_ttl_s: PosFloat = Field(
+        default=30.0, description="A tracker's claim on a job; another process takes over after it."
+    )
+    tracker_tick_s: PosFloat = Field(default=0.25, description="How often a tracker looks for due work.")
+    status_poll_interval_s: PosFloat = Field(
+        default=5.0, description="Status poll interval when the status stream is unavailable."
+    )
+    use_status_stream: bool = Field(default=True, description="Follow fal's SSE status stream.")
+
+    # --- flow control ------------------------------------------------------------------------
+    max_concurrency: PosInt = Field(default=2, description="Cluster-wide cap of fal requests in flight.")
+    reserved_high_slots: NonNegInt = Field(
+        default=0, description="Slots only high-priority jobs may take."
+    )
+    slot_lease_ttl_s: PosFloat = Field(
+        default=60.0, description="A slot lease; renewed while fal reports the request alive."
+    )
+    submit_rate_per_s: PosFloat = Field(default=5.0, description="Cluster-wide submit rate (GCRA).")
+    submit_burst: PosInt = Field(default=5, description="Submits allowed back to back (GCRA burst).")
+    max_rate_wait_s: NonNegFloat = Field(
+        default=2.0, description="Wait in-task for a rate token up to this; longer waits are deferred."
+    )
+    retry_max_attempts: PosInt = Field(default=5, description="fal submits per job at most.")
+    retry_base_s: PosFloat = Field(default=2.0, description="Job-level backoff base (full jitter).")
+    retry_cap_s: PosFloat = Field(default=300.0, description="Job-level backoff cap.")
+    retry_after_max_s: PosFloat = Field(
+        default=900.0, description="Largest Retry-After honoured; larger values are clamped to it."
+    )
+    job_deadline_s: PosFloat = Field(
+        default=6 * 3600.0, description="A job not submitted by this long after enqueue fails."
+    )
+    retry_budget_ratio: NonNegFloat = Field(
+        default=0.2, description="Retries allowed per first attempt, cluster-wide (token bucket)."
+    )
+    retry_budget_min_tokens: NonNegFloat = Field(
+        default=10.0, description="Retry tokens always available (a floor for quiet periods)."
+    )
+    breaker_window_s: PosFloat = Field(default=60.0, description="Failure-rate window of the breaker.")
+    breaker_min_calls: PosInt = Field(default=10, description="Calls in the window before it can trip.")
+    breaker_failure_ratio: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5, description="Failure ratio in the window that opens the breaker."
+    )
+    breaker_open_base_s: PosFloat = Field(default=30.0, description="First OPEN period.")
+    breaker_open_cap_s: PosFloat = Field(default=600.0, description="Longest OPEN period.")
+    breaker_half_open_probes: PosInt = Field(
+        default=1, description="Probe submits allowed cluster-wide while HALF_OPEN."
+    )
+    breaker_close_after_successes: PosInt = Field(
+        default=1, description="Probe successes that close the breaker."
+    )
+    budget_daily_usd: NonNegFloat = Field(default=100.0, description="Spend cap per UTC day.")
+    budget_monthly_usd: NonNegFloat = Field(default=1000.0, description="Spend cap per UTC month.")
+    price_per_s_usd: NonNegFloat = Field(default=0.06, description="fal price per second of video.")
+    max_video_duration_s: PosFloat = Field(
+        default=30.0, description="Longest input accepted; also the estimate when it cannot be read."
+    )
+    probe_timeout_s: PosFloat = Field(default=10.0, description="Timeout to read a video's duration.")
+    ambiguous_submit_policy: AmbiguousSubmitPolicy = Field(
+        default=AmbiguousSubmitPolicy.DEAD_LETTER,
+        description="`dead_letter` (never pay twice) or `resubmit` (accept the risk, counted).",
+    )
+
+    # --- results -----------------------------------------------------------------------------
+    results_stream_maxlen: PosInt = Field(default=100_000, description="Approximate MAXLEN of the stream.")
+    callback_signing_key: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key for per-job callbacks; callbacks are unsigned without."
+    )
+    callback_timeout_s: PosFloat = Field(default=10.0, description="Timeout of one callback POST.")
+    callback_max_attempts: PosInt = Field(default=8, description="Callback deliveries before giving up.")
+
+    # --- input limits ------------------------------------------------------------------------
+    max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
+    max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
+
+    # --- metrics, health, logging ------------------------------------------------------------
+    metrics_host: str = Field(default="0.0.0.0", description="Bind address of /metrics and health.")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9100, description="Port of /metrics, /livez, /readyz (0 disables)."
+    )
+    log_level: str = Field(default="INFO", description="Python log level.")
+    log_json: bool = Field(default=False, description="Log one JSON object per line.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"redis", "rediss", "unix", "redis+socket"}:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if parts.scheme in {"redis", "rediss"} and not parts.hostname:
+            raise ValueError("has no host")
+        return value
+
+    @field_validator("fal_queue_url", "fal_rest_url", "fal_cdn_url")
+    @classmethod
+    def _check_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http(s):// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return upper
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.talks_to_real_fal and (self.fal_key is None or not self.fal_key.get_secret_value()):
+            raise ValueError(f"{FAL_KEY_ENV} is required when REFRAME_FAL_QUEUE_URL points at fal.ai")
+        if self.task_time_limit_s < self.task_soft_time_limit_s:
+            raise ValueError("REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S")
+        if self.visibility_timeout_s <= self.task_time_limit_s + self.tracker_claim_ttl_s:
+            raise ValueError(
+                "REFRAME_VISIBILITY_TIMEOUT_S must exceed REFRAME_TASK_TIME_LIMIT_S + REFRAME_TRACKER_CLAIM_TTL_S"
+            )
+        if self.reserved_high_slots >= self.max_concurrency:
+            raise ValueError("REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY")
+        if self.breaker_open_cap_s < self.breaker_open_base_s:
+            raise ValueError("REFRAME_BREAKER_OPEN_CAP_S must be >= REFRAME_BREAKER_OPEN_BASE_S")
+        if self.retry_cap_s < self.retry_base_s:
+            raise ValueError("REFRAME_RETRY_CAP_S must be >= REFRAME_RETRY_BASE_S")
+        return self
+
+    @property
+    def talks_to_real_fal(self) -> bool:
+        """True when the queue URL is one of fal's own hosts (a key is then mandatory)."""
+        host = urlsplit(self.fal_queue_url).hostname or ""
+        return any(host == s or host.endswith("." + s) for s in REAL_FAL_HOST_SUFFIXES)
+
+    @property
+    def fal_key_value(self) -> str:
+        """The fal key as a string ('' when unset). Only the HTTP client should call this."""
+        return self.fal_key.get_secret_value() if self.fal_key is not None else ""
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting with secrets masked and the Redis password removed, for logs."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else None
+            elif name == "redis_url":
+                out[name] = redact_url(value)
+            else:
+                out[name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without its password (``redis://:***@host``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return FAL_KEY_ENV if field == "fal_key" else ENV_PREFIX + field.upper()
+
+
+def _unknown_env(environ: Mapping[str, str]) -> list[str]:
+    known = {env_name(name) for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings once.
+
+    ``environ`` defaults to ``os.environ``; ``overrides`` win over the environment (the CLI uses
+    them for flags). Raises :class:`SettingsError` naming every bad or unknown variable.
+    """
+    env = dict(os.environ if environ is None else environ)
+    problems = [f"{name}: unknown setting (check the spelling)" for name in _unknown_env(env)]
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        var = env_name(name)
+        for key in (var, var.lower()):
+            if key in env:
+                values[name] = env[key]
+                break
+    values.update(overrides)
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        problems.extend(_describe(exc))
+    if problems:
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def _describe(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = err.get("loc") or ()
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if loc:
+            lines.append(f"{env_name(str(loc[0]))}: {msg}")
+        else:
+            lines.append(msg)
+    return lines

@@ -1,0 +1,1 @@
+"""The producer library: validate reframe requests and enqueue jobs on Redis."""

