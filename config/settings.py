@@ -213,8 +213,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        if self.talks_to_real_fal and (self.fal_key is None or not self.fal_key.get_secret_value()):
-            raise ValueError(f"{FAL_KEY_ENV} is required when REFRAME_FAL_QUEUE_URL points at fal.ai")
         if self.task_time_limit_s < self.task_soft_time_limit_s:
             raise ValueError("REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S")
         if self.visibility_timeout_s <= self.task_time_limit_s + self.tracker_claim_ttl_s:
@@ -273,11 +271,15 @@ def _unknown_env(environ: Mapping[str, str]) -> list[str]:
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
-def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, require_fal_key: bool = False, **overrides: Any
+) -> Settings:
     """Read and validate the settings once.
 
     ``environ`` defaults to ``os.environ``; ``overrides`` win over the environment (the CLI uses
-    them for flags). Raises :class:`SettingsError` naming every bad or unknown variable.
+    them for flags). Components that call fal (workers, uploads) pass ``require_fal_key=True``:
+    then a missing ``FAL_KEY`` is an error when the queue URL is fal's own. Raises
+    :class:`SettingsError` naming every bad or unknown variable.
     """
     env = dict(os.environ if environ is None else environ)
     problems = [f"{name}: unknown setting (check the spelling)" for name in _unknown_env(env)]
@@ -293,6 +295,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         problems.extend(_describe(exc))
+    else:
+        if require_fal_key and settings.talks_to_real_fal and not settings.fal_key_value:
+            problems.append(f"{FAL_KEY_ENV}: required when REFRAME_FAL_QUEUE_URL points at fal ({settings.fal_queue_url})")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings

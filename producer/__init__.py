@@ -1,1 +1,22 @@
-"""The producer library: validate reframe requests and enqueue jobs on Redis."""
+"""The producer library: validate reframe requests and enqueue jobs on Redis.
+
+Only :mod:`config` and :mod:`worker.contracts` are imported; the worker runtime never is.
+"""
+
+from producer.client import CancelOutcome, EnqueueRequest, IdempotencyConflict, Job, Producer
+from producer.results import ResultConsumer, ResultEvent
+from worker.contracts.models import InvalidRequest, JobState, Priority, ReframeInput
+
+__all__ = [
+    "CancelOutcome",
+    "EnqueueRequest",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "Job",
+    "JobState",
+    "Priority",
+    "Producer",
+    "ReframeInput",
+    "ResultConsumer",
+    "ResultEvent",
+]
