@@ -1,0 +1,105 @@
+"""Cluster-wide flow control for fal submits: breaker, budget, slots, rate limit, retry budget.
+
+Every decision is one atomic Lua script on the shared Redis, timed by Redis ``TIME``. The worker
+composes them before a submit in the order breaker -> budget -> slot -> rate (cheapest refusal
+first; the rate token is taken last so it is not wasted on a job that cannot go).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis
+
+from worker.flow.breaker import BreakerDecision, BreakerSnapshot, BreakerState, CircuitBreaker
+from worker.flow.budget import (
+    Budget,
+    BudgetDecision,
+    BudgetScope,
+    BudgetSnapshot,
+    Reservation,
+    micro_to_usd,
+    usd_to_micro,
+)
+from worker.flow.rate import RateDecision, RateReason, SubmitRateLimiter
+from worker.flow.retry_budget import RetryBudget
+from worker.flow.slots import Priority, SlotPool, SlotResult, SlotStatus
+
+if TYPE_CHECKING:
+    from config import Settings
+
+__all__ = [
+    "BreakerDecision",
+    "BreakerSnapshot",
+    "BreakerState",
+    "Budget",
+    "BudgetDecision",
+    "BudgetScope",
+    "BudgetSnapshot",
+    "CircuitBreaker",
+    "FlowControl",
+    "Priority",
+    "RateDecision",
+    "RateReason",
+    "Reservation",
+    "RetryBudget",
+    "SlotPool",
+    "SlotResult",
+    "SlotStatus",
+    "SubmitRateLimiter",
+    "micro_to_usd",
+    "usd_to_micro",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowControl:
+    """The five primitives of one cluster, built from the settings and sharing one Redis client."""
+
+    breaker: CircuitBreaker
+    budget: Budget
+    slots: SlotPool
+    rate: SubmitRateLimiter
+    retry_budget: RetryBudget
+
+    @classmethod
+    def from_settings(cls, r: redis.Redis, settings: Settings) -> FlowControl:
+        """Build every primitive under ``settings.key_prefix`` with the configured limits."""
+        prefix = settings.key_prefix
+        return cls(
+            breaker=CircuitBreaker(
+                r,
+                prefix=prefix,
+                window_s=settings.breaker_window_s,
+                min_calls=settings.breaker_min_calls,
+                failure_ratio=settings.breaker_failure_ratio,
+                open_base_s=settings.breaker_open_base_s,
+                open_cap_s=settings.breaker_open_cap_s,
+                half_open_probes=settings.breaker_half_open_probes,
+                close_after_successes=settings.breaker_close_after_successes,
+            ),
+            budget=Budget(
+                r,
+                prefix=prefix,
+                daily_cap_usd=settings.budget_daily_usd,
+                monthly_cap_usd=settings.budget_monthly_usd,
+                price_per_s_usd=settings.price_per_s_usd,
+            ),
+            slots=SlotPool(
+                r,
+                prefix=prefix,
+                capacity=settings.max_concurrency,
+                reserved_high=settings.reserved_high_slots,
+                lease_ttl_ms=round(settings.slot_lease_ttl_s * 1000),
+            ),
+            rate=SubmitRateLimiter(
+                r, prefix=prefix, rate_per_s=settings.submit_rate_per_s, burst=settings.submit_burst
+            ),
+            retry_budget=RetryBudget(
+                r,
+                prefix=prefix,
+                ratio=settings.retry_budget_ratio,
+                min_tokens=settings.retry_budget_min_tokens,
+            ),
+        )
