@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from worker.contracts.models import Priority
 from worker.flow.breaker import BreakerDecision, BreakerSnapshot, BreakerState, CircuitBreaker
 from worker.flow.budget import (
     Budget,
@@ -24,7 +25,7 @@ from worker.flow.budget import (
 )
 from worker.flow.rate import RateDecision, RateReason, SubmitRateLimiter
 from worker.flow.retry_budget import RetryBudget
-from worker.flow.slots import Priority, SlotPool, SlotResult, SlotStatus
+from worker.flow.slots import SlotPool, SlotResult, SlotStatus
 
 if TYPE_CHECKING:
     from config import Settings

@@ -84,10 +84,9 @@ class BudgetSnapshot:
         return {f"{name}_usd": micro_to_usd(getattr(self, name)) for name in self.__dataclass_fields__}
 
 
-# Periods of Redis time (UTC). civil() is H. Hinnant's days -> (y, m, d); Redis Lua has no os.date.
-_PRELUDE = (
-    LUA_NOW
-    + """
+# H. Hinnant's days since 1970-01-01 -> (y, m, d) in the proleptic Gregorian calendar; Redis Lua has
+# no os.date, and the periods must come from Redis time.
+LUA_CIVIL = """
 local function civil(days)
   local z = days + 719468
   local era = math.floor(z / 146097)
@@ -102,6 +101,13 @@ local function civil(days)
   if m <= 2 then y = y + 1 end
   return y, m, d
 end
+"""
+
+# Periods of Redis time (UTC) and helpers shared by the budget scripts.
+_PRELUDE = (
+    LUA_NOW
+    + LUA_CIVIL
+    + """
 local y, m, d = civil(math.floor(now_ms / 86400000))
 local today = string.format('%04d-%02d-%02d', y, m, d)
 local this_month = string.format('%04d-%02d', y, m)

@@ -20,16 +20,8 @@ from enum import StrEnum
 
 import redis
 
+from worker.contracts.models import Priority
 from worker.flow._redis import LUA_NOW, as_int, as_texts, run
-
-
-class Priority(StrEnum):
-    """Job priority; admission serves ``high`` before ``normal`` before ``low``."""
-
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
-
 
 #: Priorities in admission order; the Lua scripts address them by 1-based index.
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
