@@ -1,0 +1,124 @@
+"""SubmitRateLimiter (GCRA on Redis time) against a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_right
+
+import pytest
+import redis
+
+from reframe.localproc import wait_until
+from worker.flow import RateReason, SubmitRateLimiter
+
+PREFIX = "t"
+
+
+def limiter(r: redis.Redis, rate_per_s: float, burst: int) -> SubmitRateLimiter:
+    return SubmitRateLimiter(r, prefix=PREFIX, rate_per_s=rate_per_s, burst=burst)
+
+
+def max_in_window(times_us: list[int], window_us: int) -> int:
+    """Most events in any closed window [t, t + W], over every start (not just aligned ones)."""
+    times = sorted(times_us)
+    return max((bisect_right(times, t + window_us) - i for i, t in enumerate(times)), default=0)
+
+
+def test_burst_then_rate(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=10, burst=5)
+    decisions = [lim.try_acquire() for _ in range(5)]
+    assert all(d.allowed and d.reason is RateReason.OK and d.retry_after_ms == 0 for d in decisions)
+    denied = lim.try_acquire()
+    assert not denied.allowed and denied.reason is RateReason.RATE
+    assert 0 < denied.retry_after_ms <= 100
+    wait_until(lambda: lim.try_acquire().allowed, timeout_s=2, what="the next token")
+
+
+def test_burst_of_one_spaces_every_call(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)  # bytes replies
+    lim = limiter(r, rate_per_s=20, burst=1)
+    assert lim.try_acquire().allowed
+    assert not lim.try_acquire().allowed
+    assert r.pttl(f"{PREFIX}:fc:gcra") > 0  # the TAT key cleans itself up
+    r.close()
+
+
+def test_sliding_window_bound_under_contention(rclient: redis.Redis) -> None:
+    rate, burst = 50.0, 4
+    lim = limiter(rclient, rate_per_s=rate, burst=burst)
+    allowed_us: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            d = lim.try_acquire()
+            if d.allowed:
+                with lock:
+                    allowed_us.append(d.at_us)
+            else:
+                stop.wait(d.retry_after_ms / 1000)  # what a worker does: come back when told
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for th in threads:
+        th.start()
+    wait_until(lambda: len(allowed_us) >= 75, timeout_s=10, what="75 submits")
+    stop.set()
+    for th in threads:
+        th.join()
+    for window_ms in (1, 20, 100, 250, 500, 1000):
+        bound = rate * window_ms / 1000 + burst
+        assert max_in_window(allowed_us, window_ms * 1000) <= bound, window_ms
+    span_s = (max(allowed_us) - min(allowed_us)) / 1e6
+    assert len(allowed_us) >= 0.8 * rate * span_s  # not too conservative either
+
+
+def test_pause_blocks_every_worker_until_the_deadline(redis_url: str) -> None:
+    clients = [redis.Redis.from_url(redis_url, decode_responses=d) for d in (True, False)]
+    a, b = (limiter(c, rate_per_s=1000, burst=10) for c in clients)
+    until = a.pause(0.3)
+    assert b.paused_until_ms() == until
+    assert a.pause(0.05) == until  # never shortens a pause in force
+    for lim in (a, b):
+        d = lim.try_acquire()
+        assert not d.allowed and d.reason is RateReason.PAUSED
+        assert 0 < d.retry_after_ms <= 300
+    decisions = []
+
+    def allowed() -> bool:
+        decisions.append(b.try_acquire())
+        return decisions[-1].allowed
+
+    wait_until(allowed, timeout_s=3, interval_s=0.01, what="end of pause")
+    assert all(d.at_us < until * 1000 for d in decisions[:-1])
+    assert decisions[-1].at_us >= until * 1000
+    assert a.paused_until_ms() is None
+    for c in clients:
+        c.close()
+
+
+def test_pause_extends_to_a_longer_deadline(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=1, burst=1)
+    short = lim.pause(1)
+    longer = lim.pause(5)
+    assert longer >= short + 3900
+    assert lim.paused_until_ms() == longer
+    assert rclient.pttl(f"{PREFIX}:fc:pause_until") > 4000  # expires by itself at the deadline
+
+
+def test_rejects_bad_configuration(rclient: redis.Redis) -> None:
+    with pytest.raises(ValueError):
+        limiter(rclient, rate_per_s=0, burst=1)
+    with pytest.raises(ValueError):
+        limiter(rclient, rate_per_s=1, burst=0)
+    with pytest.raises(ValueError):
+        limiter(rclient, rate_per_s=1, burst=1).pause(-1)
+
+
+def test_decision_time_is_redis_time(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=5, burst=1)
+    sec, usec = rclient.time()
+    d = lim.try_acquire()
+    assert d.at_us >= sec * 1_000_000 + usec
+    assert abs(d.at_us / 1e6 - time.time()) < 60  # same host here; the value comes from Redis
