@@ -1,0 +1,376 @@
+"""The Starlette application: fal's queue API, storage API, JWKS and the ``/_emulator`` control API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from falemu.config import EmulatorConfig
+from falemu.faults import Fault
+from falemu.gateway import RAW_SEND_KEY, GatewayMiddleware, split_app_path
+from falemu.state import COMPLETED, EmulatorState, QueueRequest
+from falemu.storage import file_url
+
+NO_USER = "No user found for Key ID and Secret"
+BAD_FORMAT = "Invalid Key Authorization header format. Expected '<key_id>:<key_secret>'."
+LOCKED = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing"
+STILL_RUNNING = "Request is still in progress"
+
+
+@dataclass
+class _Holder:
+    state: EmulatorState | None = None
+
+
+def _state(request: Request) -> EmulatorState:
+    holder: _Holder = request.app.state.holder
+    assert holder.state is not None, "the emulator state exists only while the app's lifespan runs"
+    return holder.state
+
+
+def _base_url(request: Request) -> str:
+    """The URL prefix to hand out: configured public URL, else how this client reached us."""
+    configured = _state(request).config.public_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+def _json(
+    body: Any,
+    status: int = 200,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    extra = dict(headers or {})
+    if request_id is not None:
+        extra["x-fal-request-id"] = request_id
+    return JSONResponse(body, status_code=status, headers=extra)
+
+
+# ---- auth ---------------------------------------------------------------------------------------------
+
+
+def _auth_error(request: Request, allow_cdn_token: bool = False) -> JSONResponse | None:
+    """None when the caller may proceed, else fal's 401/403 answer."""
+    state = _state(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    if allow_cdn_token and scheme.lower() == "bearer" and state.storage.token_valid(credential):
+        return None
+    if scheme.lower() != "key" or not credential:
+        return _json({"detail": NO_USER}, 401)
+    key_id, sep, secret = credential.partition(":")
+    if not sep or not key_id or not secret:
+        return _json({"detail": BAD_FORMAT}, 401)
+    cfg = state.config
+    if cfg.valid_keys is not None and credential not in cfg.valid_keys:
+        return _json({"detail": NO_USER}, 401)
+    if credential in cfg.locked_keys or key_id in cfg.locked_keys:
+        return _json({"detail": LOCKED}, 403)
+    return None
+
+
+# ---- queue API ----------------------------------------------------------------------------------------
+
+
+async def queue_dispatch(request: Request) -> Response:
+    """Route ``/{owner}/{app}[/...]``: submit (POST), or requests/{id}[/status[/stream]|/cancel]."""
+    split = split_app_path(request.url.path)
+    if split is None:
+        return _json({"detail": "Not Found"}, 404)
+    app_prefix, rest = split
+    denied = _auth_error(request)
+    if denied is not None:
+        return denied
+    if request.method == "POST":
+        return await _submit(request, app_prefix, rest)
+    parts = rest.strip("/").split("/")
+    if len(parts) < 2 or parts[0] != "requests":
+        return _json({"error": "Error", "message": f"Path /{rest} not found"}, 404)
+    request_id, tail = parts[1], "/".join(parts[2:])
+    handlers = {
+        ("GET", ""): _result,
+        ("GET", "status"): _status,
+        ("GET", "status/stream"): _stream,
+        ("PUT", "cancel"): _cancel,
+    }
+    handler = handlers.get((request.method, tail))
+    if handler is None:
+        return _json({"detail": "Method Not Allowed"}, 405)
+    return await handler(request, request_id)
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
+    state = _state(request)
+    rejected = state.admit(_int_or_none(request.query_params.get("fal_max_queue_length")))
+    if rejected is not None:
+        status, body, headers = rejected
+        return _json(body, status, headers=headers)
+    raw = await request.body()
+    try:
+        payload = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return _json({"detail": "Invalid JSON body"}, 400)
+    runner_fault = state.faults.take("submit", frozenset({"runner_error"}))
+    req = state.submit(
+        app_prefix=app_prefix,
+        endpoint=endpoint,
+        payload=payload,
+        base_url=_base_url(request),
+        webhook_url=request.query_params.get("fal_webhook"),
+        runner_fault=runner_fault,
+    )
+    body = {"status": "IN_QUEUE", "request_id": req.id, **req.urls(), "queue_position": _position(state, req)}
+    return _json(body, 200, req.id)
+
+
+def _position(state: EmulatorState, req: QueueRequest) -> int:
+    return state.queue_position(req) if req.status == "IN_QUEUE" else 0
+
+
+def _find(request: Request, request_id: str) -> QueueRequest | None:
+    return _state(request).requests.get(request_id)
+
+
+def _wants_logs(request: Request) -> bool:
+    return request.query_params.get("logs", "0").lower() in {"1", "true", "yes"}
+
+
+async def _status(request: Request, request_id: str) -> Response:
+    req = _find(request, request_id)
+    if req is None:
+        return _json({"detail": "Request not found"}, 404, request_id)
+    body = _state(request).status_body(req, _wants_logs(request))
+    return _json(body, 200 if req.status == COMPLETED else 202, req.id)
+
+
+async def _stream(request: Request, request_id: str) -> Response:
+    req = _find(request, request_id)
+    if req is None:
+        return _json({"detail": "Request not found"}, 404, request_id)
+    state = _state(request)
+    with_logs = _wants_logs(request)
+
+    async def events() -> AsyncIterator[bytes]:
+        while True:
+            changed = req.changed  # taken before the body, so a change in between is not missed
+            yield f"data: {json.dumps(state.status_body(req, with_logs))}\n\n".encode()
+            if req.status == COMPLETED:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=state.config.stream_keepalive_s)
+
+    headers = {"x-fal-request-id": req.id, "cache-control": "no-cache", "x-accel-buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _result(request: Request, request_id: str) -> Response:
+    state = _state(request)
+    req = _find(request, request_id)
+    if req is None:
+        return _json({"detail": "Request not found"}, 404, request_id)
+    if req.status != COMPLETED or req.outcome is None:
+        return _json({"detail": STILL_RUNNING}, 400, req.id)
+    if not state.result_expired(req) and state.faults.take("result", frozenset({"expire_result"})):
+        req.expired = True
+    if state.result_expired(req):
+        return _json({"detail": "Request not found"}, 404, req.id)
+    outcome = req.outcome
+    return _json(outcome.body, outcome.status_code, req.id, outcome.headers())
+
+
+async def _cancel(request: Request, request_id: str) -> Response:
+    code, outcome = _state(request).cancel(request_id)
+    body: dict[str, Any] = {"status": outcome}
+    if code == 404:
+        body["detail"] = "Request not found"
+    return _json(body, code, request_id)
+
+
+# ---- storage ------------------------------------------------------------------------------------------
+
+
+async def storage_token(request: Request) -> Response:
+    """``POST /storage/auth/token?storage_type=fal-cdn-v3``: a short-lived CDN upload token."""
+    denied = _auth_error(request)
+    if denied is not None:
+        return denied
+    state = _state(request)
+    token, expires = state.storage.issue_token(state.config.cdn_token_ttl_s)
+    expires_at = datetime.fromtimestamp(expires, UTC).isoformat()
+    return _json(
+        {"token": token, "token_type": "Bearer", "base_url": _base_url(request), "expires_at": expires_at}
+    )
+
+
+async def files_upload(request: Request) -> Response:
+    """``POST /files/upload``: raw bytes in, ``{"access_url"}`` out (CDN token or Key auth)."""
+    denied = _auth_error(request, allow_cdn_token=True)
+    if denied is not None:
+        return denied
+    data = await request.body()
+    stored = _state(request).storage.put_bytes(
+        data, request.headers.get("x-fal-file-name"), request.headers.get("content-type")
+    )
+    return _json({"access_url": file_url(_base_url(request), stored)})
+
+
+async def upload_initiate(request: Request) -> Response:
+    """``POST /storage/upload/initiate``: reserve a file; the bytes follow with ``PUT upload_url``."""
+    denied = _auth_error(request)
+    if denied is not None:
+        return denied
+    try:
+        spec = await request.json()
+    except ValueError:
+        spec = {}
+    spec = spec if isinstance(spec, dict) else {}
+    storage = _state(request).storage
+    key, name, signature = storage.initiate(spec.get("file_name"), spec.get("content_type"))
+    base = _base_url(request)
+    file_url_ = f"{base}/files/{key}/{name}"
+    return _json({"upload_url": f"{file_url_}?signature={signature}", "file_url": file_url_})
+
+
+async def files_put(request: Request) -> Response:
+    """``PUT upload_url``: the signed-URL upload (the signature in the query is the credential)."""
+    stored = _state(request).storage.complete(
+        request.path_params["key"],
+        request.query_params.get("signature"),
+        await request.body(),
+        request.headers.get("content-type"),
+    )
+    if stored is None:
+        return _json({"detail": "Invalid or expired upload URL"}, 403)
+    return Response(status_code=200)
+
+
+async def files_get(request: Request) -> Response:
+    """``GET /files/{key}/{name}``: public, like fal's CDN (range requests supported)."""
+    stored = _state(request).storage.get(request.path_params["key"])
+    if stored is None or not stored.path.exists():
+        return _json({"detail": "File not found"}, 404)
+    return FileResponse(stored.path, media_type=stored.content_type, filename=None)
+
+
+async def jwks(request: Request) -> Response:
+    """The webhook signing keys."""
+    return _json(_state(request).signer.jwks())
+
+
+# ---- control API --------------------------------------------------------------------------------------
+
+
+async def control_ledger(request: Request) -> Response:
+    """``GET /_emulator/ledger``."""
+    return _json(_state(request).ledger.snapshot())
+
+
+async def control_faults(request: Request) -> Response:
+    """``POST`` appends scripted faults, ``DELETE`` clears them, ``GET`` lists the pending ones."""
+    book = _state(request).faults
+    if request.method == "DELETE":
+        book.clear()
+    elif request.method == "POST":
+        try:
+            body = await request.json()
+            faults = [Fault.from_dict(raw) for raw in body["faults"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            return _json({"detail": f"bad faults: {exc}"}, 400)
+        book.add(faults)
+    return _json({"faults": [vars(f) for f in book.pending()]})
+
+
+async def control_config(request: Request) -> Response:
+    """``POST`` applies a partial config update; ``GET`` shows the run-time config."""
+    state = _state(request)
+    if request.method == "POST":
+        try:
+            changes = await request.json()
+            state.config.update(dict(changes))
+        except (ValueError, TypeError) as exc:
+            return _json({"detail": f"bad config: {exc}"}, 400)
+        state.reschedule()  # a higher concurrency starts queued requests right away
+    return _json(state.config.as_dict())
+
+
+async def control_reset(request: Request) -> Response:
+    """``POST /_emulator/reset``: clear ledger, requests and faults."""
+    _state(request).reset()
+    return _json({"ok": True})
+
+
+# ---- assembly -----------------------------------------------------------------------------------------
+
+
+class EmulatorApp(Starlette):
+    """Starlette, plus the server's raw ``send`` kept in the scope so a drop fault can close the socket."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Remember the server's ``send`` before Starlette's own middleware wraps it."""
+        if scope["type"] == "http":
+            scope[RAW_SEND_KEY] = send
+        await super().__call__(scope, receive, send)
+
+
+def create_app(config: EmulatorConfig | None = None) -> Starlette:
+    """Build the ASGI app. The state (temp dir, keys, HTTP client) is created when the lifespan starts."""
+    cfg = config or EmulatorConfig()
+    cfg.validate()
+    holder = _Holder()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        owned = cfg.data_dir is None
+        data_dir = Path(tempfile.mkdtemp(prefix="falemu-")) if cfg.data_dir is None else cfg.data_dir
+        holder.state = EmulatorState(cfg, data_dir)
+        try:
+            yield
+        finally:
+            await holder.state.close()
+            holder.state = None
+            if owned:
+                shutil.rmtree(data_dir, ignore_errors=True)
+
+    routes = [
+        Route("/_emulator/ledger", control_ledger, methods=["GET"]),
+        Route("/_emulator/faults", control_faults, methods=["GET", "POST", "DELETE"]),
+        Route("/_emulator/config", control_config, methods=["GET", "POST"]),
+        Route("/_emulator/reset", control_reset, methods=["POST"]),
+        Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+        Route("/storage/auth/token", storage_token, methods=["POST"]),
+        Route("/storage/upload/initiate", upload_initiate, methods=["POST"]),
+        Route("/files/upload", files_upload, methods=["POST"]),
+        Route("/files/{key}/{name:path}", files_put, methods=["PUT"]),
+        Route("/files/{key}/{name:path}", files_get, methods=["GET", "HEAD"]),
+        Route("/{path:path}", queue_dispatch, methods=["GET", "POST", "PUT"]),
+    ]
+    app = EmulatorApp(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(GatewayMiddleware, state_getter=lambda: holder.state)],
+    )
+    app.state.holder = holder
+    return app

@@ -1,0 +1,86 @@
+"""Fetching a request's ``video_url``: http(s), ``data:`` URIs, or our own storage (read from disk)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+import httpx
+
+from falemu.storage import Storage
+
+
+class FetchError(Exception):
+    """The URL could not be turned into bytes; the message becomes the 422 ``msg``."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An input on local disk, named by its content hash."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+async def fetch_input(
+    url: str,
+    *,
+    storage: Storage,
+    client: httpx.AsyncClient,
+    inputs_dir: Path,
+    max_bytes: int,
+    timeout_s: float,
+) -> Fetched:
+    """Resolve ``url`` to a local file (content-addressed, so identical inputs share one file)."""
+    own = storage.lookup_url(url) if url.lower().startswith(("http://", "https://")) else None
+    if own is not None:
+        data = own.path.read_bytes()
+    elif url.lower().startswith("data:"):
+        data = _decode_data_uri(url)
+    else:
+        data = await _download(url, client=client, max_bytes=max_bytes, timeout_s=timeout_s)
+    if len(data) > max_bytes:
+        raise FetchError(f"file is larger than the {max_bytes} byte limit")
+    if not data:
+        raise FetchError("the downloaded file is empty")
+    sha = hashlib.sha256(data).hexdigest()
+    path = inputs_dir / sha
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return Fetched(path=path, sha256=sha, size_bytes=len(data))
+
+
+def _decode_data_uri(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise FetchError("malformed data URI (no comma)")
+    try:
+        if header.lower().endswith(";base64"):
+            return base64.b64decode(payload, validate=False)
+        return unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise FetchError(f"malformed data URI: {exc}") from exc
+
+
+async def _download(url: str, *, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
+    try:
+        async with client.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise FetchError(f"Failed to download file from URL: HTTP {response.status_code}")
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise FetchError(f"file is larger than the {max_bytes} byte limit")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise FetchError(f"Failed to download file from URL: {exc.__class__.__name__}") from exc
