@@ -12,6 +12,9 @@ import redis
 from reframe.localproc import wait_until
 from worker.flow import BreakerState, CircuitBreaker
 
+# an exception inside a worker thread must fail the test, not just warn
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 PREFIX = "t"
 KEY = f"{PREFIX}:fc:breaker"
 
@@ -56,7 +59,9 @@ def trip(b: CircuitBreaker) -> None:
 
 
 def wait_half_open(b: CircuitBreaker) -> None:
-    wait_until(lambda: b.state().state is BreakerState.HALF_OPEN, timeout_s=5, interval_s=0.01, what="HALF_OPEN")
+    wait_until(
+        lambda: b.state().state is BreakerState.HALF_OPEN, timeout_s=5, interval_s=0.01, what="HALF_OPEN"
+    )
 
 
 def test_does_not_trip_below_min_calls(rclient: redis.Redis) -> None:

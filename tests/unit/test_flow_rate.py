@@ -12,6 +12,9 @@ import redis
 from reframe.localproc import wait_until
 from worker.flow import RateReason, SubmitRateLimiter
 
+# an exception inside a worker thread must fail the test, not just warn
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 PREFIX = "t"
 
 

@@ -13,6 +13,9 @@ import redis
 from reframe.localproc import wait_until
 from worker.flow import SlotPool, SlotStatus
 
+# an exception inside a worker thread must fail the test, not just warn
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 PREFIX = "t"
 
 
@@ -25,7 +28,9 @@ def r(redis_url: str, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
 
 
 def pool(r: redis.Redis, capacity: int, reserved_high: int = 0, lease_ttl_ms: int = 60_000) -> SlotPool:
-    return SlotPool(r, prefix=PREFIX, capacity=capacity, reserved_high=reserved_high, lease_ttl_ms=lease_ttl_ms)
+    return SlotPool(
+        r, prefix=PREFIX, capacity=capacity, reserved_high=reserved_high, lease_ttl_ms=lease_ttl_ms
+    )
 
 
 def test_acquire_is_idempotent_and_refreshes_the_lease(r: redis.Redis) -> None:
@@ -46,7 +51,14 @@ def test_acquire_is_idempotent_and_refreshes_the_lease(r: redis.Redis) -> None:
 def test_release_admits_by_priority_then_fifo(r: redis.Redis) -> None:
     p = pool(r, 1)
     assert p.acquire("x", "normal").acquired
-    arrivals = [("n1", "normal"), ("l1", "low"), ("n2", "normal"), ("h1", "high"), ("l2", "low"), ("h2", "high")]
+    arrivals = [
+        ("n1", "normal"),
+        ("l1", "low"),
+        ("n2", "normal"),
+        ("h1", "high"),
+        ("l2", "low"),
+        ("h2", "high"),
+    ]
     for job, prio in arrivals:
         assert p.acquire(job, prio).status is SlotStatus.WAITING
     order = []

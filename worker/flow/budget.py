@@ -121,6 +121,7 @@ local function parse(rec)
 end
 -- take a reservation back out of a period; never below zero (a period key may have expired)
 local function unreserve(k, est)
+  if est == 0 then return end  -- Lua would send -0, which HINCRBY refuses
   if redis.call('HINCRBY', k, 'reserved', -est) < 0 then redis.call('HSET', k, 'reserved', 0) end
 end
 """
