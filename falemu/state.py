@@ -57,8 +57,9 @@ class Outcome:
         return self.status_code < 400
 
     def headers(self) -> dict[str, str]:
-        """Extra response headers of the replayed result."""
-        return {"X-Fal-Error-Type": self.error_type} if self.error_type and self.status_code >= 500 else {}
+        """Extra response headers of the replayed result: request errors name their type, model 422s don't."""
+        is_request_error = isinstance(self.body, dict) and isinstance(self.body.get("detail"), str)
+        return {"X-Fal-Error-Type": self.error_type} if self.error_type and is_request_error else {}
 
 
 def request_error(status_code: int, detail: str, error_type: str) -> Outcome:
