@@ -1,0 +1,5 @@
+"""``python -m reframe`` runs the CLI."""
+
+from reframe.cli import main
+
+main()

@@ -1,0 +1,576 @@
+"""Every Prometheus metric a Reframe worker process exposes, and typed helpers to record them.
+
+Design rules (docs/design.md "Metrics and health"; why they matter is in celery-ops.md §1.6 and §5):
+
+* **One registry per process, no multiprocess mode.** Workers run Celery's *threads* pool, so a
+  single process serves every task and the plain ``prometheus_client`` registry is correct.
+* **Nothing at import time.** :class:`Metrics` registers its collectors on the registry it is given;
+  tests build it on a fresh :class:`~prometheus_client.CollectorRegistry`. The process-wide instance
+  comes from :func:`get_metrics`, created on first call.
+* **Bounded labels only.** No job ids, request ids or pod names (pod identity comes from the
+  Prometheus target labels). Every label value is checked against a closed set; anything else is
+  recorded as ``other`` (and logged once), so a caller bug can never blow up the series count.
+* **Base units.** Seconds, US dollars, plain counts; metric names carry the unit.
+* **Cluster-wide gauges are not here.** Queue depth, slots, budget and breaker state are computed
+  from Redis at scrape time by :mod:`worker.cluster_metrics` inside ``reframe exporter`` (one
+  replica), so ``sum()`` over worker pods never multiplies them.
+
+The worker core calls the helper methods (``metrics.fal_request(...)``, ``metrics.job_finished(...)``);
+it never touches the metric objects directly, so names and label sets live in this one file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "reframe"
+OTHER: Final = "other"
+"""Label value recorded instead of a value outside a label's closed set."""
+
+# --- closed label sets ---------------------------------------------------------------------------
+# Public so the worker core, the dashboard and the tests agree on them. Extend here when the core
+# grows a new reason; an unknown value is still counted, as ``other``.
+
+PRIORITIES: Final = ("high", "normal", "low")
+JOB_OUTCOMES: Final = ("succeeded", "failed", "cancelled", "dead_lettered")
+FAL_OPS: Final = ("submit", "status", "status_stream", "result", "cancel", "upload_token", "upload")
+STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network")
+RETRY_REASONS: Final = (
+    "rate_limited",  # HTTP 429
+    "server_error",  # HTTP 5xx
+    "timeout",  # connect/read/write/pool timeout
+    "network",  # connection refused/reset, DNS, TLS
+    "ambiguous_submit",  # resubmit after an unknown submit outcome (policy ``resubmit``)
+    "lease_expired",  # the slot lease ran out and fal no longer knows the request
+    "fal_error",  # fal reported the request failed in a retryable way
+    OTHER,
+)
+AMBIGUOUS_ACTIONS: Final = ("dead_lettered", "resubmitted", "resolved")
+DEFER_REASONS: Final = ("backoff", "breaker_open", "rate_limited", "paused", OTHER)
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+BUDGET_PERIODS: Final = ("day", "month")
+DEAD_LETTER_REASONS: Final = (
+    "max_attempts",  # retry attempts exhausted
+    "retry_budget",  # the cluster-wide retry budget was empty
+    "ambiguous_submit",  # submit outcome unknown and policy ``dead_letter``
+    "deadline",  # not submitted within ``job_deadline_s``
+    "invalid_input",  # fal rejected the input (4xx other than 429)
+    "fal_failed",  # fal reported a permanent failure
+    "budget",  # the job alone exceeds a budget cap
+    "lost",  # fal no longer knows the request (expired lease, lost result)
+    OTHER,
+)
+RESULT_SINKS: Final = ("stream", "record")
+PUBLISH_OUTCOMES: Final = ("ok", "error")
+CALLBACK_OUTCOMES: Final = ("delivered", "retrying", "rejected", "gave_up")
+TRACKER_POLL_OUTCOMES: Final = ("pending", "completed", "error")
+CELERY_TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "rejected", "ignored", "revoked", OTHER)
+
+# --- histogram buckets (seconds) ----------------------------------------------------------------
+# Chosen for this workload: fal reframes take tens of seconds to minutes, queueing can take hours
+# under a budget or breaker, and HTTP calls take milliseconds to tens of seconds.
+END_TO_END_BUCKETS: Final = (
+    1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800, 3600, 7200, 21600,
+)  # fmt: skip
+QUEUE_WAIT_BUCKETS: Final = (
+    0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
+)  # fmt: skip
+FAL_QUEUE_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+INFERENCE_BUCKETS: Final = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
+HTTP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RATE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+TASK_RUNTIME_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90, 300)
+CALLBACK_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+#: Distinct exception class names kept per task before further ones are recorded as ``other``.
+MAX_EXCEPTION_CLASSES: Final = 30
+#: Distinct Celery task names kept before further ones are recorded as ``other``.
+MAX_TASK_NAMES: Final = 30
+
+
+def status_class(status_code: int | None = None, *, timeout: bool = False) -> str:
+    """The ``status_class`` label for one fal HTTP call.
+
+    ``status_code`` is the HTTP status, or ``None`` when no response arrived: then ``timeout`` says
+    whether it was a timeout (``timeout``) or another transport error (``network``). 429 has its own
+    class because throttling is handled (and alerted on) differently from other client errors.
+    """
+    if status_code is None:
+        return "timeout" if timeout else "network"
+    if status_code == 429:
+        return "429"
+    if 200 <= status_code < 300:
+        return "2xx"
+    if 300 <= status_code < 400:
+        return "3xx"
+    if 400 <= status_code < 500:
+        return "4xx"
+    if 500 <= status_code < 600:
+        return "5xx"
+    return "network"  # 1xx or garbage: not a usable HTTP answer
+
+
+def _version() -> str:
+    try:
+        return metadata.version("reframe-cluster")
+    except metadata.PackageNotFoundError:  # running from a source tree without an install
+        return "unknown"
+
+
+class _Guard:
+    """Maps label values outside a closed set to ``other``, logging each unknown value once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
+        self._open_sets: dict[str, set[str]] = {}
+
+    def closed(self, label: str, value: str, allowed: Iterable[str]) -> str:
+        if value in allowed:
+            return value
+        self._warn(label, value)
+        return OTHER
+
+    def capped(self, label: str, value: str, cap: int) -> str:
+        """Admit the first ``cap`` distinct values of an open label (task names, exception classes)."""
+        with self._lock:
+            seen = self._open_sets.setdefault(label, set())
+            if value in seen:
+                return value
+            if len(seen) < cap:
+                seen.add(value)
+                return value
+        self._warn(label, value)
+        return OTHER
+
+    def _warn(self, label: str, value: str) -> None:
+        key = (label, value)
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        log.warning("metrics: label %s=%r is not in its closed set; recorded as %r", label, value, OTHER)
+
+
+def _seconds(value: float) -> float:
+    # A clock step (NTP, VM migration) can make a measured interval negative; a negative observation
+    # would land in the lowest bucket and corrupt _sum, so clamp it to zero.
+    return value if value > 0 else 0.0
+
+
+class Metrics:
+    """All metrics of one worker process, registered on ``registry``.
+
+    Construct one per registry (tests use a fresh :class:`CollectorRegistry`); production code gets
+    the process-wide instance from :func:`get_metrics`. Every method is thread-safe (the underlying
+    ``prometheus_client`` objects lock) and never raises on a bad label value.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._guard = _Guard()
+        p = PREFIX
+
+        # --- process identity ----------------------------------------------------------------
+        self.worker_info = Gauge(
+            f"{p}_worker_info",
+            "Always 1 in a Reframe worker process; version is the package version. Alerts use it to "
+            "tell 'no worker is being scraped' from 'workers are idle'.",
+            ["version"],
+            registry=registry,
+        )
+        self.worker_info.labels(version=_version()).set(1)
+
+        # --- jobs --------------------------------------------------------------------------------
+        self.jobs_enqueued = Counter(
+            f"{p}_jobs_enqueued_total",
+            "Jobs accepted into the cluster by this process (first receipt of a job, by priority). "
+            "Replays from the dead-letter set count again.",
+            ["priority"],
+            registry=registry,
+        )
+        self.jobs_finished = Counter(
+            f"{p}_jobs_finished_total",
+            "Jobs that reached a terminal outcome in this process: succeeded, failed, cancelled, or "
+            "dead_lettered (failed and parked in the dead-letter set for an operator).",
+            ["outcome", "priority"],
+            registry=registry,
+        )
+        self.job_end_to_end = Histogram(
+            f"{p}_job_end_to_end_seconds",
+            "Time from enqueue to the terminal state (includes queueing, deliberate delays, fal "
+            "queueing and inference), by outcome and priority.",
+            ["outcome", "priority"],
+            buckets=END_TO_END_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{p}_job_queue_wait_seconds",
+            "Time from enqueue to the first fal submit attempt, EXCLUDING deliberate delays (backoff, "
+            "breaker open, rate pause, budget block): the time the cluster kept the job waiting for "
+            "a worker or a slot.",
+            ["priority"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.jobs_deferred = Counter(
+            f"{p}_jobs_deferred_total",
+            "Jobs put aside on purpose until a later time (the P:delayed set), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+        # --- fal ---------------------------------------------------------------------------------
+        self.fal_queue_time = Histogram(
+            f"{p}_fal_queue_seconds",
+            "Time a request spent in fal's own queue: accepted submit to IN_PROGRESS.",
+            buckets=FAL_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.fal_inference_time = Histogram(
+            f"{p}_fal_inference_seconds",
+            "Time fal spent running a request: IN_PROGRESS to COMPLETED.",
+            buckets=INFERENCE_BUCKETS,
+            registry=registry,
+        )
+        self.fal_requests = Counter(
+            f"{p}_fal_requests_total",
+            "HTTP calls to fal by operation and status class (2xx, 3xx, 4xx, 429, 5xx, timeout, "
+            "network = no response). In-call retries count as separate calls.",
+            ["op", "status_class"],
+            registry=registry,
+        )
+        self.fal_request_duration = Histogram(
+            f"{p}_fal_request_duration_seconds",
+            "Duration of one HTTP call to fal (until headers for the status stream), by operation.",
+            ["op"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            f"{p}_retries_total",
+            "Job-level retries scheduled (a new fal submit later), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.ambiguous_submits = Counter(
+            f"{p}_ambiguous_submits_total",
+            "Submits whose outcome was unknown (timeout or dropped connection after sending), by what "
+            "the policy did: dead_lettered (never pay twice), resubmitted (risk of a double charge), "
+            "resolved (later found out whether fal had it).",
+            ["action"],
+            registry=registry,
+        )
+        self.spend = Counter(
+            f"{p}_spend_usd_total",
+            "Dollars settled against the budget by this process (actual cost of finished requests).",
+            registry=registry,
+        )
+
+        # --- flow control ------------------------------------------------------------------------
+        self.rate_limit_wait = Histogram(
+            f"{p}_rate_limit_wait_seconds",
+            "In-task waits for a cluster-wide submit-rate token (GCRA). Waits longer than "
+            "max_rate_wait_s are deferred instead and are counted in reframe_jobs_deferred_total.",
+            buckets=RATE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.rate_limit_pauses = Counter(
+            f"{p}_rate_limit_pauses_total",
+            "Cluster-wide submit pauses started by this process after fal answered 429.",
+            registry=registry,
+        )
+        self.rate_limit_pause_seconds = Counter(
+            f"{p}_rate_limit_pause_seconds_total",
+            "Seconds of cluster-wide submit pause requested by this process (Retry-After, clamped).",
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            f"{p}_breaker_transitions_total",
+            "Circuit-breaker state changes made by this process (closed, open, half_open).",
+            ["from_state", "to_state"],
+            registry=registry,
+        )
+        self.budget_rejections = Counter(
+            f"{p}_budget_rejections_total",
+            "Submits refused because the day or month spend cap would be exceeded (the job is "
+            "blocked until the period rolls over or the cap is raised).",
+            ["period"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            f"{p}_dead_letters_total",
+            "Jobs moved to the dead-letter set by this process, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+        # --- results -----------------------------------------------------------------------------
+        self.results_published = Counter(
+            f"{p}_results_published_total",
+            "Terminal results written, by sink (stream = the result stream, record = the job "
+            "record) and outcome (ok, error).",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        self.callback_deliveries = Counter(
+            f"{p}_callback_deliveries_total",
+            "Per-job callback POST attempts by outcome: delivered (2xx), retrying (will try again), "
+            "rejected (permanent 4xx), gave_up (attempts exhausted).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.callback_duration = Histogram(
+            f"{p}_callback_duration_seconds",
+            "Duration of one callback POST.",
+            buckets=CALLBACK_BUCKETS,
+            registry=registry,
+        )
+
+        # --- completion tracker ------------------------------------------------------------------
+        self.tracker_jobs = Gauge(
+            f"{p}_tracker_jobs",
+            "In-flight jobs this process's tracker is following right now.",
+            registry=registry,
+        )
+        self.tracker_capacity = Gauge(
+            f"{p}_tracker_capacity_jobs",
+            "Most jobs this process's tracker follows at once (tracker_max_jobs).",
+            registry=registry,
+        )
+        self.tracker_stream_reconnects = Counter(
+            f"{p}_tracker_status_stream_reconnects_total",
+            "Times the tracker reopened fal's status stream for a job after it broke.",
+            registry=registry,
+        )
+        self.tracker_polls = Counter(
+            f"{p}_tracker_status_polls_total",
+            "Status polls (fallback when the stream is unavailable), by outcome: pending, completed, error.",
+            ["outcome"],
+            registry=registry,
+        )
+
+        # --- Celery tasks (fed by worker.signals) ------------------------------------------------
+        self.celery_tasks_started = Counter(
+            f"{p}_celery_tasks_started_total",
+            "Celery tasks started in this process, by task name.",
+            ["task"],
+            registry=registry,
+        )
+        self.celery_tasks = Counter(
+            f"{p}_celery_tasks_total",
+            "Celery tasks finished in this process, by task name and outcome (succeeded, failed, "
+            "retried, rejected, ignored, revoked).",
+            ["task", "outcome"],
+            registry=registry,
+        )
+        self.celery_task_runtime = Histogram(
+            f"{p}_celery_task_runtime_seconds",
+            "Celery task run time (prerun to postrun), by task and outcome, failures included.",
+            ["task", "outcome"],
+            buckets=TASK_RUNTIME_BUCKETS,
+            registry=registry,
+        )
+        self.celery_tasks_active = Gauge(
+            f"{p}_celery_tasks_active",
+            "Celery tasks running in this process right now, by task name.",
+            ["task"],
+            registry=registry,
+        )
+        self.celery_task_exceptions = Counter(
+            f"{p}_celery_task_exceptions_total",
+            "Exceptions that failed or retried a Celery task, by task and exception class "
+            f"(the first {MAX_EXCEPTION_CLASSES} classes seen, then 'other').",
+            ["task", "exception"],
+            registry=registry,
+        )
+
+        self._preinitialise()
+
+    def _preinitialise(self) -> None:
+        # Create the expected series at 0 so rate()/increase() and ratio alerts see the first event
+        # (a series born at 1 loses that increment) and dashboards show 0 rather than "No data".
+        table: list[tuple[Counter | Histogram, dict[str, Iterable[str]]]] = [
+            (self.jobs_enqueued, {"priority": PRIORITIES}),
+            (self.queue_wait, {"priority": PRIORITIES}),
+            (self.jobs_finished, {"outcome": JOB_OUTCOMES, "priority": PRIORITIES}),
+            (self.fal_request_duration, {"op": FAL_OPS}),
+            (self.fal_requests, {"op": FAL_OPS, "status_class": STATUS_CLASSES}),
+            (self.retries, {"reason": RETRY_REASONS}),
+            (self.ambiguous_submits, {"action": AMBIGUOUS_ACTIONS}),
+            (self.jobs_deferred, {"reason": DEFER_REASONS}),
+            (self.budget_rejections, {"period": BUDGET_PERIODS}),
+            (self.dead_letters, {"reason": DEAD_LETTER_REASONS}),
+            (self.results_published, {"sink": RESULT_SINKS, "outcome": PUBLISH_OUTCOMES}),
+            (self.callback_deliveries, {"outcome": CALLBACK_OUTCOMES}),
+            (self.tracker_polls, {"outcome": TRACKER_POLL_OUTCOMES}),
+        ]
+        for metric, labels in table:
+            names = list(labels)
+            for values in itertools.product(*(labels[n] for n in names)):
+                metric.labels(**dict(zip(names, values, strict=True)))
+
+    # --- label helpers ---------------------------------------------------------------------------
+
+    def _priority(self, priority: str) -> str:
+        return self._guard.closed("priority", str(priority), PRIORITIES)
+
+    def _task(self, task: str) -> str:
+        return self._guard.capped("task", task, MAX_TASK_NAMES)
+
+    # --- jobs --------------------------------------------------------------------------------------
+
+    def job_enqueued(self, priority: str) -> None:
+        """Count a job accepted into the cluster."""
+        self.jobs_enqueued.labels(priority=self._priority(priority)).inc()
+
+    def job_finished(self, outcome: str, priority: str, e2e_s: float | None) -> None:
+        """Count a terminal outcome and observe enqueue→terminal time (``None`` when unknown)."""
+        out = self._guard.closed("outcome", str(outcome), JOB_OUTCOMES)
+        prio = self._priority(priority)
+        self.jobs_finished.labels(outcome=out, priority=prio).inc()
+        if e2e_s is not None:
+            self.job_end_to_end.labels(outcome=out, priority=prio).observe(_seconds(e2e_s))
+
+    def job_queue_wait(self, priority: str, wait_s: float) -> None:
+        """Observe enqueue→first submit, with deliberate delays already subtracted by the caller."""
+        self.queue_wait.labels(priority=self._priority(priority)).observe(_seconds(wait_s))
+
+    def job_deferred(self, reason: str) -> None:
+        """Count a job parked in the delayed set (backoff, breaker_open, rate_limited, paused)."""
+        self.jobs_deferred.labels(reason=self._guard.closed("defer_reason", reason, DEFER_REASONS)).inc()
+
+    # --- fal ---------------------------------------------------------------------------------------
+
+    def fal_request(self, op: str, status_class: str, duration_s: float) -> None:
+        """Count one HTTP call to fal and observe its duration (see :func:`status_class`)."""
+        o = self._guard.closed("op", op, FAL_OPS)
+        klass = self._guard.closed("status_class", status_class, STATUS_CLASSES)
+        self.fal_requests.labels(op=o, status_class=klass).inc()
+        self.fal_request_duration.labels(op=o).observe(_seconds(duration_s))
+
+    def fal_queued(self, queue_s: float) -> None:
+        """Observe the time a request waited in fal's queue (submit accepted → IN_PROGRESS)."""
+        self.fal_queue_time.observe(_seconds(queue_s))
+
+    def fal_inference(self, inference_s: float) -> None:
+        """Observe fal's processing time (IN_PROGRESS → COMPLETED)."""
+        self.fal_inference_time.observe(_seconds(inference_s))
+
+    def retry(self, reason: str) -> None:
+        """Count a job-level retry (a later resubmit) by reason (see ``RETRY_REASONS``)."""
+        self.retries.labels(reason=self._guard.closed("retry_reason", reason, RETRY_REASONS)).inc()
+
+    def ambiguous_submit(self, action: str) -> None:
+        """Count an ambiguous submit by what the policy did (dead_lettered, resubmitted, resolved)."""
+        self.ambiguous_submits.labels(action=self._guard.closed("action", action, AMBIGUOUS_ACTIONS)).inc()
+
+    def spent(self, usd: float) -> None:
+        """Add settled spend in dollars (negative values, e.g. refunds of reservations, are ignored)."""
+        if usd > 0:
+            self.spend.inc(usd)
+
+    # --- flow control ------------------------------------------------------------------------------
+
+    def rate_limit_waited(self, wait_s: float) -> None:
+        """Observe an in-task wait for a submit-rate token (0 when a token was free)."""
+        self.rate_limit_wait.observe(_seconds(wait_s))
+
+    def rate_limit_paused(self, pause_s: float) -> None:
+        """Count a cluster-wide pause this process started after a 429, and its length."""
+        self.rate_limit_pauses.inc()
+        self.rate_limit_pause_seconds.inc(_seconds(pause_s))
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        """Count a breaker state change; states are case-insensitive (``OPEN`` == ``open``)."""
+        f = self._guard.closed("breaker_state", from_state.lower(), BREAKER_STATES)
+        t = self._guard.closed("breaker_state", to_state.lower(), BREAKER_STATES)
+        self.breaker_transitions.labels(from_state=f, to_state=t).inc()
+
+    def budget_rejection(self, period: str) -> None:
+        """Count a submit refused by the ``day`` or ``month`` spend cap."""
+        self.budget_rejections.labels(period=self._guard.closed("period", period, BUDGET_PERIODS)).inc()
+
+    def dead_letter(self, reason: str) -> None:
+        """Count a job moved to the dead-letter set (see ``DEAD_LETTER_REASONS``)."""
+        r = self._guard.closed("dead_letter_reason", reason, DEAD_LETTER_REASONS)
+        self.dead_letters.labels(reason=r).inc()
+
+    # --- results -----------------------------------------------------------------------------------
+
+    def result_published(self, sink: str, ok: bool) -> None:
+        """Count a terminal result written to ``stream`` or ``record``."""
+        s = self._guard.closed("sink", sink, RESULT_SINKS)
+        self.results_published.labels(sink=s, outcome="ok" if ok else "error").inc()
+
+    def callback_delivery(self, outcome: str, duration_s: float | None = None) -> None:
+        """Count a callback attempt (delivered, retrying, rejected, gave_up) and its duration."""
+        out = self._guard.closed("callback_outcome", outcome, CALLBACK_OUTCOMES)
+        self.callback_deliveries.labels(outcome=out).inc()
+        if duration_s is not None:
+            self.callback_duration.observe(_seconds(duration_s))
+
+    # --- tracker -----------------------------------------------------------------------------------
+
+    def tracker_load(self, jobs: int, capacity: int | None = None) -> None:
+        """Set how many jobs this process tracks now (and, optionally, its capacity)."""
+        self.tracker_jobs.set(max(0, jobs))
+        if capacity is not None:
+            self.tracker_capacity.set(capacity)
+
+    def tracker_stream_reconnect(self) -> None:
+        """Count a reopened status stream."""
+        self.tracker_stream_reconnects.inc()
+
+    def tracker_poll(self, outcome: str) -> None:
+        """Count a status poll by outcome (pending, completed, error)."""
+        out = self._guard.closed("poll_outcome", outcome, TRACKER_POLL_OUTCOMES)
+        self.tracker_polls.labels(outcome=out).inc()
+
+    # --- Celery ------------------------------------------------------------------------------------
+
+    def celery_task_started(self, task: str) -> None:
+        """A Celery task began (task_prerun)."""
+        t = self._task(task)
+        self.celery_tasks_started.labels(task=t).inc()
+        self.celery_tasks_active.labels(task=t).inc()
+
+    def celery_task_finished(self, task: str, outcome: str, runtime_s: float | None) -> None:
+        """A Celery task ended (task_postrun); ``runtime_s`` is ``None`` if its start was not seen."""
+        t = self._task(task)
+        out = self._guard.closed("task_outcome", outcome, CELERY_TASK_OUTCOMES)
+        self.celery_tasks.labels(task=t, outcome=out).inc()
+        if runtime_s is not None:
+            self.celery_task_runtime.labels(task=t, outcome=out).observe(_seconds(runtime_s))
+            # Only a task whose start we counted may decrement, or the gauge would drift below 0.
+            self.celery_tasks_active.labels(task=t).dec()
+
+    def celery_task_exception(self, task: str, exception: str) -> None:
+        """An exception failed or retried a Celery task (class name, capped cardinality)."""
+        exc = self._guard.capped("exception", exception, MAX_EXCEPTION_CLASSES)
+        self.celery_task_exceptions.labels(task=self._task(task), exception=exc).inc()
+
+
+_instance: Metrics | None = None
+_instance_lock = threading.Lock()
+
+
+def get_metrics() -> Metrics:
+    """The process-wide :class:`Metrics` on the default registry, created on first call."""
+    global _instance  # noqa: PLW0603 - the one lazily created process-wide instance
+    if _instance is None:
+        with _instance_lock:
+            if _instance is None:
+                from prometheus_client import REGISTRY
+
+                _instance = Metrics(REGISTRY)
+    return _instance

@@ -1,0 +1,152 @@
+"""Per-process runtime of a worker: one event loop, one fal client, shared Redis clients.
+
+The fal client is async and lives on a dedicated event-loop thread (the "portal"). Celery task
+threads run coroutines on it with :meth:`Portal.call`; the completion tracker runs on the same loop,
+so one process follows thousands of in-flight jobs without a thread per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+
+from config import Settings
+from worker.contracts.models import Priority
+from worker.contracts.store import JobStore
+from worker.fal import FalClient
+from worker.flow import FlowControl
+from worker.metrics import Metrics, get_metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Portal:
+    """An asyncio event loop on its own daemon thread."""
+
+    def __init__(self, name: str = "reframe-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        """Start the loop thread and wait until it runs."""
+        self._thread.start()
+        self._started.wait(10)
+
+    def call(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout_s: float | None = None) -> T:
+        """Run ``factory()`` on the loop from another thread and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(factory(), self.loop)
+        return future.result(timeout_s)
+
+    def spawn(self, coro: Awaitable[Any]) -> Future[Any]:
+        """Schedule a coroutine on the loop without waiting."""
+        return asyncio.run_coroutine_threadsafe(_as_coro(coro), self.loop)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop and join its thread."""
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout_s)
+
+
+async def _as_coro(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+@dataclass
+class Runtime:
+    """Everything a worker process shares between task threads, the tracker and the housekeeper."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    flow: FlowControl
+    portal: Portal
+    fal: FalClient
+    metrics: Metrics
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
+        """Create clients (no network traffic yet) and start the event-loop thread."""
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_keepalive=True,
+            health_check_interval=25,
+            max_connections=max(64, settings.worker_concurrency * 4),
+        )
+        store = JobStore(
+            client,
+            prefix=settings.key_prefix,
+            queue=settings.queue_name,
+            retention_s=settings.job_retention_s,
+            stream_maxlen=settings.results_stream_maxlen,
+        )
+        m = metrics or get_metrics()
+        portal = Portal()
+        portal.start()
+        fal: FalClient = portal.call(lambda: _make_fal(settings, m))
+        return cls(
+            settings=settings,
+            redis=client,
+            store=store,
+            flow=FlowControl.from_settings(client, settings),
+            portal=portal,
+            fal=fal,
+            metrics=m,
+        )
+
+    def dispatch(self, job_ids: list[str], *, priority: Priority = Priority.HIGH) -> None:
+        """Send ``reframe.submit`` for each job (admitted jobs go in the high lane: they hold a slot)."""
+        if not job_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            key, message = self.store.submit_message(job_id, priority)
+            pipe.lpush(key, message)
+        pipe.execute()
+
+    def close(self) -> None:
+        """Close the fal client, stop the loop, close Redis."""
+        try:
+            self.portal.call(self.fal.aclose, timeout_s=5)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            log.debug("fal client close failed", exc_info=True)
+        self.portal.stop()
+        self.redis.close()
+
+
+async def _make_fal(settings: Settings, metrics: Metrics) -> FalClient:
+    # Created on the loop thread so httpx binds its pool to this loop.
+    return FalClient.from_settings(settings, on_request=metrics.fal_request)
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime | None) -> None:
+    """Make ``runtime`` the process runtime (the worker entry point calls this once)."""
+    global _runtime  # noqa: PLW0603 - one runtime per process, set at start-up, not at import
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    """The process runtime; raises if the worker was not started through :func:`worker.app.run_worker`."""
+    if _runtime is None:
+        raise RuntimeError("worker runtime not installed (start workers with `reframe worker`)")
+    return _runtime

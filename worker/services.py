@@ -1,0 +1,99 @@
+"""Process-level services of a worker: runtime, tracker, housekeeper, health/metrics server.
+
+:func:`prepare` runs before Celery starts; :func:`start_background` once the worker is ready to
+consume; :func:`stop_background` when a shutdown begins (so claims and the housekeeping lock are
+handed over quickly); :func:`shutdown` at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from config import Settings
+from worker.health import HealthServer
+from worker.housekeeper import Housekeeper
+from worker.metrics import get_metrics
+from worker.runtime import Runtime, install
+from worker.tracker import start_tracker, stop_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    runtime: Runtime | None = None
+    health: HealthServer | None = None
+    housekeeper: Housekeeper | None = None
+    ready: bool = False
+
+
+_state = _State()
+
+
+def _ready() -> bool:
+    rt = _state.runtime
+    return bool(_state.ready and rt is not None and rt.redis.ping())
+
+
+def prepare(settings: Settings) -> Runtime:
+    """Build and install the runtime; start the health/metrics server (not ready yet)."""
+    rt = Runtime.build(settings)
+    install(rt)
+    _state.runtime = rt
+    if settings.metrics_port:
+        health = HealthServer(settings.metrics_host, settings.metrics_port, rt.metrics.registry,
+                              liveness_max_age_s=60.0, readiness=_ready)
+        health.start()
+        _state.health = health
+    log.info(
+        "flow-control limits: max_concurrency=%d reserved_high=%d rate=%.2f/s burst=%d attempts=%d "
+        "breaker=%.0f%%/%ds(min %d) budget day=$%.2f month=$%.2f price=$%.3f/s ambiguous=%s",
+        settings.max_concurrency, settings.reserved_high_slots, settings.submit_rate_per_s, settings.submit_burst,
+        settings.retry_max_attempts, settings.breaker_failure_ratio * 100, settings.breaker_window_s,
+        settings.breaker_min_calls, settings.budget_daily_usd, settings.budget_monthly_usd,
+        settings.price_per_s_usd, settings.ambiguous_submit_policy.value,
+    )
+    return rt
+
+
+def start_background() -> None:
+    """Start the tracker and housekeeper and declare the worker ready."""
+    rt = _state.runtime
+    if rt is None:
+        return
+    start_tracker(rt)
+    hk = Housekeeper(rt)
+    hk.start()
+    _state.housekeeper = hk
+    _state.ready = True
+    log.info("worker ready: tracker and housekeeper running")
+
+
+def stop_background() -> None:
+    """Stop taking new work in the background threads (idempotent)."""
+    _state.ready = False
+    if _state.housekeeper is not None:
+        _state.housekeeper.stop()
+        _state.housekeeper = None
+    if _state.runtime is not None:
+        stop_tracker(_state.runtime)
+
+
+def beat() -> None:
+    """Liveness beat from Celery's main-loop timer."""
+    if _state.health is not None:
+        _state.health.beat()
+
+
+def shutdown() -> None:
+    """Stop everything and close clients."""
+    stop_background()
+    if _state.health is not None:
+        _state.health.stop()
+        _state.health = None
+    if _state.runtime is not None:
+        _state.runtime.close()
+        install(None)
+        _state.runtime = None
+    get_metrics()  # keep the registry for a final scrape in tests; nothing to close
