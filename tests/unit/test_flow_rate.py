@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from reframe.localproc import wait_until
-from worker.flow import RateReason, SubmitRateLimiter
+from worker.flow import RateLimited, RateReason, SubmitRateLimiter
 
 # an exception inside a worker thread must fail the test, not just warn
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -125,3 +125,12 @@ def test_decision_time_is_redis_time(rclient: redis.Redis) -> None:
     d = lim.try_acquire()
     assert d.at_us >= sec * 1_000_000 + usec
     assert abs(d.at_us / 1e6 - time.time()) < 60  # same host here; the value comes from Redis
+
+
+def test_context_manager_enters_with_a_token_or_raises(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=1, burst=1)
+    with lim.acquire() as decision:
+        assert decision.allowed
+    with pytest.raises(RateLimited) as info, lim.acquire():
+        pytest.fail("entered without a token")
+    assert info.value.decision.reason is RateReason.RATE and info.value.decision.retry_after_ms > 0

@@ -23,7 +23,7 @@ from worker.flow.budget import (
     micro_to_usd,
     usd_to_micro,
 )
-from worker.flow.rate import RateDecision, RateReason, SubmitRateLimiter
+from worker.flow.rate import RateDecision, RateLimited, RateReason, SubmitRateLimiter
 from worker.flow.retry_budget import RetryBudget
 from worker.flow.slots import SlotPool, SlotResult, SlotStatus
 
@@ -42,6 +42,7 @@ __all__ = [
     "FlowControl",
     "Priority",
     "RateDecision",
+    "RateLimited",
     "RateReason",
     "Reservation",
     "RetryBudget",

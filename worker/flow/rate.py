@@ -13,6 +13,8 @@ that do not divide a millisecond stay exact) and ``{prefix}:fc:pause_until`` (ST
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -41,6 +43,14 @@ class RateDecision:
     retry_after_ms: int
     reason: RateReason
     at_us: int = 0
+
+
+class RateLimited(Exception):
+    """Raised by :meth:`SubmitRateLimiter.acquire` when no token is available now."""
+
+    def __init__(self, decision: RateDecision) -> None:
+        super().__init__(f"submit {decision.reason.value}: retry after {decision.retry_after_ms} ms")
+        self.decision = decision
 
 
 # KEYS: 1 gcra, 2 pause_until. ARGV: 1 interval_us, 2 tolerance_us.
@@ -122,6 +132,18 @@ class SubmitRateLimiter:
             reason=RateReason(text(reply[2])),
             at_us=as_int(reply[3]),
         )
+
+    @contextmanager
+    def acquire(self) -> Iterator[RateDecision]:
+        """Context-manager form (dramatiq's limiter shape): enter with a token or raise.
+
+        Raises :class:`RateLimited` carrying the decision (``retry_after_ms``, ``reason``). A token
+        is spent on entry and never given back: the submit it paced is assumed to have been tried.
+        """
+        decision = self.try_acquire()
+        if not decision.allowed:
+            raise RateLimited(decision)
+        yield decision
 
     def pause(self, seconds: float) -> int:
         """Stop every worker's submits for ``seconds`` from now (Redis time); returns the deadline ms.
