@@ -74,7 +74,7 @@ def test_sliding_window_bound_under_contention(rclient: redis.Redis) -> None:
         bound = rate * window_ms / 1000 + burst
         assert max_in_window(allowed_us, window_ms * 1000) <= bound, window_ms
     span_s = (max(allowed_us) - min(allowed_us)) / 1e6
-    assert len(allowed_us) >= 0.8 * rate * span_s  # not too conservative either
+    assert len(allowed_us) >= 0.7 * rate * span_s  # not too conservative either
 
 
 def test_pause_blocks_every_worker_until_the_deadline(redis_url: str) -> None:
