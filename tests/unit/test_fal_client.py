@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -367,7 +367,7 @@ def sse(body: str) -> Callable[[httpx.Request], httpx.Response]:
     return respond
 
 
-async def collect(it: AsyncIterator[QueueStatus]) -> list[QueueStatus]:
+async def collect(it: AsyncGenerator[QueueStatus, None]) -> list[QueueStatus]:
     async with aclosing(it) as stream:
         return [s async for s in stream]
 

@@ -179,6 +179,15 @@ RESPONSE_CASES: list[tuple[str, str, int, dict[str, str], bytes, type[FalError] 
         None,
     ),
     ("400 result other", "result", 400, RID, j({"detail": "bad image"}), FalModelError, None),
+    (
+        "499 result cancelled",
+        "result",
+        499,
+        RID,
+        j({"detail": "Request cancelled by client", "error_type": "client_cancelled"}),
+        FalPermanentError,
+        None,
+    ),
     ("413 submit", "submit", 413, {}, b"too large", FalPermanentError, None),
     (
         "runner 503 result",

@@ -18,7 +18,7 @@ import mimetypes
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -259,6 +259,9 @@ class FalClient:
         :class:`~worker.fal.errors.FalTransientError` (safe to submit again); once fal may have
         read the body, a lost reply is a :class:`~worker.fal.errors.FalAmbiguousError`.
         ``priority`` is fal's ``X-Fal-Queue-Priority``: ``normal`` or ``low``.
+
+        A caller that cancels this coroutine (task time limit, shutdown) gets ``CancelledError``,
+        not a classified error: treat a submit cancelled mid-flight as ambiguous too.
         """
         if priority is not None and priority not in FAL_PRIORITIES:
             raise ValueError(f"fal queue priority must be one of {sorted(FAL_PRIORITIES)}, not {priority!r}")
@@ -285,7 +288,7 @@ class FalClient:
 
     async def stream_status(
         self, receipt: SubmitReceipt, *, logs: bool = False
-    ) -> AsyncIterator[QueueStatus]:
+    ) -> AsyncGenerator[QueueStatus, None]:
         """Follow fal's SSE status stream; yield each status until ``COMPLETED``.
 
         Not retried in-call: a dropped or failed stream raises a classified error (transient for

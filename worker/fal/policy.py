@@ -3,33 +3,24 @@
 No I/O and no hidden randomness: responses come in as status, headers and body bytes, the clock
 as ``now_s``, randomness as an injected ``rng``, so every rule is a table test.
 
-Classification (``op`` matters because the same status means different things):
+Classification (``op`` matters: the same status means different things on submit):
 
-=================================  ===========================  ================================
-response / exception               submit                       status, stream, result, cancel, …
-=================================  ===========================  ================================
-2xx                                None (success)               None (success)
-408, 409, 429                      transient (Retry-After)      transient (Retry-After)
-400                                permanent                    permanent; result "still in
-                                                                progress" → transient
-401, 403                           auth                         auth
-404                                not found                    not found
-422 / other 4xx                    permanent (keeps ``detail``)  result: model error; else permanent
-504 + X-Fal-Request-Timeout-Type   permanent (our own deadline)  permanent
-502, 504                           ambiguous                    result: runner error if fal's
-                                                                (has x-fal-request-id), else
-                                                                transient
-503, 500, other 5xx                transient                    result: runner error if fal's,
-                                                                else transient
-X-Fal-Retryable: false on fal's    permanent (but 502/504 stay  permanent
-5xx                                ambiguous)
-ConnectError/ConnectTimeout/       transient                    transient
-PoolTimeout (nothing sent)
-other transport error or timeout   ambiguous if the body was    transient
-                                   sent, else transient
-UnsupportedProtocol,               permanent                    permanent
-LocalProtocolError (our bug)
-=================================  ===========================  ================================
+* 2xx: success (``None``).
+* 408, 409, 429: transient, carrying ``Retry-After`` when sent.
+* 400: permanent; on ``result``, "Request is still in progress" is transient.
+* 401, 403 (also the "locked" account): auth. 404: not found.
+* 422 and other 4xx: permanent, fal's ``detail`` kept; on ``result`` a model error (the runner's
+  4xx replayed), except 499 (``client_cancelled``), which is plain permanent.
+* 504 with ``X-Fal-Request-Timeout-Type``: permanent (the start deadline we set expired).
+* 502, 504 on ``submit``: ambiguous (a gateway; the upstream may have queued it), whatever else.
+* ``X-Fal-Retryable: false`` on fal's own 5xx: permanent.
+* other 5xx on ``submit`` (fal's JSON 500/503, ingress 503): transient; refused, not queued.
+* 5xx on ``result`` with ``x-fal-request-id``: runner error (the runner's failure replayed).
+* any other 5xx (ingress or fal's) on status, stream, result, cancel, upload, token: transient.
+* ConnectError, ConnectTimeout, PoolTimeout: transient (nothing left the process).
+* UnsupportedProtocol, LocalProtocolError: permanent (our bug).
+* any other transport error or timeout: ambiguous on ``submit`` once the body was sent, else
+  transient.
 """
 
 from __future__ import annotations
@@ -62,6 +53,7 @@ RETRYABLE_4XX = frozenset({408, 409, 429})
 GATEWAY_AMBIGUOUS = frozenset({502, 504})
 INGRESS_CODES = frozenset({502, 503, 504})
 STILL_IN_PROGRESS = "still in progress"
+CLIENT_CLOSED = 499  # fal's client_cancelled / client_disconnected
 
 # Exceptions raised before a single byte of the request left the process: safe for any op.
 PRE_SEND_ERRORS: tuple[type[httpx.HTTPError], ...] = (
@@ -231,6 +223,9 @@ def _classify_4xx(f: _Facts) -> FalError:
     if f.op == "result":
         if code == 400 and STILL_IN_PROGRESS in f.summary.lower():
             return f.make(FalTransientError, "result not ready")
+        if code == CLIENT_CLOSED:
+            # client_cancelled / client_disconnected: final, but nothing wrong with the input.
+            return f.make(FalPermanentError)
         # The result endpoint replays the model's own 4xx (usually a 422 validation error).
         return f.make(FalModelError)
     return f.make(FalPermanentError)
