@@ -1,0 +1,99 @@
+"""What the image does, without a container engine: build the wheel, install it with the
+`emulator` extra into a fresh virtualenv, and run every command the manifests run.
+
+~25 s: the install resolves the dependencies from the locally configured pip index.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import INSTALL_HINT, ROOT, run
+from tests.deploy.test_dockerfile import stages
+
+
+@dataclass
+class Installed:
+    wheel: Path
+    venv: Path
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        """A clean environment like the image's: no REFRAME_* from the developer, HOME=/tmp-like."""
+        keep = {k: v for k, v in os.environ.items() if k in {"LANG", "LC_ALL", "TZ"}}
+        bin_dir = str(self.venv / "bin")
+        return keep | {"HOME": str(self.home), "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+                       "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+
+    def reframe(self, *args: str) -> tuple[int, str]:
+        proc = run([str(self.venv / "bin" / "reframe"), *args], env=self.env(), cwd=self.home, timeout=60)
+        return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    if not (ROOT / "reframe" / "cli.py").is_file():
+        pytest.fail("reframe/cli.py does not exist yet: the console script `reframe` has no target", pytrace=False)
+    work = tmp_path_factory.mktemp("wheel")
+    dist = work / "dist"
+    proc = run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+               timeout=180)
+    if "No module named build" in proc.stderr:
+        pytest.fail(f"the `build` package is missing; {INSTALL_HINT}", pytrace=False)
+    assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
+    wheels = sorted(dist.glob("reframe_cluster-*.whl"))
+    assert len(wheels) == 1, wheels
+    venv = work / "venv"
+    proc = run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                f"{wheels[0]}[emulator]"], timeout=600)
+    errors = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("WARNING: Location"))
+    assert proc.returncode == 0, f"installing the wheel failed:\n{errors}"
+    home = work / "home"
+    home.mkdir()
+    return Installed(wheel=wheels[0], venv=venv, home=home)
+
+
+def test_wheel_holds_only_the_packages(installed: Installed) -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "packages"]
+    with zipfile.ZipFile(installed.wheel) as zf:
+        tops = {name.split("/", 1)[0] for name in zf.namelist()}
+    assert tops - set(packages) == {f"reframe_cluster-{installed.wheel.name.split('-')[1]}.dist-info"}
+    assert "tests" not in tops
+
+
+@pytest.mark.parametrize("args", [[], ["worker"], ["exporter"], ["emulator"]], ids=["reframe", "worker", "exporter", "emulator"])
+def test_entry_point_help(installed: Installed, args: list[str]) -> None:
+    rc, out = installed.reframe(*args, "--help")
+    assert rc == 0, f"reframe {' '.join(args)} --help exited {rc}:\n{out}"
+    assert "usage" in out.lower(), out
+
+
+def test_emulator_accepts_the_manifest_flags(installed: Installed) -> None:
+    """k8s/components/emulator runs `reframe emulator --host 0.0.0.0 --port 8080`."""
+    text = ""
+    for flag in ("--help", "--help-emulator"):
+        _rc, out = installed.reframe("emulator", flag)
+        text += out
+    for option in ("--host", "--port"):
+        assert re.search(rf"{option}\b", text), f"`reframe emulator` has no {option} option"
+
+
+def test_dockerfile_smoke_test_passes(installed: Installed) -> None:
+    """The runtime stage's RUN smoke test, run against the freshly installed venv."""
+    runs = [i for i in stages()["runtime"] if i.startswith("RUN") and "reframe --help" in i]
+    assert len(runs) == 1
+    script = runs[0].removeprefix("RUN").strip()
+    proc = run(["/bin/sh", "-c", script], env=installed.env(), cwd=installed.home, timeout=120)
+    assert proc.returncode == 0, f"the image's smoke test fails:\n{script}\n{proc.stdout}\n{proc.stderr}"
