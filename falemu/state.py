@@ -276,7 +276,7 @@ class EmulatorState:
             outcome = await self._process(req)
         except asyncio.CancelledError:
             outcome = cancelled_outcome()
-        except Exception as exc:  # a bug in the emulator must still end the request, like a crashed runner
+        except Exception as exc:  # noqa: BLE001 - an emulator bug must still end the request, like a crashed runner
             outcome = request_error(
                 500, f"Runner server error: {exc.__class__.__name__}", "runner_server_error"
             )
