@@ -39,6 +39,8 @@ from typing import Any, Final
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config import Settings
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, Keys
@@ -262,7 +264,8 @@ def _take(replies: Iterator[Any], n: int) -> list[Any]:
 class ClusterCollector(Collector):
     """A ``prometheus_client`` collector of cluster state read from Redis on every scrape.
 
-    ``redis_client`` should have short socket timeouts (a scrape waits for it). ``kombu_keyprefix``
+    ``redis_client`` should have short socket timeouts and no retries (a scrape waits for it):
+    build it with :func:`exporter_redis_client`. ``kombu_keyprefix``
     is kombu's ``global_keyprefix`` transport option if the Celery app sets one. ``wait_scan``
     bounds how many entries of each wait list are examined to skip withdrawn ids.
     """
@@ -516,6 +519,23 @@ def _families(samples: Iterable[Sample]) -> Iterator[Metric]:
             family = families[name] = GaugeMetricFamily(name, spec.help, labels=list(spec.labels))
         family.add_metric(list(labels), value)
     yield from families.values()
+
+
+def exporter_redis_client(settings: Settings, *, timeout_s: float = 2.0) -> redis.Redis:
+    """A Redis client suited to :class:`ClusterCollector`: short timeouts and no retries.
+
+    redis-py's default retry policy spends several seconds on a refused connection; a scrape should
+    instead fail fast and report ``reframe_cluster_scrape_success 0`` (Prometheus scrapes again
+    anyway), well inside the scrape timeout.
+    """
+    timeout = min(timeout_s, settings.redis_socket_timeout_s)
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
 
 
 def metric_names() -> list[str]:

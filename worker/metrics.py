@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Iterable
 from importlib import metadata
@@ -36,44 +37,30 @@ PREFIX: Final = "reframe"
 OTHER: Final = "other"
 """Label value recorded instead of a value outside a label's closed set."""
 
-# --- closed label sets ---------------------------------------------------------------------------
-# Public so the worker core, the dashboard and the tests agree on them. Extend here when the core
-# grows a new reason; an unknown value is still counted, as ``other``.
+# --- label vocabularies ---------------------------------------------------------------------------
+# Structural labels have closed sets: an unknown value is counted as ``other`` (and logged once).
+# Reason labels (retry, deferral, dead letter) are open but capped: the worker core names reasons
+# freely (``http_429``, ``breaker_open``, ``retries_exhausted``), each value is normalised to
+# ``[a-z0-9_]`` and at most ``MAX_REASONS`` distinct values per label are kept, the rest is ``other``.
 
 PRIORITIES: Final = ("high", "normal", "low")
 JOB_OUTCOMES: Final = ("succeeded", "failed", "cancelled", "dead_lettered")
-FAL_OPS: Final = ("submit", "status", "status_stream", "result", "cancel", "upload_token", "upload")
-STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network")
-RETRY_REASONS: Final = (
-    "rate_limited",  # HTTP 429
-    "server_error",  # HTTP 5xx
-    "timeout",  # connect/read/write/pool timeout
-    "network",  # connection refused/reset, DNS, TLS
-    "ambiguous_submit",  # resubmit after an unknown submit outcome (policy ``resubmit``)
-    "lease_expired",  # the slot lease ran out and fal no longer knows the request
-    "fal_error",  # fal reported the request failed in a retryable way
-    OTHER,
-)
-AMBIGUOUS_ACTIONS: Final = ("dead_lettered", "resubmitted", "resolved")
-DEFER_REASONS: Final = ("backoff", "breaker_open", "rate_limited", "paused", OTHER)
+FAL_OPS: Final = ("submit", "status", "stream", "result", "cancel", "upload", "token")
+STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network", "error")
+"""``error`` is "no usable response" when the caller cannot tell a timeout from a network error."""
+AMBIGUOUS_ACTIONS: Final = ("dead_letter", "resubmit", "resolved")
+"""The ``ambiguous_submit_policy`` that was applied, or ``resolved`` (found out after all)."""
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 BUDGET_PERIODS: Final = ("day", "month")
-DEAD_LETTER_REASONS: Final = (
-    "max_attempts",  # retry attempts exhausted
-    "retry_budget",  # the cluster-wide retry budget was empty
-    "ambiguous_submit",  # submit outcome unknown and policy ``dead_letter``
-    "deadline",  # not submitted within ``job_deadline_s``
-    "invalid_input",  # fal rejected the input (4xx other than 429)
-    "fal_failed",  # fal reported a permanent failure
-    "budget",  # the job alone exceeds a budget cap
-    "lost",  # fal no longer knows the request (expired lease, lost result)
-    OTHER,
-)
 RESULT_SINKS: Final = ("stream", "record")
 PUBLISH_OUTCOMES: Final = ("ok", "error")
-CALLBACK_OUTCOMES: Final = ("delivered", "retrying", "rejected", "gave_up")
-TRACKER_POLL_OUTCOMES: Final = ("pending", "completed", "error")
+CALLBACK_OUTCOMES: Final = ("delivered", "failed", "rejected", "gave_up")
+TRACKER_POLL_OUTCOMES: Final = ("ok", "pending", "completed", "error")
 CELERY_TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "rejected", "ignored", "revoked", OTHER)
+
+#: Distinct values kept per reason label (retry, deferral, dead letter).
+MAX_REASONS: Final = 25
+_REASON_CHARS: Final = re.compile(r"[^a-z0-9_]+")
 
 # --- histogram buckets (seconds) ----------------------------------------------------------------
 # Chosen for this workload: fal reframes take tens of seconds to minutes, queueing can take hours
@@ -151,6 +138,11 @@ class _Guard:
                 return value
         self._warn(label, value)
         return OTHER
+
+    def reason(self, label: str, value: object) -> str:
+        """Normalise a free-form reason to ``[a-z0-9_]{1,40}`` and cap the distinct values."""
+        text = _REASON_CHARS.sub("_", str(value).strip().lower()).strip("_")[:40] or "unknown"
+        return self.capped(label, text, MAX_REASONS)
 
     def _warn(self, label: str, value: str) -> None:
         key = (label, value)
@@ -244,8 +236,8 @@ class Metrics:
         )
         self.fal_requests = Counter(
             f"{p}_fal_requests_total",
-            "HTTP calls to fal by operation and status class (2xx, 3xx, 4xx, 429, 5xx, timeout, "
-            "network = no response). In-call retries count as separate calls.",
+            "HTTP calls to fal by operation and status class (2xx, 3xx, 4xx, 429, 5xx; timeout, network "
+            "or error when no response arrived). In-call retries count as separate calls.",
             ["op", "status_class"],
             registry=registry,
         )
@@ -264,8 +256,8 @@ class Metrics:
         )
         self.ambiguous_submits = Counter(
             f"{p}_ambiguous_submits_total",
-            "Submits whose outcome was unknown (timeout or dropped connection after sending), by what "
-            "the policy did: dead_lettered (never pay twice), resubmitted (risk of a double charge), "
+            "Submits whose outcome was unknown (timeout or dropped connection after sending), by the "
+            "policy applied: dead_letter (never pay twice), resubmit (risk of a double charge), or "
             "resolved (later found out whether fal had it).",
             ["action"],
             registry=registry,
@@ -324,8 +316,8 @@ class Metrics:
         )
         self.callback_deliveries = Counter(
             f"{p}_callback_deliveries_total",
-            "Per-job callback POST attempts by outcome: delivered (2xx), retrying (will try again), "
-            "rejected (permanent 4xx), gave_up (attempts exhausted).",
+            "Per-job callback POST attempts by outcome: delivered (2xx), failed (retried while attempts "
+            "remain), rejected (permanent 4xx), gave_up (attempts exhausted).",
             ["outcome"],
             registry=registry,
         )
@@ -354,7 +346,8 @@ class Metrics:
         )
         self.tracker_polls = Counter(
             f"{p}_tracker_status_polls_total",
-            "Status polls (fallback when the stream is unavailable), by outcome: pending, completed, error.",
+            "Status polls (fallback when the stream is unavailable), by outcome: ok, pending, completed, "
+            "error.",
             ["outcome"],
             registry=registry,
         )
@@ -405,11 +398,8 @@ class Metrics:
             (self.jobs_finished, {"outcome": JOB_OUTCOMES, "priority": PRIORITIES}),
             (self.fal_request_duration, {"op": FAL_OPS}),
             (self.fal_requests, {"op": FAL_OPS, "status_class": STATUS_CLASSES}),
-            (self.retries, {"reason": RETRY_REASONS}),
             (self.ambiguous_submits, {"action": AMBIGUOUS_ACTIONS}),
-            (self.jobs_deferred, {"reason": DEFER_REASONS}),
             (self.budget_rejections, {"period": BUDGET_PERIODS}),
-            (self.dead_letters, {"reason": DEAD_LETTER_REASONS}),
             (self.results_published, {"sink": RESULT_SINKS, "outcome": PUBLISH_OUTCOMES}),
             (self.callback_deliveries, {"outcome": CALLBACK_OUTCOMES}),
             (self.tracker_polls, {"outcome": TRACKER_POLL_OUTCOMES}),
@@ -446,8 +436,8 @@ class Metrics:
         self.queue_wait.labels(priority=self._priority(priority)).observe(_seconds(wait_s))
 
     def job_deferred(self, reason: str) -> None:
-        """Count a job parked in the delayed set (backoff, breaker_open, rate_limited, paused)."""
-        self.jobs_deferred.labels(reason=self._guard.closed("defer_reason", reason, DEFER_REASONS)).inc()
+        """Count a job parked in the delayed set, by reason (e.g. ``breaker_open``, ``paused``)."""
+        self.jobs_deferred.labels(reason=self._guard.reason("defer_reason", reason)).inc()
 
     # --- fal ---------------------------------------------------------------------------------------
 
@@ -467,11 +457,11 @@ class Metrics:
         self.fal_inference_time.observe(_seconds(inference_s))
 
     def retry(self, reason: str) -> None:
-        """Count a job-level retry (a later resubmit) by reason (see ``RETRY_REASONS``)."""
-        self.retries.labels(reason=self._guard.closed("retry_reason", reason, RETRY_REASONS)).inc()
+        """Count a job-level retry (a later resubmit) by reason (e.g. ``http_429``, ``connect``)."""
+        self.retries.labels(reason=self._guard.reason("retry_reason", reason)).inc()
 
     def ambiguous_submit(self, action: str) -> None:
-        """Count an ambiguous submit by what the policy did (dead_lettered, resubmitted, resolved)."""
+        """Count an ambiguous submit by the policy applied (dead_letter, resubmit) or ``resolved``."""
         self.ambiguous_submits.labels(action=self._guard.closed("action", action, AMBIGUOUS_ACTIONS)).inc()
 
     def spent(self, usd: float) -> None:
@@ -501,9 +491,8 @@ class Metrics:
         self.budget_rejections.labels(period=self._guard.closed("period", period, BUDGET_PERIODS)).inc()
 
     def dead_letter(self, reason: str) -> None:
-        """Count a job moved to the dead-letter set (see ``DEAD_LETTER_REASONS``)."""
-        r = self._guard.closed("dead_letter_reason", reason, DEAD_LETTER_REASONS)
-        self.dead_letters.labels(reason=r).inc()
+        """Count a job moved to the dead-letter set, by reason (e.g. ``retries_exhausted``)."""
+        self.dead_letters.labels(reason=self._guard.reason("dead_letter_reason", reason)).inc()
 
     # --- results -----------------------------------------------------------------------------------
 
@@ -513,7 +502,7 @@ class Metrics:
         self.results_published.labels(sink=s, outcome="ok" if ok else "error").inc()
 
     def callback_delivery(self, outcome: str, duration_s: float | None = None) -> None:
-        """Count a callback attempt (delivered, retrying, rejected, gave_up) and its duration."""
+        """Count a callback attempt (delivered, failed, rejected, gave_up) and its duration."""
         out = self._guard.closed("callback_outcome", outcome, CALLBACK_OUTCOMES)
         self.callback_deliveries.labels(outcome=out).inc()
         if duration_s is not None:
@@ -532,7 +521,7 @@ class Metrics:
         self.tracker_stream_reconnects.inc()
 
     def tracker_poll(self, outcome: str) -> None:
-        """Count a status poll by outcome (pending, completed, error)."""
+        """Count a status poll by outcome (ok, pending, completed, error)."""
         out = self._guard.closed("poll_outcome", outcome, TRACKER_POLL_OUTCOMES)
         self.tracker_polls.labels(outcome=out).inc()
 
