@@ -114,9 +114,7 @@ class Settings(BaseSettings):
 
     # --- flow control ------------------------------------------------------------------------
     max_concurrency: PosInt = Field(default=2, description="Cluster-wide cap of fal requests in flight.")
-    reserved_high_slots: NonNegInt = Field(
-        default=0, description="Slots only high-priority jobs may take."
-    )
+    reserved_high_slots: NonNegInt = Field(default=0, description="Slots only high-priority jobs may take.")
     slot_lease_ttl_s: PosFloat = Field(
         default=60.0, description="A slot lease; renewed while fal reports the request alive."
     )
@@ -217,7 +215,8 @@ class Settings(BaseSettings):
             raise ValueError("REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S")
         if self.visibility_timeout_s <= self.task_time_limit_s + self.tracker_claim_ttl_s:
             raise ValueError(
-                "REFRAME_VISIBILITY_TIMEOUT_S must exceed REFRAME_TASK_TIME_LIMIT_S + REFRAME_TRACKER_CLAIM_TTL_S"
+                "REFRAME_VISIBILITY_TIMEOUT_S must exceed "
+                "REFRAME_TASK_TIME_LIMIT_S + REFRAME_TRACKER_CLAIM_TTL_S"
             )
         if self.reserved_high_slots >= self.max_concurrency:
             raise ValueError("REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY")
@@ -297,7 +296,9 @@ def load_settings(
         problems.extend(_describe(exc))
     else:
         if require_fal_key and settings.talks_to_real_fal and not settings.fal_key_value:
-            problems.append(f"{FAL_KEY_ENV}: required when REFRAME_FAL_QUEUE_URL points at fal ({settings.fal_queue_url})")
+            problems.append(
+                f"{FAL_KEY_ENV}: required when REFRAME_FAL_QUEUE_URL points at fal ({settings.fal_queue_url})"
+            )
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings

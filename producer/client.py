@@ -209,11 +209,18 @@ class Producer:
         job's id (nothing is enqueued again); the same key with a different input raises
         :class:`IdempotencyConflict`.
         """
-        item = EnqueueRequest(dict(request) if isinstance(request, Mapping) else request,
-                              idempotency_key, priority, metadata, callback_url)
+        item = EnqueueRequest(
+            dict(request) if isinstance(request, Mapping) else request,
+            idempotency_key,
+            priority,
+            metadata,
+            callback_url,
+        )
         return self.enqueue_many([item])[0]
 
-    def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, batch_size: int = 1000) -> list[str]:
+    def enqueue_many(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, batch_size: int = 1000
+    ) -> list[str]:
         """Validate every request first, then enqueue them pipelined; return the job ids in order.
 
         Nothing is enqueued if any request is invalid (the error names the item index and field).
@@ -221,7 +228,7 @@ class Producer:
         prepared = [self._prepare(i, item) for i, item in enumerate(requests)]
         ids: list[str] = []
         for start in range(0, len(prepared), batch_size):
-            chunk = prepared[start:start + batch_size]
+            chunk = prepared[start : start + batch_size]
             outcomes = self.store.enqueue_many((keys, argv) for keys, argv, _fp, _key in chunk)
             for (_keys, _argv, fingerprint, key), out in zip(chunk, outcomes, strict=True):
                 if not out.created and out.existing_fingerprint != fingerprint:
@@ -229,7 +236,9 @@ class Producer:
                 ids.append(out.job_id)
         return ids
 
-    def _prepare(self, index: int, item: EnqueueRequest | Mapping[str, Any]) -> tuple[list[str], list[str], str, str | None]:
+    def _prepare(
+        self, index: int, item: EnqueueRequest | Mapping[str, Any]
+    ) -> tuple[list[str], list[str], str, str | None]:
         if not isinstance(item, EnqueueRequest):
             item = EnqueueRequest(dict(item))
         try:
@@ -243,8 +252,13 @@ class Producer:
             raise InvalidRequest([(f"[{index}].{f}", m) for f, m in exc.errors]) from None
         job_id = uuid.uuid4().hex
         fields = self.store.record_fields(
-            job_id, request, priority=priority, metadata=item.metadata, callback_url=callback,
-            idempotency_key=key, deadline_s=self.settings.job_deadline_s,
+            job_id,
+            request,
+            priority=priority,
+            metadata=item.metadata,
+            callback_url=callback,
+            idempotency_key=key,
+            deadline_s=self.settings.job_deadline_s,
         )
         fingerprint = request.fingerprint()
         keys, argv = self.store.enqueue_args(job_id, fields, fingerprint, priority, key)
@@ -279,7 +293,7 @@ class Producer:
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout_s}s")
             block_ms = max(1, int(min(remaining, poll_interval_s) * 1000))
-            entries = self.r.xread({self.store.keys.events: last_id}, block=block_ms, count=100)
+            entries: Any = self.r.xread({self.store.keys.events: last_id}, block=block_ms, count=100)
             for _stream, items in entries or []:
                 if items:
                     last_id = items[-1][0]

@@ -91,16 +91,16 @@ class ResultConsumer:
 
     def read(self, *, count: int = 100, block_ms: int | None = 1000) -> list[ResultEvent]:
         """New events for this consumer (claiming idle ones of dead consumers first)."""
-        claimed = self.r.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=count)
+        claimed: Any = self.r.xautoclaim(
+            self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=count
+        )
         entries = list(claimed[1]) if claimed and len(claimed) > 1 else []
         if not entries:
-            got = self.r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+            got: Any = self.r.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+            )
             entries = [e for _s, items in got or [] for e in items]
-        return [
-            ResultEvent(_text(sid), {_text(k): _text(v) for k, v in fields.items()})
-            for sid, fields in entries
-            if fields
-        ]
+        return _events(entries)
 
     def ack(self, *events: ResultEvent) -> None:
         """Acknowledge processed events."""
@@ -114,3 +114,11 @@ class ResultConsumer:
                 yield event
                 if auto_ack:
                     self.ack(event)
+
+
+def _events(entries: Any) -> list[ResultEvent]:
+    return [
+        ResultEvent(_text(sid), {_text(k): _text(v) for k, v in fields.items()})
+        for sid, fields in entries
+        if fields
+    ]

@@ -90,7 +90,9 @@ def _upload_if_local(settings: Settings, source: str) -> str:
 @app.command()
 def enqueue(
     source: Annotated[str, typer.Argument(help="Video URL (http/https/data:) or a local file to upload.")],
-    aspect_ratio: Annotated[str, typer.Option("--aspect-ratio", "-a", help="1:1 16:9 9:16 4:3 3:4 21:9 9:21")],
+    aspect_ratio: Annotated[
+        str, typer.Option("--aspect-ratio", "-a", help="1:1 16:9 9:16 4:3 3:4 21:9 9:21")
+    ],
     image_url: Annotated[str | None, typer.Option(help="Optional first-frame image URL.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Optional text guidance.")] = None,
     grid_position_x: Annotated[int | None, typer.Option(help="Source x position in the output (px).")] = None,
@@ -101,7 +103,9 @@ def enqueue(
     y_end: Annotated[int | None, typer.Option(help="Bottom edge of the source (output px).")] = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     idempotency_key: Annotated[str | None, typer.Option(help="Same key + same input = same job.")] = None,
-    metadata: Annotated[list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable.")] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable.")
+    ] = None,
     callback_url: Annotated[str | None, typer.Option(help="POSTed (signed) when the job ends.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job ends.")] = False,
     timeout_s: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 900.0,
@@ -111,14 +115,28 @@ def enqueue(
 
     settings = settings_or_exit()
     video_url = _upload_if_local(settings, source)
-    request = {"video_url": video_url, "aspect_ratio": aspect_ratio, "image_url": image_url, "prompt": prompt,
-               "grid_position_x": grid_position_x, "grid_position_y": grid_position_y, "x_start": x_start,
-               "x_end": x_end, "y_start": y_start, "y_end": y_end}
+    request = {
+        "video_url": video_url,
+        "aspect_ratio": aspect_ratio,
+        "image_url": image_url,
+        "prompt": prompt,
+        "grid_position_x": grid_position_x,
+        "grid_position_y": grid_position_y,
+        "x_start": x_start,
+        "x_end": x_end,
+        "y_start": y_start,
+        "y_end": y_end,
+    }
     request = {k: v for k, v in request.items() if v is not None}
     with Producer(settings) as producer:
         try:
-            job_id = producer.enqueue(request, idempotency_key=idempotency_key, priority=priority,
-                                      metadata=_metadata(metadata), callback_url=callback_url)
+            job_id = producer.enqueue(
+                request,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                metadata=_metadata(metadata),
+                callback_url=callback_url,
+            )
         except (InvalidRequest, IdempotencyConflict) as exc:
             raise fail(str(exc)) from None
         console.print(job_id, highlight=False)
@@ -134,19 +152,39 @@ def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout_s
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         tasks = {j: progress.add_task(j[:12], total=4, state="QUEUED") for j in job_ids}
-        steps = {"QUEUED": 0, "WAITING": 0, "BLOCKED": 0, "DEFERRED": 0, "SUBMITTING": 1, "IN_QUEUE": 2,
-                 "IN_PROGRESS": 3}
+        steps = {
+            "QUEUED": 0,
+            "WAITING": 0,
+            "BLOCKED": 0,
+            "DEFERRED": 0,
+            "SUBMITTING": 1,
+            "IN_QUEUE": 2,
+            "IN_PROGRESS": 3,
+        }
         while True:
             jobs = producer.get_many(job_ids)
             done = 0
             for job_id, job in zip(job_ids, jobs, strict=True):
                 state = job.state.value if job else "MISSING"
-                extra = f" (#{job.queue_position} in fal queue)" if job and job.queue_position not in (None, "") else ""
-                progress.update(tasks[job_id], completed=4 if state in TERMINAL else steps.get(state, 0),
-                                state=state + extra)
+                extra = (
+                    f" (#{job.queue_position} in fal queue)"
+                    if job and job.queue_position not in (None, "")
+                    else ""
+                )
+                progress.update(
+                    tasks[job_id],
+                    completed=4 if state in TERMINAL else steps.get(state, 0),
+                    state=state + extra,
+                )
                 done += state in TERMINAL or state == "MISSING"
             if done == len(job_ids):
                 return
@@ -157,10 +195,19 @@ def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None
 
 def _job_json(job: Any) -> dict[str, Any]:
     return {
-        "id": job.id, "state": job.state.value, "priority": job.priority.value, "attempts": job.attempts,
-        "input": job.input, "metadata": job.metadata, "fal_request_id": job.fal_request_id,
-        "queue_position": job.queue_position, "video_url": job.video_url, "cost_usd": job.cost_usd,
-        "error": job.error, "dead_letter_reason": job.dead_letter_reason, "timestamps_ms": job.timestamps_ms,
+        "id": job.id,
+        "state": job.state.value,
+        "priority": job.priority.value,
+        "attempts": job.attempts,
+        "input": job.input,
+        "metadata": job.metadata,
+        "fal_request_id": job.fal_request_id,
+        "queue_position": job.queue_position,
+        "video_url": job.video_url,
+        "cost_usd": job.cost_usd,
+        "error": job.error,
+        "dead_letter_reason": job.dead_letter_reason,
+        "timestamps_ms": job.timestamps_ms,
     }
 
 
@@ -204,17 +251,26 @@ def _cluster_status(settings: Settings) -> None:
     table.add_row("expired leases (checking fal)", str(len(flow.slots.expired(limit=1000))))
     for prio, depth in flow.slots.waiting_depths().items():
         table.add_row(f"waiting for a slot ({prio})", str(depth))
-    table.add_row("celery queue (all priorities)", str(sum(r.llen(k) for k in celery_queue_keys(settings.queue_name))))
+    table.add_row(
+        "celery queue (all priorities)", str(sum(r.llen(k) for k in celery_queue_keys(settings.queue_name)))
+    )
     table.add_row("deferred", str(r.zcard(keys.delayed)))
     table.add_row("blocked by budget", str(r.zcard(keys.blocked)))
     table.add_row("tracked at fal", str(r.zcard(keys.track)))
     table.add_row("dead letters", str(r.zcard(keys.dlq)))
-    table.add_row("submit pause until", time.strftime("%H:%M:%S", time.gmtime(pause / 1000)) if pause else "-")
+    table.add_row(
+        "submit pause until", time.strftime("%H:%M:%S", time.gmtime(pause / 1000)) if pause else "-"
+    )
     table.add_row("breaker", f"{breaker.state.value} (trips {breaker.trips})")
-    table.add_row("budget today (spent + reserved / cap)",
-                  f"${budget.day_spent / 1e6:.2f} + ${budget.day_reserved / 1e6:.2f} / ${budget.day_cap / 1e6:.2f}")
-    table.add_row("budget month (spent + reserved / cap)",
-                  f"${budget.month_spent / 1e6:.2f} + ${budget.month_reserved / 1e6:.2f} / ${budget.month_cap / 1e6:.2f}")
+    table.add_row(
+        "budget today (spent + reserved / cap)",
+        f"${budget.day_spent / 1e6:.2f} + ${budget.day_reserved / 1e6:.2f} / ${budget.day_cap / 1e6:.2f}",
+    )
+    table.add_row(
+        "budget month (spent + reserved / cap)",
+        f"${budget.month_spent / 1e6:.2f} + ${budget.month_reserved / 1e6:.2f}"
+        f" / ${budget.month_cap / 1e6:.2f}",
+    )
     console.print(table)
 
 
@@ -256,11 +312,9 @@ def results(
     from producer import ResultConsumer
 
     reader = ResultConsumer(settings_or_exit(), group, consumer)
-    seen = 0
-    for event in reader.follow(block_ms=block_ms):
+    for seen, event in enumerate(reader.follow(block_ms=block_ms), start=1):
         sys.stdout.write(json.dumps({"stream_id": event.stream_id, **event.fields}) + "\n")
         sys.stdout.flush()
-        seen += 1
         if count and seen >= count:
             return
 
@@ -334,12 +388,14 @@ def dlq_purge(yes: Annotated[bool, typer.Option("--yes", help="Confirm.")] = Fal
 # --------------------------------------------------------------------------------------------- processes
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Threads (default REFRAME_WORKER_CONCURRENCY).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Threads (default REFRAME_WORKER_CONCURRENCY).")
+    ] = None,
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ) -> None:
     """Run a Celery worker (threads pool) with the completion tracker, housekeeper and /metrics."""
-    from worker.app import run_worker
     from reframe.logs import setup_logging
+    from worker.app import run_worker
 
     settings = settings_or_exit(require_fal_key=True)
     setup_logging(settings)
@@ -354,7 +410,7 @@ def exporter(
     from reframe.exporter import run_exporter
     from reframe.logs import setup_logging
 
-    overrides = {"metrics_port": port} if port is not None else {}
+    overrides: dict[str, Any] = {"metrics_port": port} if port is not None else {}
     settings = settings_or_exit(**overrides)
     setup_logging(settings)
     run_exporter(settings)
@@ -380,8 +436,12 @@ def demo(
     """Start Redis, the fal emulator and a worker; reframe a sample video; download; shut down."""
     from reframe.demo import run_demo
 
-    code = run_demo(output_dir=output_dir, aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
-                    timeout_s=timeout_s, console=console)
+    code = run_demo(
+        output_dir=output_dir,
+        aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
+        timeout_s=timeout_s,
+        console=console,
+    )
     raise typer.Exit(code)
 
 

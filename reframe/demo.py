@@ -36,12 +36,35 @@ def make_sample_video(path: Path, *, duration_s: float = SAMPLE_DURATION_S, size
     import imageio_ffmpeg
 
     subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-         "-f", "lavfi", "-i", f"testsrc2=duration={duration_s}:size={size}:rate=25",
-         "-f", "lavfi", "-i", f"sine=frequency=440:duration={duration_s}",
-         "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
-         "-movflags", "+faststart", str(path)],
-        check=True, timeout=120,
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=duration={duration_s}:size={size}:rate=25",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={duration_s}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+            "-movflags",
+            "+faststart",
+            str(path),
+        ],
+        check=True,
+        timeout=120,
     )
     return path
 
@@ -100,18 +123,24 @@ def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, co
         settings = load_settings(cluster.env)
         sample = make_sample_video(workdir / "sample-16x9.mp4")
         width, height, seconds = probe_video(sample)
-        console.print(f"sample video: {width}x{height}, {seconds:.1f}s -> reframing to {', '.join(aspect_ratios)}")
+        console.print(
+            f"sample video: {width}x{height}, {seconds:.1f}s -> reframing to {', '.join(aspect_ratios)}"
+        )
         video_url = _upload(settings, sample)
         with Producer(settings) as producer:
             started = time.monotonic()
             job_ids = producer.enqueue_many(
-                EnqueueRequest({"video_url": video_url, "aspect_ratio": ratio}, metadata={"source": "reframe demo"})
+                EnqueueRequest(
+                    {"video_url": video_url, "aspect_ratio": ratio}, metadata={"source": "reframe demo"}
+                )
                 for ratio in aspect_ratios
             )
             _follow_jobs(producer, job_ids, timeout_s=timeout_s)
             jobs = producer.get_many(job_ids)
         elapsed = time.monotonic() - started
-        return _report(console, jobs, aspect_ratios, output_dir, elapsed, emulated=cluster.emulator is not None)
+        return _report(
+            console, jobs, aspect_ratios, output_dir, elapsed, emulated=cluster.emulator is not None
+        )
     finally:
         if cluster is not None:
             with console.status("stopping the worker, the emulator and Redis"):
@@ -120,8 +149,15 @@ def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, co
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _report(console: Console, jobs: list[Job | None], ratios: list[str], output_dir: Path, elapsed_s: float,
-            *, emulated: bool) -> int:
+def _report(
+    console: Console,
+    jobs: list[Job | None],
+    ratios: list[str],
+    output_dir: Path,
+    elapsed_s: float,
+    *,
+    emulated: bool,
+) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     table = Table(title=f"Reframe demo ({elapsed_s:.1f}s)")
     for column in ("job", "aspect ratio", "state", "seconds", "cost", "output"):
@@ -146,11 +182,14 @@ def _report(console: Console, jobs: list[Job | None], ratios: list[str], output_
         cost = job.cost_usd or 0.0
         total += cost
         elapsed = job.elapsed_s
-        table.add_row(job.id[:12], ratio, state, f"{elapsed:.1f}" if elapsed is not None else "",
-                      f"${cost:.2f}", output)
+        table.add_row(
+            job.id[:12], ratio, state, f"{elapsed:.1f}" if elapsed is not None else "", f"${cost:.2f}", output
+        )
     console.print(table)
-    console.print(f"outputs in [bold]{output_dir.resolve()}[/]; total cost ${total:.2f}"
-                  + (" (emulated: nothing was charged)" if emulated else ""))
+    console.print(
+        f"outputs in [bold]{output_dir.resolve()}[/]; total cost ${total:.2f}"
+        + (" (emulated: nothing was charged)" if emulated else "")
+    )
     return 0 if ok else 1
 
 

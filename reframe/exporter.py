@@ -26,8 +26,13 @@ def build_exporter(settings: Settings) -> HealthServer:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     registry = CollectorRegistry()
     registry.register(ClusterCollector(client, settings))
-    server = HealthServer(settings.metrics_host, settings.metrics_port, registry,
-                          liveness_max_age_s=60.0, readiness=lambda: bool(client.ping()))
+    server = HealthServer(
+        settings.metrics_host,
+        settings.metrics_port,
+        registry,
+        liveness_max_age_s=60.0,
+        readiness=lambda: bool(client.ping()),
+    )
     return server
 
 

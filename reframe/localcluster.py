@@ -94,8 +94,14 @@ class LocalCluster:
         """Settings equal to the workers' (from ``env``), plus overrides."""
         return load_settings(self.env, **overrides)
 
-    def start_worker(self, *, name: str | None = None, env: Mapping[str, str] | None = None,
-                     wait: bool = True, timeout_s: float = 60) -> WorkerProcess:
+    def start_worker(
+        self,
+        *,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+        timeout_s: float = 60,
+    ) -> WorkerProcess:
         """Start one more ``reframe worker`` and (by default) wait until it is ready."""
         port = free_port()
         inherited = {k: v for k, v in os.environ.items() if not _foreign_reframe_var(k, self.env, env)}
@@ -111,8 +117,11 @@ class LocalCluster:
     def wait_ready(self, proc: WorkerProcess, *, timeout_s: float = 60) -> None:
         """Wait for a worker's /readyz; raise with its log tail if it dies or times out."""
         try:
-            wait_until(lambda: proc.ready() or not proc.process.alive(), timeout_s=timeout_s,
-                       what=f"{proc.process.name} ready")
+            wait_until(
+                lambda: proc.ready() or not proc.process.alive(),
+                timeout_s=timeout_s,
+                what=f"{proc.process.name} ready",
+            )
         except TimeoutError:
             raise RuntimeError(f"{proc.process.name} not ready:\n{proc.process.log_tail()}") from None
         if not proc.process.alive():
@@ -152,12 +161,29 @@ def _foreign_reframe_var(name: str, *ours: Mapping[str, str] | None) -> bool:
     return not any(m is not None and name in m for m in ours)
 
 
-def start_emulator(workdir: Path, *, concurrency: int = 4, processing_time_s: float = 1.0,
-                   extra_args: list[str] | None = None) -> tuple[ManagedProcess, str]:
+def start_emulator(
+    workdir: Path,
+    *,
+    concurrency: int = 4,
+    processing_time_s: float = 1.0,
+    extra_args: list[str] | None = None,
+) -> tuple[ManagedProcess, str]:
     """Start ``python -m falemu`` on a free port and wait until it serves."""
     port = free_port()
-    argv = [sys.executable, "-m", "falemu", "--host", "127.0.0.1", "--port", str(port),
-            "--concurrency", str(concurrency), "--processing-time-s", str(processing_time_s), *(extra_args or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "falemu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--concurrency",
+        str(concurrency),
+        "--processing-time-s",
+        str(processing_time_s),
+        *(extra_args or []),
+    ]
     proc = spawn(f"emulator-{port}", argv, log_dir=workdir)
     url = f"http://127.0.0.1:{port}"
 
@@ -189,13 +215,21 @@ def start_cluster(
     """Start Redis (unless ``redis_url``), the emulator (unless ``fal_url``) and ``workers`` workers."""
     workdir.mkdir(parents=True, exist_ok=True)
     redis_server = None if redis_url else start_redis(workdir / "redis")
-    cluster = LocalCluster(workdir=workdir, redis_url=redis_url or (redis_server.url if redis_server else ""),
-                           fal_url="", env={}, redis=redis_server)
+    cluster = LocalCluster(
+        workdir=workdir,
+        redis_url=redis_url or (redis_server.url if redis_server else ""),
+        fal_url="",
+        env={},
+        redis=redis_server,
+    )
     try:
         if fal_url is None:
             cluster.emulator, fal_url = start_emulator(
-                workdir, concurrency=emulator_concurrency, processing_time_s=emulator_processing_time_s,
-                extra_args=emulator_args)
+                workdir,
+                concurrency=emulator_concurrency,
+                processing_time_s=emulator_processing_time_s,
+                extra_args=emulator_args,
+            )
             cluster.emulator_control = EmulatorControl(fal_url)
         cluster.fal_url = fal_url
         cluster.env = {

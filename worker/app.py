@@ -91,7 +91,7 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
         try:
             return cancel_at_fal(get_runtime(), job_id)
         except FalError as exc:
-            raise self.retry(countdown=min(60, 2 ** self.request.retries), exc=exc) from None
+            raise self.retry(countdown=min(60, 2**self.request.retries), exc=exc) from None
 
     @app.task(name=CALLBACK_TASK, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def callback(self: Task, job_id: str) -> str:

@@ -25,7 +25,9 @@ def sign(key: bytes, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-def verify(key: bytes, header: str, body: bytes, *, now_s: float | None = None, tolerance_s: float = 300) -> bool:
+def verify(
+    key: bytes, header: str, body: bytes, *, now_s: float | None = None, tolerance_s: float = 300
+) -> bool:
     """Check a signature header (for receivers and tests)."""
     try:
         fields = dict(part.split("=", 1) for part in header.split(","))
@@ -48,16 +50,23 @@ def callback_body(rec: dict[str, Any]) -> bytes:
         "finished_at_ms": rec.get("finished_at_ms"),
         "metadata": rec.get("metadata") or {},
         "video": video or None,
-        "cost_usd": (rec["cost_actual_micro"] / 1e6) if isinstance(rec.get("cost_actual_micro"), int) else None,
+        "cost_usd": (rec["cost_actual_micro"] / 1e6)
+        if isinstance(rec.get("cost_actual_micro"), int)
+        else None,
         "error": rec.get("error"),
     }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
-def deliver(settings: Settings, url: str, body: bytes, *, event_id: str, client: httpx.Client | None = None) -> int:
+def deliver(
+    settings: Settings, url: str, body: bytes, *, event_id: str, client: httpx.Client | None = None
+) -> int:
     """POST one callback; return the HTTP status (raises ``httpx.HTTPError`` on transport errors)."""
-    headers = {"Content-Type": "application/json", "X-Reframe-Event-Id": event_id,
-               "User-Agent": "reframe-cluster-callback/1"}
+    headers = {
+        "Content-Type": "application/json",
+        "X-Reframe-Event-Id": event_id,
+        "User-Agent": "reframe-cluster-callback/1",
+    }
     if settings.callback_signing_key is not None:
         key = settings.callback_signing_key.get_secret_value().encode()
         headers["X-Reframe-Signature"] = sign(key, int(time.time()), body)

@@ -22,10 +22,14 @@ def cancel_at_fal(rt: Runtime, job_id: str) -> str:
     if state.terminal:
         return "finished"
     if state in PRE_SUBMIT_STATES:
-        done = finish_job(rt, job_id, JobState.CANCELLED,
-                          record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
-                          event={"error_type": "cancelled", "error_message": "cancelled before submission"},
-                          allowed_from=PRE_SUBMIT_STATES)
+        done = finish_job(
+            rt,
+            job_id,
+            JobState.CANCELLED,
+            record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
+            event={"error_type": "cancelled", "error_message": "cancelled before submission"},
+            allowed_from=PRE_SUBMIT_STATES,
+        )
         free_resources(rt, job_id, actual_micro=None)
         return "cancelled" if done else "raced"
     if not rec.get("fal_request_id"):

@@ -12,16 +12,20 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from worker.contracts.keys import celery_queue_key
 from worker.contracts.models import JobState, Priority
 from worker.contracts.wire import CALLBACK_TASK, task_message
-from worker.contracts.keys import celery_queue_key
 from worker.fal import FalModelError, FalRunnerError, FalTransientError, QueueStatus, ReframeOutput
 from worker.probe import video_duration_s
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-OUTCOME_BY_STATE = {JobState.SUCCEEDED: "succeeded", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}
+OUTCOME_BY_STATE = {
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
 
 
 def finish_job(
@@ -35,8 +39,9 @@ def finish_job(
     allowed_from: Iterable[JobState] | str = "*",
 ) -> bool:
     """Finish a job exactly once; on success observe metrics and queue the callback. Returns ok."""
-    outcome = rt.store.finish(job_id, state, record=record, event=event, dead_letter=dead_letter,
-                              allowed_from=allowed_from)
+    outcome = rt.store.finish(
+        job_id, state, record=record, event=event, dead_letter=dead_letter, allowed_from=allowed_from
+    )
     if not outcome.ok:
         return False
     rec = rt.store.get(job_id) or {}
@@ -49,8 +54,10 @@ def finish_job(
         rt.metrics.dead_letter(str(record.get("dead_letter_reason") or "unknown"))
     if rec.get("callback_url"):
         pri = Priority.HIGH.celery_priority
-        rt.redis.lpush(celery_queue_key(rt.settings.queue_name, pri),
-                       task_message(CALLBACK_TASK, [job_id], queue=rt.settings.queue_name, priority=pri))
+        rt.redis.lpush(
+            celery_queue_key(rt.settings.queue_name, pri),
+            task_message(CALLBACK_TASK, [job_id], queue=rt.settings.queue_name, priority=pri),
+        )
     return True
 
 
@@ -58,9 +65,8 @@ def free_resources(rt: Runtime, job_id: str, *, actual_micro: int | None) -> Non
     """Settle (or release) the job's budget reservation and release its slot, admitting the next jobs."""
     if actual_micro is None:
         rt.flow.budget.release(job_id)
-    else:
-        if rt.flow.budget.settle(job_id, actual_micro):
-            rt.metrics.spent(actual_micro / 1e6)
+    elif rt.flow.budget.settle(job_id, actual_micro):
+        rt.metrics.spent(actual_micro / 1e6)
     rt.dispatch(rt.flow.slots.release(job_id))
 
 
@@ -87,15 +93,24 @@ def complete_success(rt: Runtime, job_id: str, output: ReframeOutput, status: Qu
     inference = (status.metrics or {}).get("inference_time")
     video = output.video
     ok = finish_job(
-        rt, job_id, JobState.SUCCEEDED,
-        record={"result": output.model_dump(mode="json"), "cost_actual_micro": actual,
-                "output_duration_s": "" if duration is None else f"{duration:.3f}",
-                "fal_inference_time_s": "" if inference is None else inference},
-        event={"video_url": video.url, "content_type": video.content_type or "", "file_size": video.file_size or "",
-               "cost_usd": f"{actual / 1e6:.6f}"},
+        rt,
+        job_id,
+        JobState.SUCCEEDED,
+        record={
+            "result": output.model_dump(mode="json"),
+            "cost_actual_micro": actual,
+            "output_duration_s": "" if duration is None else f"{duration:.3f}",
+            "fal_inference_time_s": "" if inference is None else inference,
+        },
+        event={
+            "video_url": video.url,
+            "content_type": video.content_type or "",
+            "file_size": video.file_size or "",
+            "cost_usd": f"{actual / 1e6:.6f}",
+        },
     )
     free_resources(rt, job_id, actual_micro=actual)
-    if ok and inference is not None:
+    if ok and isinstance(inference, int | float):
         rt.metrics.fal_inference(float(inference))
     return ok
 
@@ -106,10 +121,16 @@ def complete_failure(rt: Runtime, job_id: str, err: Exception, status: QueueStat
 
     sub = Submitter(rt)
     rec = rt.store.get(job_id) or {}
-    if status.error_type == "client_cancelled" or (rec.get("cancel_requested") == "1" and not isinstance(err, FalModelError)):
-        finish_job(rt, job_id, JobState.CANCELLED,
-                   record={"error": {"type": "cancelled", "message": "cancelled at fal"}},
-                   event={"error_type": "cancelled", "error_message": "cancelled at fal"})
+    if status.error_type == "client_cancelled" or (
+        rec.get("cancel_requested") == "1" and not isinstance(err, FalModelError)
+    ):
+        finish_job(
+            rt,
+            job_id,
+            JobState.CANCELLED,
+            record={"error": {"type": "cancelled", "message": "cancelled at fal"}},
+            event={"error_type": "cancelled", "error_message": "cancelled at fal"},
+        )
         free_resources(rt, job_id, actual_micro=None)
         return "cancelled"
     if isinstance(err, FalModelError):
@@ -126,14 +147,23 @@ def complete_failure(rt: Runtime, job_id: str, err: Exception, status: QueueStat
     attempt = int(rec.get("attempts") or 1)
     retry_after = err.retry_after_s if isinstance(err, FalTransientError) else None
     # Forget the finished fal request so the next attempt submits a new one.
-    moved = rt.store.transition(job_id, [JobState.IN_QUEUE, JobState.IN_PROGRESS], JobState.DEFERRED,
-                                fal_request_id="", last_error={"type": "fal_runner", "message": message,
-                                                              "error_type": status.error_type or ""})
+    moved = rt.store.transition(
+        job_id,
+        [JobState.IN_QUEUE, JobState.IN_PROGRESS],
+        JobState.DEFERRED,
+        fal_request_id="",
+        last_error={"type": "fal_runner", "message": message, "error_type": status.error_type or ""},
+    )
     if not moved.ok:
         return "stale"
     rt.redis.zrem(rt.store.keys.track, job_id)
     kind = "runner" if isinstance(err, FalRunnerError) else "fal_error"
-    sub.retry_later(job_id, reason=kind, attempt=attempt, retry_after_s=retry_after,
-                    failure=Failure("fal_runner_error", message, getattr(err, "detail", None)),
-                    from_states=[JobState.DEFERRED])
+    sub.retry_later(
+        job_id,
+        reason=kind,
+        attempt=attempt,
+        retry_after_s=retry_after,
+        failure=Failure("fal_runner_error", message, getattr(err, "detail", None)),
+        from_states=[JobState.DEFERRED],
+    )
     return "retrying"

@@ -74,10 +74,13 @@ class Housekeeper:
         self._thread.join(10)
         try:
             self.rt.redis.eval(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                1, self.rt.store.keys.housekeeper_lock, self.token,
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                "return 0",
+                1,
+                self.rt.store.keys.housekeeper_lock,
+                self.token,
             )
-        except Exception:  # noqa: BLE001 - best effort; the lock expires anyway
+        except Exception:
             log.debug("housekeeper unlock failed", exc_info=True)
 
     def _loop(self) -> None:
@@ -85,7 +88,7 @@ class Housekeeper:
             try:
                 if self._lead(keys=[self.rt.store.keys.housekeeper_lock], args=[self.token, LOCK_TTL_MS]):
                     self.sweep()
-            except Exception:  # noqa: BLE001 - Redis down or a bug: never kill the thread
+            except Exception:
                 log.warning("housekeeping sweep failed", exc_info=True)
             self._stop.wait(self.interval_s)
 
@@ -123,7 +126,7 @@ class Housekeeper:
         for job_id in self.rt.flow.slots.expired(limit=100):
             try:
                 self._resolve_lease(job_id)
-            except Exception:  # noqa: BLE001 - one bad job must not stop the sweep
+            except Exception:
                 log.warning("lease check of job %s failed", job_id, exc_info=True)
 
     def _resolve_lease(self, job_id: str) -> None:

@@ -125,7 +125,7 @@ class Runtime:
         """Close the fal client, stop the loop, close Redis."""
         try:
             self.portal.call(self.fal.aclose, timeout_s=5)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
+        except Exception:
             log.debug("fal client close failed", exc_info=True)
         self.portal.stop()
         self.redis.close()

@@ -42,17 +42,30 @@ def prepare(settings: Settings) -> Runtime:
     install(rt)
     _state.runtime = rt
     if settings.metrics_port:
-        health = HealthServer(settings.metrics_host, settings.metrics_port, rt.metrics.registry,
-                              liveness_max_age_s=60.0, readiness=_ready)
+        health = HealthServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            rt.metrics.registry,
+            liveness_max_age_s=60.0,
+            readiness=_ready,
+        )
         health.start()
         _state.health = health
     log.info(
         "flow-control limits: max_concurrency=%d reserved_high=%d rate=%.2f/s burst=%d attempts=%d "
         "breaker=%.0f%%/%ds(min %d) budget day=$%.2f month=$%.2f price=$%.3f/s ambiguous=%s",
-        settings.max_concurrency, settings.reserved_high_slots, settings.submit_rate_per_s, settings.submit_burst,
-        settings.retry_max_attempts, settings.breaker_failure_ratio * 100, settings.breaker_window_s,
-        settings.breaker_min_calls, settings.budget_daily_usd, settings.budget_monthly_usd,
-        settings.price_per_s_usd, settings.ambiguous_submit_policy.value,
+        settings.max_concurrency,
+        settings.reserved_high_slots,
+        settings.submit_rate_per_s,
+        settings.submit_burst,
+        settings.retry_max_attempts,
+        settings.breaker_failure_ratio * 100,
+        settings.breaker_window_s,
+        settings.breaker_min_calls,
+        settings.budget_daily_usd,
+        settings.budget_monthly_usd,
+        settings.price_per_s_usd,
+        settings.ambiguous_submit_policy.value,
     )
     return rt
 

@@ -107,8 +107,11 @@ class Submitter:
         if state == JobState.QUEUED and not rec.get("attempts"):
             self.rt.metrics.job_enqueued(str(rec.get("priority") or "normal"))
         if self._past_deadline(rec):
-            self.fail(job_id, Failure("deadline_exceeded", "job was not submitted before its deadline"),
-                      dead_letter=True)
+            self.fail(
+                job_id,
+                Failure("deadline_exceeded", "job was not submitted before its deadline"),
+                dead_letter=True,
+            )
             return Outcome.FAILED
         return self._gate_and_submit(job_id, rec)
 
@@ -153,7 +156,9 @@ class Submitter:
                 now_ms = self._now_ms()
                 until = now_ms + decision.retry_after_ms
                 # Keep the slot alive across the deferral: nobody can submit before then anyway.
-                self.flow.slots.renew([job_id], ttl_ms=decision.retry_after_ms + int(self.s.slot_lease_ttl_s * 1000))
+                self.flow.slots.renew(
+                    [job_id], ttl_ms=decision.retry_after_ms + int(self.s.slot_lease_ttl_s * 1000)
+                )
                 self.defer(job_id, until_ms=until, reason=str(decision.reason), count_retry=False)
                 return None
             time.sleep(decision.retry_after_ms / 1000)
@@ -228,8 +233,9 @@ class Submitter:
         if attempt == 1 and created:
             # Queue wait excludes deliberate delays: time parked in DEFERRED is not counted.
             deferred_ms = int(rec.get("deferred_total_ms") or 0)
-            self.rt.metrics.job_queue_wait(str(rec.get("priority") or "normal"),
-                                           max(0.0, (moved.at_ms - created - deferred_ms) / 1000))
+            self.rt.metrics.job_queue_wait(
+                str(rec.get("priority") or "normal"), max(0.0, (moved.at_ms - created - deferred_ms) / 1000)
+            )
         self.flow.slots.renew([job_id])
         from worker.tracker import adopt, has_tracker  # the tracker lives on this process's loop
 
@@ -245,7 +251,9 @@ class Submitter:
 
             cancel_at_fal(self.rt, job_id)
 
-    def _on_transient_submit_error(self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int) -> None:
+    def _on_transient_submit_error(
+        self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int
+    ) -> None:
         """fal did not accept the request: free the slot and reservation, retry later if allowed."""
         self.flow.breaker.record(not counts_against_breaker(err), probe=probe)
         if err.status_code in (429, 503) and err.retry_after_s:
@@ -257,9 +265,14 @@ class Submitter:
         admitted = self.flow.slots.release(job_id)
         self.rt.dispatch(admitted)
         reason = f"http_{err.status_code}" if err.status_code else "connect"
-        self.retry_later(job_id, reason=reason, attempt=attempt, retry_after_s=err.retry_after_s,
-                         failure=Failure("fal_unavailable", err.message),
-                         from_states=[JobState.SUBMITTING])
+        self.retry_later(
+            job_id,
+            reason=reason,
+            attempt=attempt,
+            retry_after_s=err.retry_after_s,
+            failure=Failure("fal_unavailable", err.message),
+            from_states=[JobState.SUBMITTING],
+        )
 
     # ------------------------------------------------------------------ unknown outcomes
     def ambiguous(self, job_id: str, *, reason: str) -> Outcome:
@@ -280,7 +293,10 @@ class Submitter:
         # Keep the slot until its lease runs out: fal may be running the request we cannot see.
         self.fail(
             job_id,
-            Failure("ambiguous_submit", f"submit outcome unknown ({reason}); not resubmitted to avoid paying twice"),
+            Failure(
+                "ambiguous_submit",
+                f"submit outcome unknown ({reason}); not resubmitted to avoid paying twice",
+            ),
             dead_letter=True,
             release_slot=False,
             from_states=[JobState.SUBMITTING],
@@ -308,30 +324,56 @@ class Submitter:
         """Schedule a new attempt with full-jitter backoff, or fail when attempts/deadline/budget run out."""
         rec = self.rt.store.get(job_id) or {}
         if attempt >= self.s.retry_max_attempts:
-            self.fail(job_id, Failure("retries_exhausted", f"{failure.message} (after {attempt} attempts)",
-                                      failure.detail), dead_letter=True, from_states=from_states)
+            self.fail(
+                job_id,
+                Failure("retries_exhausted", f"{failure.message} (after {attempt} attempts)", failure.detail),
+                dead_letter=True,
+                from_states=from_states,
+            )
             return
-        delay_s = backoff_s(attempt, base_s=self.s.retry_base_s, cap_s=self.s.retry_cap_s, rng=self.rt.rng,
-                            retry_after_s=min(retry_after_s, self.s.retry_after_max_s) if retry_after_s else None)
+        delay_s = backoff_s(
+            attempt,
+            base_s=self.s.retry_base_s,
+            cap_s=self.s.retry_cap_s,
+            rng=self.rt.rng,
+            retry_after_s=min(retry_after_s, self.s.retry_after_max_s) if retry_after_s else None,
+        )
         if not self.flow.retry_budget.try_spend():
             # Retries are over their share of traffic: park longer instead of failing.
             delay_s = max(delay_s, self.s.retry_cap_s)
             reason = "retry_budget"
         if self._past_deadline(rec, extra_s=delay_s):
-            self.fail(job_id, Failure("deadline_exceeded", failure.message, failure.detail), dead_letter=True,
-                      from_states=from_states)
+            self.fail(
+                job_id,
+                Failure("deadline_exceeded", failure.message, failure.detail),
+                dead_letter=True,
+                from_states=from_states,
+            )
             return
         self.rt.metrics.retry(reason)
-        self.defer(job_id, until_ms=self._now_ms() + int(delay_s * 1000), reason=reason, count_retry=False,
-                   from_states=from_states)
+        self.defer(
+            job_id,
+            until_ms=self._now_ms() + int(delay_s * 1000),
+            reason=reason,
+            count_retry=False,
+            from_states=from_states,
+        )
 
-    def defer(self, job_id: str, *, until_ms: int, reason: str, count_retry: bool,
-              from_states: list[JobState] | None = None) -> None:
+    def defer(
+        self,
+        job_id: str,
+        *,
+        until_ms: int,
+        reason: str,
+        count_retry: bool,
+        from_states: list[JobState] | None = None,
+    ) -> None:
         """Park a job until ``until_ms`` (+ jitter so a crowd does not return at one instant)."""
         until_ms += self.rt.rng.randint(0, JITTER_MAX_MS)
         allowed = from_states or list(PRE_SUBMIT_STATES)
-        moved = self.rt.store.transition(job_id, allowed, JobState.DEFERRED, deferred_reason=reason,
-                                         deferred_until_ms=until_ms)
+        moved = self.rt.store.transition(
+            job_id, allowed, JobState.DEFERRED, deferred_reason=reason, deferred_until_ms=until_ms
+        )
         if moved.ok:
             self._schedule(job_id, until_ms)
             self.rt.metrics.job_deferred(reason)
@@ -360,10 +402,13 @@ class Submitter:
         from worker.finalize import finish_job
 
         ok = finish_job(
-            self.rt, job_id, JobState.FAILED,
+            self.rt,
+            job_id,
+            JobState.FAILED,
             record={"error": failure.as_record(), "dead_letter_reason": failure.type if dead_letter else ""},
             event={"error_type": failure.type, "error_message": failure.message},
-            dead_letter=dead_letter, allowed_from=from_states or "*",
+            dead_letter=dead_letter,
+            allowed_from=from_states or "*",
         )
         if release_slot:
             self._free(job_id)
@@ -374,10 +419,14 @@ class Submitter:
     def _cancel_pre_submit(self, job_id: str) -> Outcome:
         from worker.finalize import finish_job
 
-        finish_job(self.rt, job_id, JobState.CANCELLED,
-                   record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
-                   event={"error_type": "cancelled", "error_message": "cancelled before submission"},
-                   allowed_from=PRE_SUBMIT_STATES)
+        finish_job(
+            self.rt,
+            job_id,
+            JobState.CANCELLED,
+            record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
+            event={"error_type": "cancelled", "error_message": "cancelled before submission"},
+            allowed_from=PRE_SUBMIT_STATES,
+        )
         self._free(job_id)
         return Outcome.CANCELLED
 

@@ -83,7 +83,7 @@ class Tracker:
             while not self._stopping.is_set():
                 try:
                     self._claim_due()
-                except Exception:  # noqa: BLE001 - Redis hiccup: keep the loop alive, try again
+                except Exception:
                     log.warning("tracker claim failed", exc_info=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.s.tracker_tick_s)
@@ -119,7 +119,7 @@ class Tracker:
             await asyncio.sleep(interval_s)
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - the next beat retries; claims last 3 intervals
+            except Exception:
                 log.warning("tracker heartbeat failed", exc_info=True)
 
     def _beat(self) -> None:
@@ -140,7 +140,7 @@ class Tracker:
             await self._follow(job_id)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a bug must not lose the job: hand it back for a retry
+        except Exception:
             log.exception("tracking job %s failed; handing it back", job_id)
             with contextlib.suppress(Exception):
                 self.rt.redis.zadd(self.rt.store.keys.track, {job_id: self._now_ms() + 5000}, xx=True)
@@ -193,12 +193,17 @@ class Tracker:
             return True
         self.alive_at[job_id] = time.monotonic()
         if status.status == "IN_PROGRESS" and rec.get("state") != JobState.IN_PROGRESS.value:
-            moved = self.rt.store.transition(job_id, [JobState.IN_QUEUE], JobState.IN_PROGRESS, queue_position="")
+            moved = self.rt.store.transition(
+                job_id, [JobState.IN_QUEUE], JobState.IN_PROGRESS, queue_position=""
+            )
             rec["state"] = JobState.IN_PROGRESS.value
             if moved.ok and isinstance(rec.get("ts_IN_QUEUE"), int):
                 self.rt.metrics.fal_queued(max(0.0, (moved.at_ms - rec["ts_IN_QUEUE"]) / 1000))
-        elif status.status == "IN_QUEUE" and status.queue_position is not None \
-                and rec.get("queue_position") != status.queue_position:
+        elif (
+            status.status == "IN_QUEUE"
+            and status.queue_position is not None
+            and rec.get("queue_position") != status.queue_position
+        ):
             rec["queue_position"] = status.queue_position
             self.rt.store.set_fields(job_id, queue_position=status.queue_position)
         return False
@@ -216,8 +221,8 @@ class Tracker:
             return
         if status.failed:
             # fal said COMPLETED with an error but served a result anyway: treat as a runner error.
-            err = FalRunnerError(status.error or "runner failure", op="result", error_type=status.error_type)
-            await asyncio.to_thread(complete_failure, self.rt, job_id, err, status)
+            runner = FalRunnerError(status.error or "runner failure", op="result", error_type=status.error_type)
+            await asyncio.to_thread(complete_failure, self.rt, job_id, runner, status)
             return
         await asyncio.to_thread(complete_success, self.rt, job_id, output, status)
 
@@ -239,11 +244,17 @@ class Tracker:
         from worker.finalize import finish_job, free_resources
 
         res = self.rt.flow.budget.reservation(job_id)
-        finish_job(self.rt, job_id, JobState.FAILED,
-                   record={"error": {"type": "result_unavailable", "message": err.message},
-                           "dead_letter_reason": "result_unavailable"},
-                   event={"error_type": "result_unavailable", "error_message": err.message},
-                   dead_letter=True)
+        finish_job(
+            self.rt,
+            job_id,
+            JobState.FAILED,
+            record={
+                "error": {"type": "result_unavailable", "message": err.message},
+                "dead_letter_reason": "result_unavailable",
+            },
+            event={"error_type": "result_unavailable", "error_message": err.message},
+            dead_letter=True,
+        )
         free_resources(self.rt, job_id, actual_micro=res.micro if res else None)
 
     def _now_ms(self) -> int:

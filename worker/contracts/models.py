@@ -14,7 +14,15 @@ from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21")
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
@@ -62,9 +70,7 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-PRE_SUBMIT_STATES = frozenset(
-    {JobState.QUEUED, JobState.WAITING, JobState.BLOCKED, JobState.DEFERRED}
-)
+PRE_SUBMIT_STATES = frozenset({JobState.QUEUED, JobState.WAITING, JobState.BLOCKED, JobState.DEFERRED})
 
 
 class InvalidRequest(ValueError):

@@ -8,6 +8,7 @@ each job yields exactly one result event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,7 +157,9 @@ def _text(value: Any) -> str:
 class JobStore:
     """Reads and writes job records. Thread-safe (redis-py clients are)."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, queue: str, retention_s: float, stream_maxlen: int):
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, queue: str, retention_s: float, stream_maxlen: int
+    ):
         self.r = client
         self.keys = Keys(prefix)
         self.queue = queue
@@ -268,8 +271,11 @@ class JobStore:
             field = "+" + name.removeprefix("incr_") if name.startswith("incr_") else name
             argv += [field, _encode(value)]
         raw = self._transition(keys=[self.keys.job(job_id)], args=argv)
-        return TransitionOutcome(ok=int(raw[0]) == 1, state=_text(raw[1]) if int(raw[0]) == 0 else to.value,
-                                 at_ms=_now_ms_from(raw[1]) if int(raw[0]) == 1 else 0)
+        return TransitionOutcome(
+            ok=int(raw[0]) == 1,
+            state=_text(raw[1]) if int(raw[0]) == 0 else to.value,
+            at_ms=_now_ms_from(raw[1]) if int(raw[0]) == 1 else 0,
+        )
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Set informational fields (no state change) on an existing record."""
@@ -277,8 +283,11 @@ class JobStore:
         mapping = {name: _encode(value) for name, value in fields.items()}
         # HSET on a missing key would resurrect an expired record; only write if it exists.
         self.r.eval(
-            "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KEYS[1], unpack(ARGV)) end return 0",
-            1, key, *[x for kv in mapping.items() for x in kv],
+            "if redis.call('EXISTS', KEYS[1]) == 1 then "
+            "return redis.call('HSET', KEYS[1], unpack(ARGV)) end return 0",
+            1,
+            key,
+            *[x for kv in mapping.items() for x in kv],
         )
 
     def finish(
@@ -303,8 +312,16 @@ class JobStore:
         k = self.keys
         raw = self._finish(
             keys=[k.job(job_id), k.events, k.track, k.delayed, k.blocked, k.dlq],
-            args=[to.value, str(self.retention_ms), str(self.stream_maxlen), "1" if dead_letter else "0",
-                  str(len(rec) // 2), *rec, *ev, allowed],
+            args=[
+                to.value,
+                str(self.retention_ms),
+                str(self.stream_maxlen),
+                "1" if dead_letter else "0",
+                str(len(rec) // 2),
+                *rec,
+                *ev,
+                allowed,
+            ],
         )
         if int(raw[0]) == 0:
             return TransitionOutcome(ok=False, state=_text(raw[1]))
@@ -326,17 +343,17 @@ def decode_record(raw: Mapping[Any, Any]) -> dict[str, Any]:
     rec: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
     for name in _JSON_FIELDS:
         if rec.get(name):
-            try:
+            with contextlib.suppress(ValueError):
                 rec[name] = json.loads(rec[name])
-            except ValueError:
-                pass
         elif name in rec:
             rec[name] = None
     for name, value in list(rec.items()):
-        if (name.endswith("_ms") or name.startswith("ts_") or name in {"attempts", "replays", "queue_position"}
-                or name.endswith("_micro")) and value not in ("", None):
-            try:
+        if (
+            name.endswith("_ms")
+            or name.startswith("ts_")
+            or name in {"attempts", "replays", "queue_position"}
+            or name.endswith("_micro")
+        ) and value not in ("", None):
+            with contextlib.suppress(ValueError):
                 rec[name] = int(value)
-            except ValueError:
-                pass
     return rec
