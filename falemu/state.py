@@ -274,6 +274,9 @@ class EmulatorState:
     async def _run(self, req: QueueRequest) -> None:
         try:
             outcome = await self._process(req)
+            # Every outcome, failures included, stays IN_PROGRESS for the configured extra time, so tests
+            # can rely on "at least processing_time_s in progress" whatever the input.
+            await asyncio.sleep(self.config.processing_time_s)
         except asyncio.CancelledError:
             outcome = cancelled_outcome()
         except Exception as exc:  # noqa: BLE001 - an emulator bug must still end the request, like a crashed runner
@@ -283,9 +286,7 @@ class EmulatorState:
         self._finish(req, outcome)
 
     async def _process(self, req: QueueRequest) -> Outcome:
-        cfg = self.config
         if req.runner_fault is not None:
-            await asyncio.sleep(cfg.processing_time_s)
             status, error_type, detail = req.runner_fault.runner_failure()
             req.log(detail, "ERROR")
             return request_error(status, detail, error_type)
@@ -319,7 +320,6 @@ class EmulatorState:
             rendered = await self.cache.render(fetched.path, fetched.sha256, params)
         except RenderError as exc:
             return request_error(500, str(exc), "runner_server_error")
-        await asyncio.sleep(cfg.processing_time_s)
         stored = self.storage.alias(rendered.path, f"{req.id}.mp4", "video/mp4")
         video = {
             "url": file_url(req.base_url, stored),
