@@ -35,7 +35,7 @@ def cancel_at_fal(rt: Runtime, job_id: str) -> str:
     if not rec.get("fal_request_id"):
         return "pending"  # SUBMITTING: the submitter checks cancel_requested once fal answers
     try:
-        outcome = rt.portal.call(lambda: rt.fal.cancel(receipt_from_record(rec)), timeout_s=60)
+        outcome = rt.portal.call(lambda: rt.fal.cancel(receipt_from_record(rec, rt)), timeout_s=60)
     except FalError as err:
         log.warning("cancel of job %s at fal failed: %s", job_id, err)
         raise

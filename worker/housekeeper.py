@@ -152,7 +152,7 @@ class Housekeeper:
             self.rt.dispatch([job_id])
 
     def _check_at_fal(self, job_id: str, rec: dict[str, object]) -> None:
-        receipt = receipt_from_record(dict(rec))
+        receipt = receipt_from_record(dict(rec), self.rt)
         try:
             status = self.rt.portal.call(lambda: self.rt.fal.status(receipt), timeout_s=30)
         except FalNotFoundError:

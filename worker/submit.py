@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -206,8 +207,8 @@ class Submitter:
         except FalTransientError as err:
             self._on_transient_submit_error(job_id, err, probe=probe, attempt=attempt)
             return Outcome.DEFERRED
-        except TimeoutError:
-            # The portal gave up waiting; the HTTP call may still have gone out.
+        except (TimeoutError, CancelledError):
+            # The wait ended (deadline, or the loop is shutting down); the call may have gone out.
             self.flow.breaker.record(False, probe=probe)
             return self.ambiguous(job_id, reason="submit did not finish within the task's deadline")
         self.flow.breaker.record(True, probe=probe)

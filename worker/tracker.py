@@ -51,8 +51,10 @@ return #ARGV - 1
 """
 
 
-def receipt_from_record(rec: dict[str, Any]) -> SubmitReceipt:
-    """The fal request handle stored in a job record."""
+def receipt_from_record(rec: dict[str, Any], rt: Runtime) -> SubmitReceipt:
+    """The fal request handle stored in a job record (URLs rebuilt by fal's rule if missing)."""
+    if not (rec.get("fal_status_url") and rec.get("fal_response_url")):
+        return rt.fal.receipt_for(str(rec["fal_request_id"]))
     return SubmitReceipt(
         request_id=str(rec["fal_request_id"]),
         status_url=str(rec.get("fal_status_url") or ""),
@@ -154,7 +156,7 @@ class Tracker:
         if rec is None or JobState(rec["state"]).terminal or not rec.get("fal_request_id"):
             self.rt.redis.zrem(self.rt.store.keys.track, job_id)
             return
-        receipt = receipt_from_record(rec)
+        receipt = receipt_from_record(rec, self.rt)
         failures = 0
         while True:
             try:
@@ -176,9 +178,11 @@ class Tracker:
     async def _watch(self, job_id: str, receipt: SubmitReceipt, rec: dict[str, Any]) -> QueueStatus | None:
         """Follow the status until COMPLETED (returned) or the stream ends (None)."""
         if self.s.use_status_stream:
-            async for status in self.rt.fal.stream_status(receipt):
-                if await self._observe(job_id, status, rec):
-                    return status
+            # aclosing: leaving the loop early must release the stream's connection at once.
+            async with contextlib.aclosing(self.rt.fal.stream_status(receipt)) as stream:
+                async for status in stream:
+                    if await self._observe(job_id, status, rec):
+                        return status
             return None
         status = await self.rt.fal.status(receipt)
         if await self._observe(job_id, status, rec):
@@ -221,7 +225,9 @@ class Tracker:
             return
         if status.failed:
             # fal said COMPLETED with an error but served a result anyway: treat as a runner error.
-            runner = FalRunnerError(status.error or "runner failure", op="result", error_type=status.error_type)
+            runner = FalRunnerError(
+                status.error or "runner failure", op="result", error_type=status.error_type
+            )
             await asyncio.to_thread(complete_failure, self.rt, job_id, runner, status)
             return
         await asyncio.to_thread(complete_success, self.rt, job_id, output, status)
