@@ -131,9 +131,11 @@ def test_grace_period_covers_celery_shutdown(overlay: Rendered) -> None:
     soft_limit = settings_value(overlay, "REFRAME_TASK_SOFT_TIME_LIMIT_S")
     assert grace > soft_shutdown, f"grace {grace} s must exceed the soft shutdown {soft_shutdown} s"
     assert grace > hard_limit, f"grace {grace} s must exceed the task hard time limit {hard_limit} s"
-    assert grace - soft_shutdown >= 10, "leave >= 10 s between the soft shutdown and SIGKILL"
-    # our choice (docs/deploy.md): a running task is never cut by the shutdown, only by its limit
-    assert soft_shutdown >= hard_limit >= soft_limit
+    # threads pool: the cold shutdown joins running threads, so a task started just before it may
+    # still take its whole hard limit after the soft shutdown's fixed wait
+    assert grace >= soft_shutdown + hard_limit + 5, (
+        f"grace {grace} s < soft shutdown {soft_shutdown} s + task hard limit {hard_limit} s + 5 s margin")
+    assert hard_limit >= soft_limit
     env = {e["name"]: e for e in spec["containers"][0]["env"]}
     assert env["REMAP_SIGTERM"].get("value") == "SIGQUIT", "SIGTERM must start Celery's soft shutdown"
     assert settings_value(overlay, "REFRAME_VISIBILITY_TIMEOUT_S") > grace
@@ -280,7 +282,10 @@ def test_prod_scales_on_in_flight_jobs_of_its_own_namespace(rendered: dict[str, 
     prom = [t for t in so["triggers"] if t["type"] == "prometheus"]
     assert [t["name"] for t in prom] == ["inflight"]
     query = prom[0]["metadata"]["query"]
-    assert re.search(r"\bsum\(\s*reframe_inflight_jobs\b", query), query
+    m = re.match(r"sum\((reframe_[a-z_]+)\{", query)
+    assert m and m.group(1) == "reframe_slots_in_use", f"in-flight = the exporter's ZCARD P:slots gauge: {query}"
+    exporter_src = (ROOT / "worker" / "cluster_metrics.py").read_text()
+    assert f'"{m.group(1)}"' in exporter_src, f"the exporter (worker/cluster_metrics.py) defines no {m.group(1)}"
     namespace = prod.get("Deployment", "reframe-worker")["metadata"]["namespace"]
     assert f'namespace="{namespace}"' in query, f"the query must select namespace {namespace}"
 
