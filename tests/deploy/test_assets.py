@@ -20,7 +20,9 @@ FIX = "run scripts/k8s-sync-assets and commit the result"
 
 def _source(path):  # type: ignore[no-untyped-def]
     if not path.is_file():
-        pytest.fail(f"{path.relative_to(ROOT)} is missing: the k8s components are built from it", pytrace=False)
+        pytest.fail(
+            f"{path.relative_to(ROOT)} is missing: the k8s components are built from it", pytrace=False
+        )
     return path
 
 

@@ -16,8 +16,8 @@ def stages() -> dict[str, list[str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     out: dict[str, list[str]] = {}
     current = None
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         m = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)$", line, re.I)
@@ -52,12 +52,14 @@ def test_runtime_stage() -> None:
         assert item in env, f"runtime ENV lacks {item}"
     entry = [i for i in rt if i.startswith("ENTRYPOINT")]
     cmd = [i for i in rt if i.startswith("CMD")]
-    assert json.loads(entry[-1].split(None, 1)[1]) == ["reframe"], "exec-form ENTRYPOINT [\"reframe\"]"
+    assert json.loads(entry[-1].split(None, 1)[1]) == ["reframe"], 'exec-form ENTRYPOINT ["reframe"]'
     assert json.loads(cmd[-1].split(None, 1)[1]) == ["worker"]
     assert "EXPOSE 9100" in rt
     # the smoke test runs as the final user, after the venv is in place
     runs = [i for i in rt if i.startswith("RUN")]
-    assert any("reframe --help" in r and "import" in r for r in runs), "import smoke test in the runtime stage"
+    assert any("reframe --help" in r and "import" in r for r in runs), (
+        "import smoke test in the runtime stage"
+    )
     assert text.index("USER 10001") < text.index("reframe --help")
 
 

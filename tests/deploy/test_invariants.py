@@ -13,7 +13,13 @@ from tests.deploy.conftest import ROOT, SECRET_KEYS, SECRET_NAME, Rendered
 IMAGE_UID = 10001
 METRICS_PORT = 9100
 #: environment variables that carry secrets: only ever from a secretKeyRef
-SECRET_ENV = {"FAL_KEY", "REFRAME_REDIS_URL", "REFRAME_CALLBACK_SIGNING_KEY", "REDIS_PASSWORD", "REDISCLI_AUTH"}
+SECRET_ENV = {
+    "FAL_KEY",
+    "REFRAME_REDIS_URL",
+    "REFRAME_CALLBACK_SIGNING_KEY",
+    "REDIS_PASSWORD",
+    "REDISCLI_AUTH",
+}
 
 
 def pod_specs(r: Rendered) -> list[tuple[str, dict[str, Any]]]:
@@ -77,7 +83,9 @@ def test_containers_are_hardened(overlay: Rendered) -> None:
         tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
         assert tmp, f"{where}: no /tmp mount"
         vol = next(v for v in pod["volumes"] if v["name"] == tmp[0]["name"])
-        assert "emptyDir" in vol and vol["emptyDir"].get("sizeLimit"), f"{where}: /tmp must be a bounded emptyDir"
+        assert "emptyDir" in vol and vol["emptyDir"].get("sizeLimit"), (
+            f"{where}: /tmp must be a bounded emptyDir"
+        )
 
 
 def test_reframe_containers_run_as_the_image_user(overlay: Rendered) -> None:
@@ -93,7 +101,9 @@ def test_resources_requests_and_limits(overlay: Rendered) -> None:
     for where, _pod, c in containers(overlay):
         res = c.get("resources", {})
         for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{where}: resources.{kind} needs cpu and memory"
+            assert {"cpu", "memory"} <= set(res.get(kind, {})), (
+                f"{where}: resources.{kind} needs cpu and memory"
+            )
 
 
 def test_three_probes(overlay: Rendered) -> None:
@@ -134,7 +144,8 @@ def test_grace_period_covers_celery_shutdown(overlay: Rendered) -> None:
     # threads pool: the cold shutdown joins running threads, so a task started just before it may
     # still take its whole hard limit after the soft shutdown's fixed wait
     assert grace >= soft_shutdown + hard_limit + 5, (
-        f"grace {grace} s < soft shutdown {soft_shutdown} s + task hard limit {hard_limit} s + 5 s margin")
+        f"grace {grace} s < soft shutdown {soft_shutdown} s + task hard limit {hard_limit} s + 5 s margin"
+    )
     assert hard_limit >= soft_limit
     env = {e["name"]: e for e in spec["containers"][0]["env"]}
     assert env["REMAP_SIGTERM"].get("value") == "SIGQUIT", "SIGTERM must start Celery's soft shutdown"
@@ -159,11 +170,15 @@ def test_exporter_is_a_singleton(overlay: Rendered) -> None:
 def test_one_image_and_tag_throughout(overlay: Rendered) -> None:
     image = reframe_image(overlay)
     name, _, tag = image.rpartition(":")
-    assert name and tag and tag != "latest" and "/" not in tag, f"{overlay.overlay}: image {image!r} not pinned"
+    assert name and tag and tag != "latest" and "/" not in tag, (
+        f"{overlay.overlay}: image {image!r} not pinned"
+    )
     ours = {c["image"] for _w, _p, c in containers(overlay) if not c["image"].startswith("redis:")}
     assert ours == {image}, f"{overlay.overlay}: more than one Reframe image/tag: {sorted(ours)}"
     for where, _p, c in containers(overlay):
-        assert ":" in c["image"].rsplit("/", 1)[-1] and not c["image"].endswith(":latest"), f"{where}: unpinned"
+        assert ":" in c["image"].rsplit("/", 1)[-1] and not c["image"].endswith(":latest"), (
+            f"{where}: unpinned"
+        )
 
 
 def test_prod_pulls_always(rendered: dict[str, Rendered]) -> None:
@@ -217,7 +232,9 @@ def test_no_secret_values_in_manifests(overlay: Rendered) -> None:
         assert not re.search(r"PASSWORD|SECRET|TOKEN|FAL_KEY", key), f"secret-like {key} in the ConfigMap"
     # nothing that looks like a credential anywhere in the rendered text
     assert not re.search(r"rediss?://[^\s\"']*:[^\s\"'@]+@", overlay.text), "a Redis URL with a password"
-    assert not re.search(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:[0-9a-f]{16,}", overlay.text)
+    assert not re.search(
+        r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:[0-9a-f]{16,}", overlay.text
+    )
 
 
 def test_secret_keys_are_documented() -> None:
@@ -250,10 +267,17 @@ def test_keda_triggers_cover_every_list_key(overlay: Rendered) -> None:
     lists = {t["name"]: t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"}
     assert lists == expected_list_keys(overlay)
     # the exact bytes, independent of any code: kombu's separator is 0x06 0x16
-    assert sorted(v.encode() for v in lists.values()) == sorted([
-        b"reframe", b"reframe\x06\x163", b"reframe\x06\x166", b"reframe\x06\x169",
-        b"reframe:wait:high", b"reframe:wait:normal", b"reframe:wait:low",
-    ])
+    assert sorted(v.encode() for v in lists.values()) == sorted(
+        [
+            b"reframe",
+            b"reframe\x06\x163",
+            b"reframe\x06\x166",
+            b"reframe\x06\x169",
+            b"reframe:wait:high",
+            b"reframe:wait:normal",
+            b"reframe:wait:low",
+        ]
+    )
 
 
 def test_keda_sums_triggers_with_scaling_modifiers(overlay: Rendered) -> None:
@@ -265,7 +289,10 @@ def test_keda_sums_triggers_with_scaling_modifiers(overlay: Rendered) -> None:
     assert so["advanced"]["scalingModifiers"]["metricType"] == "AverageValue"
     assert so["scaleTargetRef"]["name"] == "reframe-worker"
     assert so["minReplicaCount"] >= 1, "keep a worker: each runs the completion tracker"
-    assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+    assert (
+        so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+        >= 60
+    )
     worker = overlay.get("Deployment", "reframe-worker")["spec"]
     assert "replicas" not in worker, "KEDA owns the worker's replicas; a replicas field resets it on apply"
 
@@ -273,7 +300,9 @@ def test_keda_sums_triggers_with_scaling_modifiers(overlay: Rendered) -> None:
 def test_keda_auth_comes_from_the_secret(overlay: Rendered) -> None:
     auth = overlay.get("TriggerAuthentication", "reframe-redis")["spec"]["secretTargetRef"]
     assert {(a["parameter"], a["name"], a["key"]) for a in auth} == {
-        ("address", SECRET_NAME, "redis-address"), ("password", SECRET_NAME, "redis-password")}
+        ("address", SECRET_NAME, "redis-address"),
+        ("password", SECRET_NAME, "redis-password"),
+    }
 
 
 def test_prod_scales_on_in_flight_jobs_of_its_own_namespace(rendered: dict[str, Rendered]) -> None:
@@ -283,9 +312,13 @@ def test_prod_scales_on_in_flight_jobs_of_its_own_namespace(rendered: dict[str, 
     assert [t["name"] for t in prom] == ["inflight"]
     query = prom[0]["metadata"]["query"]
     m = re.match(r"sum\((reframe_[a-z_]+)\{", query)
-    assert m and m.group(1) == "reframe_slots_in_use", f"in-flight = the exporter's ZCARD P:slots gauge: {query}"
+    assert m and m.group(1) == "reframe_slots_in_use", (
+        f"in-flight = the exporter's ZCARD P:slots gauge: {query}"
+    )
     exporter_src = (ROOT / "worker" / "cluster_metrics.py").read_text()
-    assert f'"{m.group(1)}"' in exporter_src, f"the exporter (worker/cluster_metrics.py) defines no {m.group(1)}"
+    assert f'"{m.group(1)}"' in exporter_src, (
+        f"the exporter (worker/cluster_metrics.py) defines no {m.group(1)}"
+    )
     namespace = prod.get("Deployment", "reframe-worker")["metadata"]["namespace"]
     assert f'namespace="{namespace}"' in query, f"the query must select namespace {namespace}"
 
@@ -305,9 +338,13 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_services_and_pdbs_select_pods(overlay: Rendered) -> None:
     templates = [w["spec"]["template"]["metadata"]["labels"] for w in overlay.workloads()]
     for svc in overlay.of_kind("Service"):
-        assert any(_selects(svc["spec"]["selector"], t) for t in templates), f"Service {svc['metadata']['name']}"
+        assert any(_selects(svc["spec"]["selector"], t) for t in templates), (
+            f"Service {svc['metadata']['name']}"
+        )
     for pdb in overlay.of_kind("PodDisruptionBudget"):
-        assert any(_selects(pdb["spec"]["selector"]["matchLabels"], t) for t in templates), pdb["metadata"]["name"]
+        assert any(_selects(pdb["spec"]["selector"]["matchLabels"], t) for t in templates), pdb["metadata"][
+            "name"
+        ]
     for w in overlay.workloads():
         sel = w["spec"]["selector"]["matchLabels"]
         assert _selects(sel, w["spec"]["template"]["metadata"]["labels"]), w["metadata"]["name"]
@@ -318,29 +355,43 @@ def test_every_object_is_namespaced_by_the_overlay(overlay: Rendered) -> None:
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for obj in overlay.objects:
         if obj["kind"] != "Namespace":
-            assert obj["metadata"].get("namespace") == ns["metadata"]["name"], f"{obj['kind']}/{obj['metadata']['name']}"
+            assert obj["metadata"].get("namespace") == ns["metadata"]["name"], (
+                f"{obj['kind']}/{obj['metadata']['name']}"
+            )
 
 
 def test_prod_components(rendered: dict[str, Rendered]) -> None:
     prod = rendered["prod"]
     kinds = {o["kind"] for o in prod.objects}
-    assert {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule", "NetworkPolicy",
-            "PodDisruptionBudget"} <= kinds
+    assert {
+        "ScaledObject",
+        "TriggerAuthentication",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    } <= kinds
     assert not {"StatefulSet"} & kinds, "prod uses a managed Redis, not the in-cluster one"
     assert not [d for d in prod.of_kind("Deployment") if d["metadata"]["name"] == "reframe-emulator"]
     assert "REFRAME_FAL_QUEUE_URL" not in prod.settings(), "prod talks to the real fal"
     sm = prod.get("ServiceMonitor", "reframe")["spec"]
-    metric_services = [s for s in prod.of_kind("Service") if _selects(sm["selector"]["matchLabels"], s["metadata"]["labels"])]
+    metric_services = [
+        s for s in prod.of_kind("Service") if _selects(sm["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     assert {s["metadata"]["name"] for s in metric_services} == {"reframe-worker-metrics", "reframe-exporter"}
     for s in metric_services:
-        assert [p["port"] for p in s["spec"]["ports"] if p["name"] == sm["endpoints"][0]["port"]] == [METRICS_PORT]
+        assert [p["port"] for p in s["spec"]["ports"] if p["name"] == sm["endpoints"][0]["port"]] == [
+            METRICS_PORT
+        ]
 
 
 def test_dev_components(rendered: dict[str, Rendered]) -> None:
     dev = rendered["dev"]
     redis = dev.get("StatefulSet", "reframe-redis")
     conf = dev.get("ConfigMap", "reframe-redis-config")["data"]["redis.conf"]
-    assert re.search(r"^appendonly yes$", conf, re.M) and re.search(r"^maxmemory-policy noeviction$", conf, re.M)
+    assert re.search(r"^appendonly yes$", conf, re.M) and re.search(
+        r"^maxmemory-policy noeviction$", conf, re.M
+    )
     assert redis["spec"]["volumeClaimTemplates"], "AOF needs a persistent volume"
     dev.get("Deployment", "reframe-emulator")
     settings = dev.settings()

@@ -64,7 +64,9 @@ def test_only_known_crds(overlay: Rendered) -> None:
     for obj in overlay.objects:
         group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
         if "." in group and not group.endswith(".k8s.io"):
-            assert (obj["apiVersion"], obj["kind"]) in CRD_KINDS, f"unchecked CRD {obj['apiVersion']} {obj['kind']}"
+            assert (obj["apiVersion"], obj["kind"]) in CRD_KINDS, (
+                f"unchecked CRD {obj['apiVersion']} {obj['kind']}"
+            )
 
 
 def _assert_keys(obj: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -86,25 +88,43 @@ def test_crd_objects_are_well_formed(overlay: Rendered) -> None:
         if kind == "ScaledObject":
             _assert_keys(
                 spec,
-                {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod",
-                 "idleReplicaCount", "fallback", "advanced", "triggers", "initialCooldownPeriod"},
+                {
+                    "scaleTargetRef",
+                    "minReplicaCount",
+                    "maxReplicaCount",
+                    "pollingInterval",
+                    "cooldownPeriod",
+                    "idleReplicaCount",
+                    "fallback",
+                    "advanced",
+                    "triggers",
+                    "initialCooldownPeriod",
+                },
                 where,
             )
             ref = spec["scaleTargetRef"]
             assert ref.get("kind", "Deployment") == "Deployment" and ref["name"] in deployments, where
             assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], where
             assert spec["fallback"]["replicas"] <= spec["maxReplicaCount"], where
-            _assert_keys(spec["advanced"], {"restoreToOriginalReplicaCount", "scalingModifiers",
-                                            "horizontalPodAutoscalerConfig"}, where)
+            _assert_keys(
+                spec["advanced"],
+                {"restoreToOriginalReplicaCount", "scalingModifiers", "horizontalPodAutoscalerConfig"},
+                where,
+            )
             mods = spec["advanced"]["scalingModifiers"]
             _assert_keys(mods, {"formula", "target", "activationTarget", "metricType"}, where)
             assert mods["metricType"] in {"AverageValue", "Value"}, where
             assert float(mods["target"]) > 0, where
             for trig in spec["triggers"]:
-                _assert_keys(trig, {"type", "name", "metadata", "authenticationRef", "metricType",
-                                    "useCachedMetrics"}, where)
+                _assert_keys(
+                    trig,
+                    {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"},
+                    where,
+                )
                 assert isinstance(trig["name"], str) and trig["name"].isidentifier(), where
-                assert all(isinstance(v, str) for v in trig["metadata"].values()), f"{where}: metadata must be strings"
+                assert all(isinstance(v, str) for v in trig["metadata"].values()), (
+                    f"{where}: metadata must be strings"
+                )
                 if trig["type"] == "redis":
                     assert {"listName", "listLength"} <= set(trig["metadata"]), where
                     assert int(trig["metadata"]["listLength"]) > 0, where

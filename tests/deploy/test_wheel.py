@@ -29,8 +29,12 @@ class Installed:
         """A clean environment like the image's: no REFRAME_* from the developer, HOME=/tmp-like."""
         keep = {k: v for k, v in os.environ.items() if k in {"LANG", "LC_ALL", "TZ"}}
         bin_dir = str(self.venv / "bin")
-        return keep | {"HOME": str(self.home), "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
-                       "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+        return keep | {
+            "HOME": str(self.home),
+            "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "120",
+        }
 
     def reframe(self, *args: str) -> tuple[int, str]:
         proc = run([str(self.venv / "bin" / "reframe"), *args], env=self.env(), cwd=self.home, timeout=60)
@@ -40,11 +44,15 @@ class Installed:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     if not (ROOT / "reframe" / "cli.py").is_file():
-        pytest.fail("reframe/cli.py does not exist yet: the console script `reframe` has no target", pytrace=False)
+        pytest.fail(
+            "reframe/cli.py does not exist yet: the console script `reframe` has no target", pytrace=False
+        )
     work = tmp_path_factory.mktemp("wheel")
     dist = work / "dist"
-    proc = run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
-               timeout=180)
+    proc = run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        timeout=180,
+    )
     if "No module named build" in proc.stderr:
         pytest.fail(f"the `build` package is missing; {INSTALL_HINT}", pytrace=False)
     assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
@@ -53,8 +61,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     venv = work / "venv"
     proc = run([sys.executable, "-m", "venv", str(venv)], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    proc = run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                f"{wheels[0]}[emulator]"], timeout=600)
+    proc = run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            f"{wheels[0]}[emulator]",
+        ],
+        timeout=600,
+    )
     errors = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("WARNING: Location"))
     assert proc.returncode == 0, f"installing the wheel failed:\n{errors}"
     home = work / "home"
@@ -65,15 +83,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 def test_wheel_holds_only_the_packages(installed: Installed) -> None:
     import tomllib
 
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
-        "packages"]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"][
+        "wheel"
+    ]["packages"]
     with zipfile.ZipFile(installed.wheel) as zf:
         tops = {name.split("/", 1)[0] for name in zf.namelist()}
     assert tops - set(packages) == {f"reframe_cluster-{installed.wheel.name.split('-')[1]}.dist-info"}
     assert "tests" not in tops
 
 
-@pytest.mark.parametrize("args", [[], ["worker"], ["exporter"], ["emulator"]], ids=["reframe", "worker", "exporter", "emulator"])
+@pytest.mark.parametrize(
+    "args", [[], ["worker"], ["exporter"], ["emulator"]], ids=["reframe", "worker", "exporter", "emulator"]
+)
 def test_entry_point_help(installed: Installed, args: list[str]) -> None:
     rc, out = installed.reframe(*args, "--help")
     assert rc == 0, f"reframe {' '.join(args)} --help exited {rc}:\n{out}"
