@@ -1,0 +1,81 @@
+"""Settings: one validated object from REFRAME_* and FAL_KEY; errors name the variable; secrets stay secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import AmbiguousSubmitPolicy, SettingsError, load_settings
+from config.settings import Settings, env_name, redact_url
+
+
+def test_defaults_load_from_an_empty_environment() -> None:
+    s = load_settings({})
+    assert s.max_concurrency == 2
+    assert s.ambiguous_submit_policy is AmbiguousSubmitPolicy.DEAD_LETTER
+    assert s.fal_key is None
+
+
+def test_every_field_has_a_documented_environment_variable() -> None:
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no description"
+        assert env_name(name) == ("FAL_KEY" if name == "fal_key" else f"REFRAME_{name.upper()}")
+
+
+def test_environment_values_are_read_and_typed() -> None:
+    s = load_settings({"REFRAME_MAX_CONCURRENCY": "40", "REFRAME_USE_STATUS_STREAM": "false", "FAL_KEY": "id:sec"})
+    assert s.max_concurrency == 40 and s.use_status_stream is False
+    assert s.fal_key_value == "id:sec"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REFRAME_REDIS_URL": "http://localhost:6379"}, "REFRAME_REDIS_URL: must be a redis://"),
+        ({"REFRAME_REDIS_URL": "redis://"}, "REFRAME_REDIS_URL: has no host"),
+        ({"REFRAME_MAX_CONCURRENCY": "-3"}, "REFRAME_MAX_CONCURRENCY: Input should be greater than 0"),
+        ({"REFRAME_BUDGET_DAILY_USD": "-1"}, "REFRAME_BUDGET_DAILY_USD: Input should be greater than or equal"),
+        ({"REFRAME_SUBMIT_RATE_PER_S": "fast"}, "REFRAME_SUBMIT_RATE_PER_S: Input should be a valid number"),
+        ({"REFRAME_MAX_CONCURENCY": "3"}, "REFRAME_MAX_CONCURENCY: unknown setting"),
+        ({"REFRAME_FAL_QUEUE_URL": "queue.fal.run"}, "REFRAME_FAL_QUEUE_URL: must be an http(s):// URL"),
+        ({"REFRAME_LOG_LEVEL": "LOUD"}, "REFRAME_LOG_LEVEL: must be one of"),
+        ({"REFRAME_AMBIGUOUS_SUBMIT_POLICY": "yolo"}, "REFRAME_AMBIGUOUS_SUBMIT_POLICY: Input should be"),
+        ({"REFRAME_TASK_TIME_LIMIT_S": "10"}, "REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S"),
+        ({"REFRAME_VISIBILITY_TIMEOUT_S": "100"}, "REFRAME_VISIBILITY_TIMEOUT_S must exceed"),
+        ({"REFRAME_RESERVED_HIGH_SLOTS": "2"}, "REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert expected in str(info.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"REFRAME_REDIS_URL": "http://x", "REFRAME_TYPO": "1", "REFRAME_MAX_CONCURRENCY": "0"})
+    text = str(info.value)
+    assert "REFRAME_REDIS_URL" in text and "REFRAME_TYPO" in text and "REFRAME_MAX_CONCURRENCY" in text
+
+
+def test_fal_key_is_required_only_by_components_calling_real_fal() -> None:
+    load_settings({})  # a producer needs no key
+    with pytest.raises(SettingsError, match="FAL_KEY: required"):
+        load_settings({}, require_fal_key=True)
+    load_settings({"REFRAME_FAL_QUEUE_URL": "http://127.0.0.1:8080"}, require_fal_key=True)  # emulator
+
+
+def test_secrets_never_show_in_repr_dumps_or_errors() -> None:
+    env = {"FAL_KEY": "kid:topsecret", "REFRAME_REDIS_URL": "redis://:hunter2@redis:6379/0",
+           "REFRAME_CALLBACK_SIGNING_KEY": "sigkey123"}
+    s = load_settings(env)
+    for text in (repr(s), str(s), str(s.redacted()), str(s.model_dump())):
+        assert "topsecret" not in text and "sigkey123" not in text
+    assert "hunter2" not in str(s.redacted())
+    with pytest.raises(SettingsError) as info:
+        load_settings({**env, "REFRAME_MAX_CONCURRENCY": "x"})
+    assert "topsecret" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
