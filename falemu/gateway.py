@@ -72,55 +72,77 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         state = self._state()
-        t = time.time()
-        method, path = scope["method"], scope["path"]
-        op, request_id = classify(method, path)
-        seen: dict[str, Any] = {"status": DROPPED_STATUS, "request_id": request_id}
+        exchange = _Exchange(state, scope["method"], scope["path"])
+        fault = state.faults.take(exchange.op, HTTP_KINDS) if state is not None else None
 
-        def note(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"x-fal-request-id" and seen["request_id"] is None:
-                        seen["request_id"] = value.decode()
+        delay_s = fault.delay_s if fault is not None and fault.kind == "slow" else 0.0
 
         async def recording_send(message: Message) -> None:
-            note(message)
+            exchange.note(message)
+            if message["type"] == "http.response.start":
+                # Record before the client can see the answer (or give up waiting for a slow one): from then
+                # on a test may read or reset the ledger.
+                exchange.record()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
             await send(message)
 
         async def swallowing_send(message: Message) -> None:
-            note(message)  # the work happened and is recorded; the client never hears of it
+            exchange.note(message)  # the work happened; the client never hears of it
 
-        fault = state.faults.take(op, HTTP_KINDS) if state is not None else None
         try:
-            if fault is None:
+            if fault is None or fault.kind == "slow":
                 await self.app(scope, receive, recording_send)
-            elif fault.kind == "slow":
-                await self.app(scope, receive, _delayed(recording_send, fault.delay_s))
             elif fault.kind == "drop":
                 if fault.after_handling:
                     await self.app(scope, receive, swallowing_send)
-                seen["status"] = DROPPED_STATUS
+                exchange.record(DROPPED_STATUS)
                 await drop_connection(scope.get(RAW_SEND_KEY, send))
             else:
                 if fault.delay_s > 0:
                     await asyncio.sleep(fault.delay_s)
-                await _send_fault_response(fault, recording_send, request_id)
+                await _send_fault_response(fault, recording_send, exchange.request_id)
+        except Exception:
+            exchange.record(500)  # Starlette's error middleware (outside us) answers 500
+            raise
         finally:
-            # The control API is the test harness talking, not a client of fal: it stays out of the ledger.
-            if state is not None and not path.startswith("/_emulator/"):
-                state.ledger.record_http(
-                    t=t, method=method, path=path, op=op, status=seen["status"], request_id=seen["request_id"]
-                )
+            exchange.record(DROPPED_STATUS)  # no-op unless nothing was sent at all
 
 
-def _delayed(send: Send, delay_s: float) -> Send:
-    async def delayed_send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            await asyncio.sleep(delay_s)
-        await send(message)
+class _Exchange:
+    """One HTTP call as the ledger sees it; recorded exactly once."""
 
-    return delayed_send
+    def __init__(self, state: Any, method: str, path: str) -> None:
+        self.state = state
+        self.t = time.time()
+        self.method, self.path = method, path
+        self.op, self.request_id = classify(method, path)
+        self.status = DROPPED_STATUS
+        # The control API is the test harness talking, not a client of fal: it stays out of the ledger.
+        self.recorded = state is None or path.startswith("/_emulator/")
+
+    def note(self, message: Message) -> None:
+        """Pick the status and the request id out of a response start."""
+        if message["type"] != "http.response.start":
+            return
+        self.status = message["status"]
+        for name, value in message.get("headers", []):
+            if name.lower() == b"x-fal-request-id" and self.request_id is None:
+                self.request_id = value.decode()
+
+    def record(self, status: int | None = None) -> None:
+        """Append the ledger row (``status`` overrides the noted one)."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.state.ledger.record_http(
+            t=self.t,
+            method=self.method,
+            path=self.path,
+            op=self.op,
+            status=self.status if status is None else status,
+            request_id=self.request_id,
+        )
 
 
 async def drop_connection(send: Send) -> None:
