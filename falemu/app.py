@@ -115,6 +115,14 @@ async def queue_dispatch(request: Request) -> Response:
     return await handler(request, request_id)
 
 
+def _float_or_none(raw: str | None) -> float | None:
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
 def _int_or_none(raw: str | None) -> int | None:
     try:
         return int(raw) if raw is not None else None
@@ -133,6 +141,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         payload = json.loads(raw) if raw.strip() else {}
     except ValueError:
         return _json({"detail": "Invalid JSON body"}, 400)
+    start_timeout_s = _float_or_none(request.headers.get("x-fal-request-timeout"))
     runner_fault = state.faults.take("submit", frozenset({"runner_error"}))
     req = state.submit(
         app_prefix=app_prefix,
@@ -141,6 +150,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         base_url=_base_url(request),
         webhook_url=request.query_params.get("fal_webhook"),
         runner_fault=runner_fault,
+        start_timeout_s=start_timeout_s,
     )
     body = {"status": "IN_QUEUE", "request_id": req.id, **req.urls(), "queue_position": _position(state, req)}
     return _json(body, 200, req.id)

@@ -50,6 +50,7 @@ class Outcome:
     error: str | None = None
     error_type: str | None = None
     billed_s: float = 0.0
+    user_timeout: bool = False  # a 504 caused by the client's X-Fal-Request-Timeout
 
     @property
     def ok(self) -> bool:
@@ -59,7 +60,10 @@ class Outcome:
     def headers(self) -> dict[str, str]:
         """Extra response headers of the replayed result: request errors name their type, model 422s don't."""
         is_request_error = isinstance(self.body, dict) and isinstance(self.body.get("detail"), str)
-        return {"X-Fal-Error-Type": self.error_type} if self.error_type and is_request_error else {}
+        headers = {"X-Fal-Error-Type": self.error_type} if self.error_type and is_request_error else {}
+        if self.error_type == "request_timeout" and self.user_timeout:
+            headers["X-Fal-Request-Timeout-Type"] = "user"
+        return headers
 
 
 def request_error(status_code: int, detail: str, error_type: str) -> Outcome:
@@ -181,8 +185,13 @@ class EmulatorState:
         base_url: str,
         webhook_url: str | None,
         runner_fault: Fault | None,
+        start_timeout_s: float | None = None,
     ) -> QueueRequest:
-        """Create a request IN_QUEUE (no validation: fal validates in the runner) and schedule."""
+        """Create a request IN_QUEUE (no validation: fal validates in the runner) and schedule.
+
+        ``start_timeout_s`` (from ``X-Fal-Request-Timeout``) bounds the time spent IN_QUEUE: a request not
+        started by then ends COMPLETED with a 504 ``request_timeout`` (``X-Fal-Request-Timeout-Type: user``).
+        """
         req = QueueRequest(
             id=str(uuid.uuid4()),
             app_prefix=app_prefix,
@@ -198,7 +207,17 @@ class EmulatorState:
         self.ledger.record_submit(req.id, fingerprint(payload))
         self._update_counts()
         self._schedule()
+        if start_timeout_s is not None and req.status == IN_QUEUE:
+            asyncio.get_running_loop().call_later(start_timeout_s, self._start_deadline, req)
         return req
+
+    def _start_deadline(self, req: QueueRequest) -> None:
+        if req.status != IN_QUEUE or req.generation != self._generation:
+            return  # it started (the deadline stops counting once processing starts) or was reset away
+        self._queue.remove(req.id)
+        outcome = request_error(504, "Request timed out", "request_timeout")
+        outcome.user_timeout = True
+        self._finish(req, outcome)
 
     # ---- status ----------------------------------------------------------------------------------------
 

@@ -167,3 +167,21 @@ def test_handles_fast_polling(http: httpx.Client, clip_url: str) -> None:
 
     wait_until(done, timeout_s=20)
     assert codes <= {200, 202}
+
+
+def test_start_timeout_header_expires_queued_requests(
+    emu: EmulatorServer, http: httpx.Client, clip_url: str
+) -> None:
+    emu.configure(concurrency=1, processing_time_s=1.5)
+    running = http.post(
+        f"/{APP}", json=valid_input(clip_url), headers={"X-Fal-Request-Timeout": "0.3"}
+    ).json()
+    queued = http.post(f"/{APP}", json=valid_input(clip_url), headers={"X-Fal-Request-Timeout": "0.3"}).json()
+    done = wait_status(http, queued, "COMPLETED", timeout_s=5)
+    assert done["error_type"] == "request_timeout"
+    result = http.get(queued["response_url"])
+    assert result.status_code == 504
+    assert result.headers["x-fal-request-timeout-type"] == "user"
+    # the one that had started is not affected: the deadline only covers the wait before processing
+    assert status(http, running).json()["status"] == "IN_PROGRESS"
+    http.put(running["cancel_url"])
