@@ -1,0 +1,1 @@
+"""Observability assets: the Grafana dashboard generator, Prometheus rules, the dashboard schema."""
