@@ -116,8 +116,16 @@ class Housekeeper:
         self.rt.dispatch(ids)
         return ids
 
-    def retry_blocked(self, limit: int = 50) -> None:
-        """Budget-blocked jobs try the gate again (a raised cap or a new period may admit them)."""
+    def retry_blocked(self, limit: int = 200) -> None:
+        """Budget-blocked jobs try the gate again once there is room (a raised cap, a new period).
+
+        Nothing is dispatched while the headroom is below one second of video: no job could fit.
+        """
+        snap = self.rt.flow.budget.snapshot()
+        headroom = min(snap.day_cap - snap.day_spent - snap.day_reserved,
+                       snap.month_cap - snap.month_spent - snap.month_reserved)
+        if headroom < self.rt.flow.budget.estimate_micro(1.0):
+            return
         ids = [_text(x) for x in self.rt.redis.zrange(self.rt.store.keys.blocked, 0, limit - 1)]
         self.rt.dispatch(ids)
 
