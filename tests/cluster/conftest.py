@@ -51,8 +51,13 @@ def make_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFa
     started: list[LocalCluster] = []
 
     def factory(**kwargs: Any) -> LocalCluster:
-        env = {"REFRAME_TRACKER_CLAIM_TTL_S": "3", "REFRAME_SLOT_LEASE_TTL_S": "6",
-               "REFRAME_SUBMIT_RATE_PER_S": "100", "REFRAME_SUBMIT_BURST": "50", **kwargs.pop("env", {})}
+        env = {
+            "REFRAME_TRACKER_CLAIM_TTL_S": "3",
+            "REFRAME_SLOT_LEASE_TTL_S": "6",
+            "REFRAME_SUBMIT_RATE_PER_S": "100",
+            "REFRAME_SUBMIT_BURST": "50",
+            **kwargs.pop("env", {}),
+        }
         cluster = start_cluster(tmp_path_factory.mktemp("cluster"), env=env, **kwargs)
         started.append(cluster)
         return cluster
@@ -64,8 +69,12 @@ def make_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFa
 
 def wait_terminal(producer: Producer, job_ids: list[str], timeout_s: float = 60) -> None:
     """Wait (with a deadline) until every job is terminal."""
-    wait_until(lambda: all(j is not None and j.terminal for j in producer.get_many(job_ids)),
-               timeout_s=timeout_s, interval_s=0.1, what=f"{len(job_ids)} jobs terminal")
+    wait_until(
+        lambda: all(j is not None and j.terminal for j in producer.get_many(job_ids)),
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        what=f"{len(job_ids)} jobs terminal",
+    )
 
 
 def submits_for(ledger: dict[str, Any], request_ids: set[str] | None = None) -> list[dict[str, Any]]:

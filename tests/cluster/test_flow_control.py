@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import threading
@@ -35,7 +36,7 @@ def fp(request: dict[str, Any]) -> str:
 
 def reopenings(timeline: list[tuple[float, str]]) -> int:
     """How many OPEN periods ended (OPEN -> HALF_OPEN) in a sampled state timeline."""
-    return sum(1 for (_, a), (_, b) in zip(timeline, timeline[1:], strict=False) if a == "open" and b != "open")
+    return sum(1 for (_, a), (_, b) in itertools.pairwise(timeline) if a == "open" and b != "open")
 
 
 def submit_times(cluster: LocalCluster) -> list[float]:
@@ -47,8 +48,12 @@ def test_never_more_than_n_open_at_fal_even_while_workers_are_killed(
     make_cluster: ClusterFactory, sample_video: Path
 ) -> None:
     n = 4
-    cluster = make_cluster(workers=3, emulator_concurrency=n, emulator_processing_time_s=0.3,
-                           env={"REFRAME_MAX_CONCURRENCY": str(n)})
+    cluster = make_cluster(
+        workers=3,
+        emulator_concurrency=n,
+        emulator_processing_time_s=0.3,
+        env={"REFRAME_MAX_CONCURRENCY": str(n)},
+    )
     url = upload(cluster.settings(), sample_video)
     request = {"video_url": url, "aspect_ratio": "9:16"}
     with Producer(cluster.settings()) as p:
@@ -57,8 +62,11 @@ def test_never_more_than_n_open_at_fal_even_while_workers_are_killed(
         rng = random.Random(7)
         for round_ in range(2):
             target = 60 * (round_ + 1) + rng.randint(0, 20)
-            wait_until(lambda t=target: sum(j is not None and j.terminal for j in p.get_many(ids)) >= t,
-                       timeout_s=120, what=f"{target} jobs done")
+            wait_until(
+                lambda t=target: sum(j is not None and j.terminal for j in p.get_many(ids)) >= t,
+                timeout_s=120,
+                what=f"{target} jobs done",
+            )
             victim = cluster.workers[rng.randrange(len(cluster.workers))]
             cluster.kill_worker(victim, signal.SIGKILL)
             cluster.start_worker(name=f"replacement-{round_}")
@@ -77,12 +85,17 @@ def test_rate_limit_zero_429s_under_10x_overload_and_retry_after_is_a_floor(
 ) -> None:
     rate = 4.0
     cluster = make_cluster(
-        workers=3, emulator_concurrency=20, emulator_processing_time_s=0.0,
+        workers=3,
+        emulator_concurrency=20,
+        emulator_processing_time_s=0.0,
         emulator_args=["--submit-rate-per-s", str(rate), "--submit-burst", "4"],
-        env={"REFRAME_MAX_CONCURRENCY": "20", "REFRAME_SUBMIT_RATE_PER_S": str(rate),
-             # Same rate as fal; a smaller burst than fal's leaves room for the jitter between taking a
-             # token and the request reaching fal (three busy processes share two cores here).
-             "REFRAME_SUBMIT_BURST": "1"},
+        env={
+            "REFRAME_MAX_CONCURRENCY": "20",
+            "REFRAME_SUBMIT_RATE_PER_S": str(rate),
+            # Same rate as fal; a smaller burst than fal's leaves room for the jitter between taking a
+            # token and the request reaching fal (three busy processes share two cores here).
+            "REFRAME_SUBMIT_BURST": "1",
+        },
     )
     url = upload(cluster.settings(), sample_video)
     with Producer(cluster.settings()) as p:
@@ -97,8 +110,9 @@ def test_rate_limit_zero_429s_under_10x_overload_and_retry_after_is_a_floor(
     # Now fal pushes back once with Retry-After: 3 -- every worker must hold its submits until then.
     assert cluster.emulator_control is not None
     cluster.emulator_control.reset()
-    cluster.emulator_control.set_faults([{"op": "submit", "kind": "http", "status": 429,
-                                          "headers": {"Retry-After": "3"}, "times": 1}])
+    cluster.emulator_control.set_faults(
+        [{"op": "submit", "kind": "http", "status": 429, "headers": {"Retry-After": "3"}, "times": 1}]
+    )
     with Producer(cluster.settings()) as p:
         ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "4:3"}] * 12)
         wait_terminal(p, ids, timeout_s=90)
@@ -118,18 +132,35 @@ def test_breaker_opens_on_5xx_lets_only_p_probes_through_and_recovers(
 ) -> None:
     probes = 1
     cluster = make_cluster(
-        workers=3, emulator_concurrency=10, emulator_processing_time_s=0.0,
-        env={"REFRAME_MAX_CONCURRENCY": "10", "REFRAME_BREAKER_WINDOW_S": "20", "REFRAME_BREAKER_MIN_CALLS": "4",
-             "REFRAME_BREAKER_FAILURE_RATIO": "0.5", "REFRAME_BREAKER_OPEN_BASE_S": "1.5",
-             "REFRAME_BREAKER_OPEN_CAP_S": "3", "REFRAME_BREAKER_HALF_OPEN_PROBES": str(probes),
-             "REFRAME_RETRY_MAX_ATTEMPTS": "20", "REFRAME_RETRY_BASE_S": "0.2", "REFRAME_RETRY_CAP_S": "1"},
+        workers=3,
+        emulator_concurrency=10,
+        emulator_processing_time_s=0.0,
+        env={
+            "REFRAME_MAX_CONCURRENCY": "10",
+            "REFRAME_BREAKER_WINDOW_S": "20",
+            "REFRAME_BREAKER_MIN_CALLS": "4",
+            "REFRAME_BREAKER_FAILURE_RATIO": "0.5",
+            "REFRAME_BREAKER_OPEN_BASE_S": "1.5",
+            "REFRAME_BREAKER_OPEN_CAP_S": "3",
+            "REFRAME_BREAKER_HALF_OPEN_PROBES": str(probes),
+            "REFRAME_RETRY_MAX_ATTEMPTS": "20",
+            "REFRAME_RETRY_BASE_S": "0.2",
+            "REFRAME_RETRY_CAP_S": "1",
+        },
     )
     url = upload(cluster.settings(), sample_video)
     assert cluster.emulator_control is not None
-    cluster.emulator_control.set_faults([{"op": "submit", "kind": "http", "status": 503,
-                                          "json": {"detail": "Runner unavailable",
-                                                   "error_type": "runner_scheduling_failure"},
-                                          "times": -1}])
+    cluster.emulator_control.set_faults(
+        [
+            {
+                "op": "submit",
+                "kind": "http",
+                "status": 503,
+                "json": {"detail": "Runner unavailable", "error_type": "runner_scheduling_failure"},
+                "times": -1,
+            }
+        ]
+    )
     r = redis.Redis.from_url(cluster.redis_url)
     flow = FlowControl.from_settings(r, cluster.settings())
     timeline: list[tuple[float, str]] = []
@@ -144,8 +175,11 @@ def test_breaker_opens_on_5xx_lets_only_p_probes_through_and_recovers(
     sampler.start()
     with Producer(cluster.settings()) as p:
         ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "9:16"}] * 12)
-        wait_until(lambda: reopenings(list(timeline)) >= 3, timeout_s=60,
-                   what="three OPEN periods ended while fal kept failing")
+        wait_until(
+            lambda: reopenings(list(timeline)) >= 3,
+            timeout_s=60,
+            what="three OPEN periods ended while fal kept failing",
+        )
         fault_end = time.time()
         cluster.emulator_control.clear_faults()
         wait_terminal(p, ids, timeout_s=90)
@@ -172,18 +206,30 @@ def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
     # A whole-second clip without audio: the estimate (ceil of seconds) equals the bill exactly.
     clip = make_sample_video(tmp_path / "three-seconds.mp4", duration_s=3, size="320x180")
     k, per_job = 7, 3 * 0.06
-    cluster = make_cluster(workers=3, emulator_concurrency=4, emulator_processing_time_s=0.2,
-                           env={"REFRAME_MAX_CONCURRENCY": "4", "REFRAME_BUDGET_DAILY_USD": f"{k * per_job:.2f}"})
+    cluster = make_cluster(
+        workers=3,
+        emulator_concurrency=4,
+        emulator_processing_time_s=0.2,
+        env={"REFRAME_MAX_CONCURRENCY": "4", "REFRAME_BUDGET_DAILY_USD": f"{k * per_job:.2f}"},
+    )
     url = upload(cluster.settings(), clip)
     with Producer(cluster.settings()) as p:
         ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "9:16"}] * 200)
-        wait_until(lambda: sum(j is not None and j.state is JobState.SUCCEEDED for j in p.get_many(ids)) >= k,
-                   timeout_s=120, what=f"{k} jobs succeeded")
-        wait_until(lambda: sum(j is not None and j.state is JobState.BLOCKED for j in p.get_many(ids)) == 200 - k,
-                   timeout_s=60, what="the rest blocked")
+        wait_until(
+            lambda: sum(j is not None and j.state is JobState.SUCCEEDED for j in p.get_many(ids)) >= k,
+            timeout_s=120,
+            what=f"{k} jobs succeeded",
+        )
+        wait_until(
+            lambda: sum(j is not None and j.state is JobState.BLOCKED for j in p.get_many(ids)) == 200 - k,
+            timeout_s=60,
+            what="the rest blocked",
+        )
         r = redis.Redis.from_url(cluster.redis_url)
         budget = FlowControl.from_settings(r, cluster.settings()).budget
-        wait_until(lambda: budget.snapshot().day_reserved == 0, timeout_s=30, what="every reservation settled")
+        wait_until(
+            lambda: budget.snapshot().day_reserved == 0, timeout_s=30, what="every reservation settled"
+        )
         # Send every blocked job through the gate again (what the housekeeper does when a cap is
         # raised or a period rolls over): with the cap spent, each must come back BLOCKED.
         blocked = [j for j in p.get_many(ids) if j is not None and j.state is JobState.BLOCKED]
@@ -191,10 +237,14 @@ def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
         for job in blocked:
             key, message = p.store.submit_message(job.id, job.priority)
             r.lpush(key, message)
-        wait_until(lambda: all(j is not None and j.state is JobState.BLOCKED
-                               and j.timestamps_ms["ts_BLOCKED"] > regate_from
-                               for j in p.get_many([b.id for b in blocked])),
-                   timeout_s=60, what="every blocked job re-gated")
+        wait_until(
+            lambda: all(
+                j is not None and j.state is JobState.BLOCKED and j.timestamps_ms["ts_BLOCKED"] > regate_from
+                for j in p.get_many([b.id for b in blocked])
+            ),
+            timeout_s=60,
+            what="every blocked job re-gated",
+        )
         snapshot = budget.snapshot()
     book = ledger(cluster)
     assert len([x for x in book["requests"] if x["op"] == "submit"]) == k
@@ -203,19 +253,32 @@ def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
     assert snapshot.day_spent / 1e6 == pytest.approx(book["billed_seconds"] * 0.06, abs=1e-6)
 
 
-def test_high_priority_job_overtakes_500_low_priority_ones(make_cluster: ClusterFactory, sample_video: Path) -> None:
-    cluster = make_cluster(workers=3, emulator_concurrency=2, emulator_processing_time_s=0.5,
-                           env={"REFRAME_MAX_CONCURRENCY": "2"})
+def test_high_priority_job_overtakes_500_low_priority_ones(
+    make_cluster: ClusterFactory, sample_video: Path
+) -> None:
+    cluster = make_cluster(
+        workers=3,
+        emulator_concurrency=2,
+        emulator_processing_time_s=0.5,
+        env={"REFRAME_MAX_CONCURRENCY": "2"},
+    )
     url = upload(cluster.settings(), sample_video)
     with Producer(cluster.settings()) as p:
-        low = p.enqueue_many(EnqueueRequest({"video_url": url, "aspect_ratio": "1:1"}, priority="low")
-                             for _ in range(500))
-        wait_until(lambda: sum(j is not None and j.state is JobState.WAITING for j in p.get_many(low)) >= 400,
-                   timeout_s=60, what="the low backlog waiting for slots")
+        low = p.enqueue_many(
+            EnqueueRequest({"video_url": url, "aspect_ratio": "1:1"}, priority="low") for _ in range(500)
+        )
+        wait_until(
+            lambda: sum(j is not None and j.state is JobState.WAITING for j in p.get_many(low)) >= 400,
+            timeout_s=60,
+            what="the low backlog waiting for slots",
+        )
         urgent = {"video_url": url, "aspect_ratio": "9:16", "prompt": f"urgent {uuid.uuid4().hex}"}
         high = p.enqueue(urgent, priority="high")
-        wait_until(lambda: p.get(high).state.at_fal or p.get(high).terminal,  # type: ignore[union-attr]
-                   timeout_s=30, what="the high-priority job submitted")
+        wait_until(
+            lambda: p.get(high).state.at_fal or p.get(high).terminal,  # type: ignore[union-attr]
+            timeout_s=30,
+            what="the high-priority job submitted",
+        )
         job = p.get(high)
         assert job is not None
         queued_at = job.timestamps_ms.get("ts_WAITING", job.created_at_ms) / 1000
@@ -226,13 +289,24 @@ def test_high_priority_job_overtakes_500_low_priority_ones(make_cluster: Cluster
     assert after and after[0]["fingerprint"] == fp(urgent), "the next free slot went to the high-priority job"
 
 
-def test_dead_letter_replay_brings_a_job_back_to_succeeded(make_cluster: ClusterFactory, sample_video: Path) -> None:
+def test_dead_letter_replay_brings_a_job_back_to_succeeded(
+    make_cluster: ClusterFactory, sample_video: Path
+) -> None:
     cluster = make_cluster(workers=3, emulator_concurrency=2, emulator_processing_time_s=0.0)
     url = upload(cluster.settings(), sample_video)
     assert cluster.emulator_control is not None
     # fal rejects the submit for good (a locked account, say): one call, then the dead-letter set.
-    cluster.emulator_control.set_faults([{"op": "submit", "kind": "http", "status": 403, "times": 1,
-                                          "json": {"detail": "User is locked. Reason: Exhausted balance."}}])
+    cluster.emulator_control.set_faults(
+        [
+            {
+                "op": "submit",
+                "kind": "http",
+                "status": 403,
+                "times": 1,
+                "json": {"detail": "User is locked. Reason: Exhausted balance."},
+            }
+        ]
+    )
     with Producer(cluster.settings()) as p:
         job_id = p.enqueue({"video_url": url, "aspect_ratio": "3:4"})
         job = p.wait(job_id, timeout_s=60)

@@ -29,8 +29,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster(make_cluster: ClusterFactory) -> LocalCluster:
     """Two workers, an emulator with 3 concurrent runners and 1 s of processing."""
-    return make_cluster(workers=2, emulator_concurrency=3, emulator_processing_time_s=1.0,
-                        env={"REFRAME_MAX_CONCURRENCY": "3"})
+    return make_cluster(
+        workers=2,
+        emulator_concurrency=3,
+        emulator_processing_time_s=1.0,
+        env={"REFRAME_MAX_CONCURRENCY": "3"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,11 @@ def test_enqueue_to_succeeded_with_a_real_reframed_video(
     assert submissions(cluster, request) == 1
     events = events_for(cluster, job_id)
     assert len(events) == 1
-    assert events[0]["state"] == "SUCCEEDED" and events[0]["v"] == "1" and events[0]["video_url"] == job.video_url
+    assert (
+        events[0]["state"] == "SUCCEEDED"
+        and events[0]["v"] == "1"
+        and events[0]["video_url"] == job.video_url
+    )
     assert '"case"' in events[0]["metadata"]
 
 
@@ -116,13 +124,18 @@ def test_fal_validation_error_fails_once_with_fals_message(
     assert [e["state"] for e in events_for(cluster, job_id)] == ["FAILED"]
 
 
-def test_cancel_while_in_progress_reaches_fal(cluster: LocalCluster, producer: Producer, video_url: str) -> None:
+def test_cancel_while_in_progress_reaches_fal(
+    cluster: LocalCluster, producer: Producer, video_url: str
+) -> None:
     assert cluster.emulator_control is not None
     cluster.emulator_control.configure(processing_time_s=30.0)
     try:
         job_id = producer.enqueue(unique_input(video_url))
-        wait_until(lambda: producer.get(job_id).state is JobState.IN_PROGRESS,  # type: ignore[union-attr]
-                   timeout_s=30, what="job in progress")
+        wait_until(
+            lambda: producer.get(job_id).state is JobState.IN_PROGRESS,  # type: ignore[union-attr]
+            timeout_s=30,
+            what="job in progress",
+        )
         request_id = producer.get(job_id).fal_request_id  # type: ignore[union-attr]
         assert producer.cancel(job_id) is CancelOutcome.REQUESTED
         job = producer.wait(job_id, timeout_s=30)
@@ -134,12 +147,14 @@ def test_cancel_while_in_progress_reaches_fal(cluster: LocalCluster, producer: P
     assert [e["state"] for e in events_for(cluster, job_id)] == ["CANCELLED"]
 
 
-def test_cancel_before_submit_never_reaches_fal(
-    make_cluster: ClusterFactory, sample_video: Path
-) -> None:
+def test_cancel_before_submit_never_reaches_fal(make_cluster: ClusterFactory, sample_video: Path) -> None:
     # One slot, held by a long job: the second job waits for a slot, then is cancelled.
-    small = make_cluster(workers=1, emulator_concurrency=1, emulator_processing_time_s=20.0,
-                         env={"REFRAME_MAX_CONCURRENCY": "1"})
+    small = make_cluster(
+        workers=1,
+        emulator_concurrency=1,
+        emulator_processing_time_s=20.0,
+        env={"REFRAME_MAX_CONCURRENCY": "1"},
+    )
     url = upload(small.settings(), sample_video)
     with Producer(small.settings()) as p:
         blocker = p.enqueue(unique_input(url))
@@ -167,7 +182,9 @@ def test_idempotent_enqueue_makes_one_job_and_one_submission(
     assert submissions(cluster, request) == 1
 
 
-def test_same_task_delivered_twice_submits_once(cluster: LocalCluster, producer: Producer, video_url: str) -> None:
+def test_same_task_delivered_twice_submits_once(
+    cluster: LocalCluster, producer: Producer, video_url: str
+) -> None:
     request = unique_input(video_url)
     job_id = producer.enqueue(request)
     # Deliver the same submit task four more times, as a broker redelivery would.
@@ -183,14 +200,21 @@ def test_same_task_delivered_twice_submits_once(cluster: LocalCluster, producer:
 def test_sigkill_mid_job_resumes_without_a_second_submission(
     make_cluster: ClusterFactory, sample_video: Path
 ) -> None:
-    crashy = make_cluster(workers=1, emulator_concurrency=2, emulator_processing_time_s=6.0,
-                          env={"REFRAME_MAX_CONCURRENCY": "2"})
+    crashy = make_cluster(
+        workers=1,
+        emulator_concurrency=2,
+        emulator_processing_time_s=6.0,
+        env={"REFRAME_MAX_CONCURRENCY": "2"},
+    )
     url = upload(crashy.settings(), sample_video)
     with Producer(crashy.settings()) as p:
         requests = [unique_input(url) for _ in range(2)]
         ids = p.enqueue_many(requests)
-        wait_until(lambda: all(j is not None and j.state is JobState.IN_PROGRESS for j in p.get_many(ids)),
-                   timeout_s=30, what="jobs in progress")
+        wait_until(
+            lambda: all(j is not None and j.state is JobState.IN_PROGRESS for j in p.get_many(ids)),
+            timeout_s=30,
+            what="jobs in progress",
+        )
         crashy.kill_worker(crashy.workers[0], signal.SIGKILL)
         crashy.start_worker(name="replacement")
         wait_terminal(p, ids, timeout_s=90)
@@ -205,7 +229,9 @@ def test_sigkill_mid_job_resumes_without_a_second_submission(
 def test_every_job_of_a_batch_has_exactly_one_result_event(
     cluster: LocalCluster, producer: Producer, video_url: str
 ) -> None:
-    ids = producer.enqueue_many([unique_input(video_url, ratio) for ratio in ["1:1", "4:3", "3:4", "9:21"] * 3])
+    ids = producer.enqueue_many(
+        [unique_input(video_url, ratio) for ratio in ["1:1", "4:3", "3:4", "9:21"] * 3]
+    )
     wait_terminal(producer, ids, timeout_s=120)
     counts = Counter()
     r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)

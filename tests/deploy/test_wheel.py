@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -118,3 +119,16 @@ def test_dockerfile_smoke_test_passes(installed: Installed) -> None:
     script = runs[0].removeprefix("RUN").strip()
     proc = run(["/bin/sh", "-c", script], env=installed.env(), cwd=installed.home, timeout=120)
     assert proc.returncode == 0, f"the image's smoke test fails:\n{script}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_installed_top_level_packages_belong_only_to_this_distribution(installed: Installed) -> None:
+    # PyPI has real distributions named `config`, `worker` and `producer`: in an installed wheel,
+    # importlib.metadata must attribute our three top-level packages to reframe-cluster alone.
+    code = (
+        "import importlib.metadata as m, json; d = m.packages_distributions();"
+        "print(json.dumps({k: d.get(k) for k in ('worker', 'producer', 'config')}))"
+    )
+    proc = run([str(installed.venv / "bin" / "python"), "-c", code], env=installed.env(), cwd=installed.home)
+    assert proc.returncode == 0, proc.stderr
+    mapping = json.loads(proc.stdout)
+    assert mapping == {name: ["reframe-cluster"] for name in ("worker", "producer", "config")}, mapping
