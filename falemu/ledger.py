@@ -41,6 +41,8 @@ class Ledger:
     failed: int = 0
     cancelled: int = 0
     count_429: int = 0
+    completions: list[dict[str, Any]] = field(default_factory=list)
+    open_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     def record_http(
         self, *, t: float, method: str, path: str, op: str, status: int, request_id: str | None
@@ -78,14 +80,20 @@ class Ledger:
 
     def set_counts(self, in_progress: int, open_: int) -> None:
         """Current IN_PROGRESS and open (IN_QUEUE + IN_PROGRESS) counts; tracks the maxima."""
+        if (in_progress, open_) != (self.in_progress, self.open):
+            # (time, open, in progress) at every change: benchmarks integrate it for utilisation.
+            self.open_timeline.append((time.time(), open_, in_progress))
         self.in_progress = in_progress
         self.open = open_
         self.max_in_progress = max(self.max_in_progress, in_progress)
         self.max_open = max(self.max_open, open_)
 
-    def record_terminal(self, *, ok: bool, cancelled: bool, billed_s: float) -> None:
+    def record_terminal(
+        self, *, ok: bool, cancelled: bool, billed_s: float, request_id: str | None = None
+    ) -> None:
         """A request reached COMPLETED; only successes are billed (failures and cancels are free)."""
         self.completed += 1
+        self.completions.append({"t": time.time(), "request_id": request_id, "ok": ok})
         if ok:
             self.billed_seconds += billed_s
             self.billed_requests += 1
@@ -112,4 +120,6 @@ class Ledger:
             "count_429": self.count_429,
             "cancels": list(self.cancels),
             "webhooks": list(self.webhooks),
+            "completions": list(self.completions),
+            "open_timeline": [list(x) for x in self.open_timeline],
         }

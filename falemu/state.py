@@ -363,7 +363,10 @@ class EmulatorState:
         if req.generation != self._generation:
             return  # a request from before a reset: keep the new ledger clean
         self.ledger.record_terminal(
-            ok=outcome.ok, cancelled=outcome.error_type == "client_cancelled", billed_s=outcome.billed_s
+            ok=outcome.ok,
+            cancelled=outcome.error_type == "client_cancelled",
+            billed_s=outcome.billed_s,
+            request_id=req.id,
         )
         self._schedule()
         if req.webhook_url:
