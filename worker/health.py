@@ -168,7 +168,7 @@ class HealthServer:
         def probe() -> None:
             try:
                 result.append(bool(self._readiness()))
-            except Exception as exc:  # any failure means not ready
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 error.append(exc)
 
         # Run the check in its own thread so a hung broker call cannot hold the probe past the

@@ -60,7 +60,7 @@ class _Handlers:
             with self._lock:
                 self._started[(str(task_id), threading.get_ident())] = time.monotonic()
             self.metrics.celery_task_started(_task_name(sender))
-        except Exception:  # never fail a task for a metric
+        except Exception:  # noqa: BLE001 - never fail a task for a metric
             self._failed("task_prerun")
 
     def postrun(
@@ -72,13 +72,13 @@ class _Handlers:
             runtime = None if started is None else time.monotonic() - started
             outcome = _OUTCOMES.get(str(state), "other")
             self.metrics.celery_task_finished(_task_name(sender), outcome, runtime)
-        except Exception:
+        except Exception:  # noqa: BLE001 - see above
             self._failed("task_postrun")
 
     def failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
         try:
             self.metrics.celery_task_exception(_task_name(sender), _exception_name(exception))
-        except Exception:
+        except Exception:  # noqa: BLE001 - see above
             self._failed("task_failure")
 
     def retry(self, sender: Any = None, reason: Any = None, **_: Any) -> None:
@@ -86,7 +86,7 @@ class _Handlers:
         # without one); either way it is counted by class, never by message text.
         try:
             self.metrics.celery_task_exception(_task_name(sender), _exception_name(reason))
-        except Exception:
+        except Exception:  # noqa: BLE001 - see above
             self._failed("task_retry")
 
 
