@@ -9,7 +9,6 @@ Nothing here is asserted: the floors from the issues are printed next to each fi
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -56,19 +55,26 @@ def bench_enqueue(work: Path) -> list[Row]:
 
         settings = load_settings({"REFRAME_REDIS_URL": server.url})
         with Producer(settings) as p:
-            single = [{"video_url": f"https://cdn.example.com/{i}.mp4", "aspect_ratio": "9:16"} for i in range(2000)]
+            single = [
+                {"video_url": f"https://cdn.example.com/{i}.mp4", "aspect_ratio": "9:16"} for i in range(2000)
+            ]
             started = time.perf_counter()
             for req in single:
                 p.enqueue(req)
             rate_single = len(single) / (time.perf_counter() - started)
-            many = [{"video_url": f"https://cdn.example.com/m{i}.mp4", "aspect_ratio": "1:1"} for i in range(30000)]
+            many = [
+                {"video_url": f"https://cdn.example.com/m{i}.mp4", "aspect_ratio": "1:1"}
+                for i in range(30000)
+            ]
             started = time.perf_counter()
             p.enqueue_many(many)
             rate_many = len(many) / (time.perf_counter() - started)
     finally:
         server.stop()
-    return [("enqueue() one at a time", f"{rate_single:,.0f} jobs/s", ""),
-            ("enqueue_many() pipelined", f"{rate_many:,.0f} jobs/s", ">= 5,000 jobs/s")]
+    return [
+        ("enqueue() one at a time", f"{rate_single:,.0f} jobs/s", ""),
+        ("enqueue_many() pipelined", f"{rate_many:,.0f} jobs/s", ">= 5,000 jobs/s"),
+    ]
 
 
 def _cluster(work: Path, name: str, **kw: Any) -> tuple[LocalCluster, str]:
@@ -86,8 +92,14 @@ def _wait_all(p: Producer, ids: list[str], timeout_s: float) -> None:
 
 
 def bench_e2e(work: Path) -> list[Row]:
-    env = {"REFRAME_MAX_CONCURRENCY": "40", "REFRAME_SUBMIT_RATE_PER_S": "1000", "REFRAME_SUBMIT_BURST": "200"}
-    cluster, url = _cluster(work, "e2e", workers=2, emulator_concurrency=40, emulator_processing_time_s=0.0, env=env)
+    env = {
+        "REFRAME_MAX_CONCURRENCY": "40",
+        "REFRAME_SUBMIT_RATE_PER_S": "1000",
+        "REFRAME_SUBMIT_BURST": "200",
+    }
+    cluster, url = _cluster(
+        work, "e2e", workers=2, emulator_concurrency=40, emulator_processing_time_s=0.0, env=env
+    )
     try:
         n = 400
         with Producer(cluster.settings()) as p:
@@ -98,14 +110,19 @@ def bench_e2e(work: Path) -> list[Row]:
             jobs = p.get_many(ids)
         assert cluster.emulator_control is not None
         done_at = {c["request_id"]: c["t"] for c in cluster.emulator_control.ledger()["completions"]}
-        lat = [j.timestamps_ms[f"ts_{j.state.value}"] / 1000 - done_at[j.fal_request_id]
-               for j in jobs if j is not None and j.fal_request_id in done_at]
+        lat = [
+            j.timestamps_ms[f"ts_{j.state.value}"] / 1000 - done_at[j.fal_request_id]
+            for j in jobs
+            if j is not None and j.fal_request_id in done_at
+        ]
         ok = sum(1 for j in jobs if j is not None and j.state is JobState.SUCCEEDED)
     finally:
         cluster.stop()
-    return [("end-to-end, zero processing time (2 workers)", f"{ok / elapsed:,.1f} jobs/s ({ok}/{n} ok)", ""),
-            ("fal completion -> result published, p50", f"{pct(lat, 0.5) * 1000:,.0f} ms", "<= 1,000 ms"),
-            ("fal completion -> result published, p99", f"{pct(lat, 0.99) * 1000:,.0f} ms", "")]
+    return [
+        ("end-to-end, zero processing time (2 workers)", f"{ok / elapsed:,.1f} jobs/s ({ok}/{n} ok)", ""),
+        ("fal completion -> result published, p50", f"{pct(lat, 0.5) * 1000:,.0f} ms", "<= 1,000 ms"),
+        ("fal completion -> result published, p99", f"{pct(lat, 0.99) * 1000:,.0f} ms", ""),
+    ]
 
 
 def _rss_mb(pid: int) -> float:
@@ -116,16 +133,26 @@ def _rss_mb(pid: int) -> float:
 
 
 def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Row]:
-    env = {"REFRAME_MAX_CONCURRENCY": str(n), "REFRAME_SUBMIT_RATE_PER_S": "300", "REFRAME_SUBMIT_BURST": "100",
-           "REFRAME_TRACKER_MAX_JOBS": str(2 * n), "REFRAME_WORKER_CONCURRENCY": "8"}
-    cluster, url = _cluster(work, "inflight", workers=1, emulator_concurrency=40,
-                            emulator_processing_time_s=3600.0, env=env)
+    env = {
+        "REFRAME_MAX_CONCURRENCY": str(n),
+        "REFRAME_SUBMIT_RATE_PER_S": "300",
+        "REFRAME_SUBMIT_BURST": "100",
+        "REFRAME_TRACKER_MAX_JOBS": str(2 * n),
+        "REFRAME_WORKER_CONCURRENCY": "8",
+    }
+    cluster, url = _cluster(
+        work, "inflight", workers=1, emulator_concurrency=40, emulator_processing_time_s=3600.0, env=env
+    )
     try:
         r = redis.Redis.from_url(cluster.redis_url)
         with Producer(cluster.settings()) as p:
             ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "1:1"}] * n)
-            wait_until(lambda: sum(1 for j in p.get_many(ids) if j is not None and j.state.at_fal) == n,
-                       timeout_s=240, interval_s=0.5, what=f"{n} jobs at fal")
+            wait_until(
+                lambda: sum(1 for j in p.get_many(ids) if j is not None and j.state.at_fal) == n,
+                timeout_s=240,
+                interval_s=0.5,
+                what=f"{n} jobs at fal",
+            )
             wait_until(lambda: r.zcard("reframe:track") == n, timeout_s=60, what="all tracked")
             assert cluster.emulator_control is not None
             time.sleep(5)  # let every stream settle before the measurement window
@@ -134,17 +161,25 @@ def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Ro
             time.sleep(window_s)  # the measurement window itself
             after = cluster.emulator_control.ledger()["requests"]
             rss = _rss_mb(cluster.workers[0].process.pid)
-        new = after[len(before):]
+        new = after[len(before) :]
         polls = sum(1 for x in new if x["op"] == "status")
         streams = sum(1 for x in new if x["op"] == "stream")
         per_job_min = (polls + streams) / n / (window_s / 60)
     finally:
         cluster.stop()
-    return [(f"worker RSS tracking {n} jobs in flight", f"{rss:,.0f} MB (at start of window {rss_start:,.0f})",
-             "< 300 MB"),
-            ("fal status requests per in-flight job per minute", f"{per_job_min:.3f}",
-             "modest (no 10 Hz polling)"),
-            ("  of which status polls / stream (re)connects", f"{polls} / {streams} in {window_s:.0f}s", "")]
+    return [
+        (
+            f"worker RSS tracking {n} jobs in flight",
+            f"{rss:,.0f} MB (at start of window {rss_start:,.0f})",
+            "< 300 MB",
+        ),
+        (
+            "fal status requests per in-flight job per minute",
+            f"{per_job_min:.3f}",
+            "modest (no 10 Hz polling)",
+        ),
+        ("  of which status polls / stream (re)connects", f"{polls} / {streams} in {window_s:.0f}s", ""),
+    ]
 
 
 def _integrate(timeline: list[list[float]], start: float, end: float) -> float:
@@ -163,9 +198,19 @@ def _integrate(timeline: list[list[float]], start: float, end: float) -> float:
 
 
 def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: int = 160) -> list[Row]:
-    env = {"REFRAME_MAX_CONCURRENCY": str(n_slots), "REFRAME_SUBMIT_RATE_PER_S": "100", "REFRAME_SUBMIT_BURST": "20"}
-    cluster, url = _cluster(work, "flow", workers=3, emulator_concurrency=n_slots,
-                            emulator_processing_time_s=processing_s, env=env)
+    env = {
+        "REFRAME_MAX_CONCURRENCY": str(n_slots),
+        "REFRAME_SUBMIT_RATE_PER_S": "100",
+        "REFRAME_SUBMIT_BURST": "20",
+    }
+    cluster, url = _cluster(
+        work,
+        "flow",
+        workers=3,
+        emulator_concurrency=n_slots,
+        emulator_processing_time_s=processing_s,
+        env=env,
+    )
     try:
         with Producer(cluster.settings()) as p:
             ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "4:3"}] * jobs)
@@ -179,7 +224,9 @@ def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: in
     completions = sorted(c["t"] for c in book["completions"])
     backlog_end = submits[-1]  # after the last submit there is no backlog left to fill slots
     utilisation = _integrate(book["open_timeline"], submits[0], backlog_end) / n_slots
-    released = sorted(j.timestamps_ms["ts_SUCCEEDED"] / 1000 for j in records if j and j.state is JobState.SUCCEEDED)
+    released = sorted(
+        j.timestamps_ms["ts_SUCCEEDED"] / 1000 for j in records if j and j.state is JobState.SUCCEEDED
+    )
     delays = []
     for t in released:
         nxt = next((s for s in submits if s >= t), None)
@@ -188,11 +235,16 @@ def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: in
     duration = completions[-1] - submits[0]
     throughput = len(completions) / duration
     ideal = n_slots / processing_s
-    return [(f"slot utilisation under backlog (N={n_slots})", f"{utilisation:.1%}", ">= 95%"),
-            ("slot release -> next submit, p50", f"{pct(delays, 0.5) * 1000:,.0f} ms", ""),
-            ("slot release -> next submit, p95", f"{pct(delays, 0.95) * 1000:,.0f} ms", "<= 250 ms"),
-            (f"throughput under backlog ({processing_s:.0f}s jobs)",
-             f"{throughput:.2f} jobs/s = {throughput / ideal:.1%} of N/processing", "")]
+    return [
+        (f"slot utilisation under backlog (N={n_slots})", f"{utilisation:.1%}", ">= 95%"),
+        ("slot release -> next submit, p50", f"{pct(delays, 0.5) * 1000:,.0f} ms", ""),
+        ("slot release -> next submit, p95", f"{pct(delays, 0.95) * 1000:,.0f} ms", "<= 250 ms"),
+        (
+            f"throughput under backlog ({processing_s:.0f}s jobs)",
+            f"{throughput:.2f} jobs/s = {throughput / ideal:.1%} of N/processing",
+            "",
+        ),
+    ]
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
@@ -204,12 +256,16 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
     args = parser.parse_args(argv)
     chosen = args.scenarios or list(SCENARIOS)
-    console.print(f"Reframe Cluster benchmarks on {Path('/proc/cpuinfo').read_text().count('processor')} cores, "
-                  f"Python {sys.version.split()[0]}")
+    console.print(
+        f"Reframe Cluster benchmarks on {Path('/proc/cpuinfo').read_text().count('processor')} cores, "
+        f"Python {sys.version.split()[0]}"
+    )
     with tempfile.TemporaryDirectory(prefix="reframe-bench-") as tmp:
         for name in chosen:
             title, fn = SCENARIOS[name]
