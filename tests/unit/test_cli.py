@@ -1,0 +1,88 @@
+"""The `reframe` CLI as a user runs it: one-line errors naming the field, exit codes, help everywhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = [
+    [],
+    ["enqueue"],
+    ["status"],
+    ["wait"],
+    ["cancel"],
+    ["results"],
+    ["worker"],
+    ["exporter"],
+    ["demo"],
+    ["dlq"],
+    ["dlq", "list"],
+    ["dlq", "show"],
+    ["dlq", "replay"],
+    ["dlq", "purge"],
+]
+
+
+def reframe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REFRAME_") and k != "FAL_KEY"}
+    clean["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "reframe", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_every_command_documents_itself(command: list[str]) -> None:
+    out = reframe(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["enqueue", "https://x.test/a.mp4", "-a", "2:1"], "error: aspect_ratio: Input should be"),
+        (["enqueue", "ftp://x.test/a.mp4", "-a", "1:1"], "video_url"),
+        (["enqueue", "/no/such/file.mp4", "-a", "1:1"], "error: video_url: '/no/such/file.mp4' is neither"),
+        (
+            ["enqueue", "https://x.test/a.mp4", "-a", "1:1", "--x-start", "9", "--x-end", "3"],
+            "x_end must be greater than x_start",
+        ),
+        (
+            ["enqueue", "https://x.test/a.mp4", "-a", "1:1", "--priority", "urgent"],
+            "error: priority: must be one of",
+        ),
+        (
+            ["enqueue", "https://x.test/a.mp4", "-a", "1:1", "-m", "nokey"],
+            "error: metadata: 'nokey' is not KEY=VALUE",
+        ),
+        (["status"], "error: job_id: give a job id or --cluster"),
+        (["dlq", "purge"], "error: purge: pass --yes to confirm"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(args: list[str], expected: str) -> None:
+    out = reframe(*args, env={"REFRAME_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_settings_name_the_variable_and_exit_2() -> None:
+    out = reframe("status", "abc", env={"REFRAME_MAX_CONCURRENCY": "-1", "REFRAME_TYPO": "x"})
+    assert out.returncode == 2
+    assert "REFRAME_MAX_CONCURRENCY" in out.stderr and "REFRAME_TYPO: unknown setting" in out.stderr
+
+
+def test_worker_refuses_to_start_against_real_fal_without_a_key() -> None:
+    out = reframe("worker")
+    assert out.returncode == 2
+    assert "FAL_KEY: required" in out.stderr
