@@ -11,11 +11,10 @@ import logging
 import signal
 import threading
 
-import redis
 from prometheus_client import CollectorRegistry
 
 from config import Settings
-from worker.cluster_metrics import ClusterCollector
+from worker.cluster_metrics import ClusterCollector, exporter_redis_client
 from worker.health import HealthServer
 
 log = logging.getLogger(__name__)
@@ -23,15 +22,18 @@ log = logging.getLogger(__name__)
 
 def build_exporter(settings: Settings) -> HealthServer:
     """A health/metrics server whose registry holds the cluster collector (not started)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    # Short timeouts and no retries: a scrape must report a Redis outage
+    # (reframe_cluster_scrape_success 0) well inside Prometheus' scrape timeout, not time out itself.
+    client = exporter_redis_client(settings)
     registry = CollectorRegistry()
     registry.register(ClusterCollector(client, settings))
+    # Always ready: the exporter's job during a Redis outage is to report it, not to leave the Service.
     server = HealthServer(
         settings.metrics_host,
         settings.metrics_port,
         registry,
         liveness_max_age_s=60.0,
-        readiness=lambda: bool(client.ping()),
+        readiness=lambda: True,
     )
     return server
 

@@ -431,7 +431,7 @@ def test_backoff_retry_after_is_a_floor(retry_after: float) -> None:
         (202, "2xx"),
         (302, "error"),
         (404, "4xx"),
-        (429, "4xx"),
+        (429, "429"),
         (500, "5xx"),
         (504, "5xx"),
     ],

@@ -47,7 +47,7 @@ from worker.fal.errors import (
 )
 from worker.fal.models import CancelOutcome
 
-StatusClass = Literal["2xx", "4xx", "5xx", "error"]
+StatusClass = Literal["2xx", "4xx", "429", "5xx", "error"]
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
 GATEWAY_AMBIGUOUS = frozenset({502, 504})
@@ -66,9 +66,14 @@ OUR_BUGS: tuple[type[httpx.HTTPError], ...] = (httpx.UnsupportedProtocol, httpx.
 
 
 def status_class(code: int | None) -> StatusClass:
-    """The metrics label of a response: ``2xx``, ``4xx``, ``5xx``, or ``error`` (no response, 1xx, 3xx)."""
+    """The metrics label of a response: ``2xx``, ``4xx``, ``429``, ``5xx``, or ``error`` (no response).
+
+    429 has its own class: throttling is handled (and alerted on) apart from other client errors.
+    """
     if code is None:
         return "error"
+    if code == 429:
+        return "429"
     if 200 <= code < 300:
         return "2xx"
     if 400 <= code < 500:
