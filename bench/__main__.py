@@ -9,6 +9,7 @@ Nothing here is asserted: the floors from the issues are printed next to each fi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -139,6 +140,9 @@ def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Ro
         "REFRAME_SUBMIT_BURST": "100",
         "REFRAME_TRACKER_MAX_JOBS": str(2 * n),
         "REFRAME_WORKER_CONCURRENCY": "8",
+        # 1,000 two-second jobs cost $120: above the default daily cap, which would block them.
+        "REFRAME_BUDGET_DAILY_USD": "10000",
+        "REFRAME_BUDGET_MONTHLY_USD": "100000",
     }
     cluster, url = _cluster(
         work, "inflight", workers=1, emulator_concurrency=40, emulator_processing_time_s=3600.0, env=env
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. `timeout`) must unwind like Ctrl-C so every started process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = args.scenarios or list(SCENARIOS)
     console.print(
         f"Reframe Cluster benchmarks on {Path('/proc/cpuinfo').read_text().count('processor')} cores, "
