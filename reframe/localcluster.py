@@ -114,6 +114,17 @@ class LocalCluster:
             self.wait_ready(proc, timeout_s=timeout_s)
         return proc
 
+    def start_exporter(self, *, timeout_s: float = 30) -> WorkerProcess:
+        """Start ``reframe exporter`` (cluster-wide gauges) on a free port and wait until it serves."""
+        port = free_port()
+        inherited = {k: v for k, v in os.environ.items() if not _foreign_reframe_var(k, self.env)}
+        env = {**inherited, **self.env, "REFRAME_METRICS_PORT": str(port)}
+        argv = [sys.executable, "-m", "reframe", "exporter"]
+        proc = WorkerProcess(spawn(f"exporter-{port}", argv, log_dir=self.workdir, env=env), port)
+        self.extra.append(proc.process)
+        self.wait_ready(proc, timeout_s=timeout_s)
+        return proc
+
     def wait_ready(self, proc: WorkerProcess, *, timeout_s: float = 60) -> None:
         """Wait for a worker's /readyz; raise with its log tail if it dies or times out."""
         try:

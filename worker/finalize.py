@@ -117,7 +117,7 @@ def complete_success(rt: Runtime, job_id: str, output: ReframeOutput, status: Qu
 
 def complete_failure(rt: Runtime, job_id: str, err: Exception, status: QueueStatus) -> str:
     """A request that fal finished with an error: fail, cancel, or retry with a new request."""
-    from worker.submit import Failure, Submitter
+    from worker.submit import Failure, Submitter, record_breaker
 
     sub = Submitter(rt)
     rec = rt.store.get(job_id) or {}
@@ -135,12 +135,12 @@ def complete_failure(rt: Runtime, job_id: str, err: Exception, status: QueueStat
         return "cancelled"
     if isinstance(err, FalModelError):
         # The model rejected the input (fal's 422): permanent, fal's messages kept verbatim.
-        rt.flow.breaker.record(True, probe=False)
+        record_breaker(rt, True, probe=False)
         message = "; ".join(err.messages) or err.message
         sub.fail(job_id, Failure("fal_validation", message, err.detail), dead_letter=True)
         return "failed"
     # Runner failure: fal does not bill 5xx; the request is terminal, so a new one cannot double-pay.
-    rt.flow.breaker.record(False, probe=False)
+    record_breaker(rt, False, probe=False)
     rt.flow.budget.release(job_id)
     rt.dispatch(rt.flow.slots.release(job_id))
     message = getattr(err, "message", str(err))

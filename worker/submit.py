@@ -31,6 +31,7 @@ from worker.fal import (
     SubmitReceipt,
     backoff_s,
 )
+from worker.flow import BreakerState
 from worker.probe import video_duration_s
 from worker.runtime import Runtime
 
@@ -67,6 +68,18 @@ class Failure:
         if self.detail is not None:
             out["fal_detail"] = self.detail
         return out
+
+
+def record_breaker(rt: Runtime, success: bool, *, probe: bool, before: BreakerState | None = None) -> None:
+    """Report a provider-health outcome to the shared breaker and count any state change it causes.
+
+    ``before`` is the state the caller saw (from ``allow()``); without it one extra read is made.
+    """
+    if before is None:
+        before = rt.flow.breaker.state().state
+    after = rt.flow.breaker.record(success, probe=probe)
+    if after != before:
+        rt.metrics.breaker_transition(before.value, after.value)
 
 
 def counts_against_breaker(err: FalError) -> bool:
@@ -140,7 +153,7 @@ class Submitter:
         if waited_s is None:
             self._give_back_probe(probe)
             return Outcome.DEFERRED
-        return self._submit(job_id, rec, probe=probe, estimate_micro=estimate)
+        return self._submit(job_id, rec, probe=probe, breaker_state=decision.state)
 
     def _take_rate_token(self, job_id: str) -> float | None:
         """Wait briefly for a submit token; defer (keeping slot and reservation) if it is far off."""
@@ -179,7 +192,9 @@ class Submitter:
         return micro
 
     # ------------------------------------------------------------------ submit
-    def _submit(self, job_id: str, rec: dict[str, Any], *, probe: bool, estimate_micro: int) -> Outcome:
+    def _submit(
+        self, job_id: str, rec: dict[str, Any], *, probe: bool, breaker_state: BreakerState
+    ) -> Outcome:
         now = self._now_ms()
         intent = self.rt.store.transition(
             job_id, PRE_SUBMIT_STATES, JobState.SUBMITTING, incr_attempts=1, submit_started_at_ms=now
@@ -196,22 +211,22 @@ class Submitter:
                 lambda: self.rt.fal.submit(payload), timeout_s=self._submit_timeout_s()
             )
         except FalAmbiguousError as err:
-            self.flow.breaker.record(False, probe=probe)
+            record_breaker(self.rt, False, probe=probe, before=breaker_state)
             return self.ambiguous(job_id, reason=err.message)
         except FalPermanentError as err:
             # A definite "no" from fal: not charged, not counted against provider health.
-            self.flow.breaker.record(True, probe=probe)
+            record_breaker(self.rt, True, probe=probe, before=breaker_state)
             self.flow.budget.release(job_id)
             self.fail(job_id, Failure("fal_rejected", err.message, err.detail), dead_letter=True)
             return Outcome.FAILED
         except FalTransientError as err:
-            self._on_transient_submit_error(job_id, err, probe=probe, attempt=attempt)
+            self._on_transient_submit_error(job_id, err, probe=probe, attempt=attempt, before=breaker_state)
             return Outcome.DEFERRED
         except (TimeoutError, CancelledError):
             # The wait ended (deadline, or the loop is shutting down); the call may have gone out.
-            self.flow.breaker.record(False, probe=probe)
+            record_breaker(self.rt, False, probe=probe, before=breaker_state)
             return self.ambiguous(job_id, reason="submit did not finish within the task's deadline")
-        self.flow.breaker.record(True, probe=probe)
+        record_breaker(self.rt, True, probe=probe, before=breaker_state)
         if attempt == 1:
             self.flow.retry_budget.record_first_attempt()
         self._accepted(job_id, rec, receipt, attempt=attempt)
@@ -253,10 +268,10 @@ class Submitter:
             cancel_at_fal(self.rt, job_id)
 
     def _on_transient_submit_error(
-        self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int
+        self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int, before: BreakerState
     ) -> None:
         """fal did not accept the request: free the slot and reservation, retry later if allowed."""
-        self.flow.breaker.record(not counts_against_breaker(err), probe=probe)
+        record_breaker(self.rt, not counts_against_breaker(err), probe=probe, before=before)
         if err.status_code in (429, 503) and err.retry_after_s:
             # fal asked everyone to back off: hold every worker's submits until then.
             paused = self.flow.rate.pause(min(err.retry_after_s, self.s.retry_after_max_s))
