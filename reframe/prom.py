@@ -139,6 +139,12 @@ class PrometheusServer:
         data: dict[str, Any] = self._get("/api/v1/query", params)
         return data
 
+    def query_range(self, expr: str, *, start_s: float, end_s: float, step_s: float) -> dict[str, Any]:
+        """``/api/v1/query_range`` data (``resultType`` matrix) of ``expr`` over [start_s, end_s]."""
+        params = {"query": expr, "start": f"{start_s:.3f}", "end": f"{end_s:.3f}", "step": f"{step_s:g}"}
+        data: dict[str, Any] = self._get("/api/v1/query_range", params)
+        return data
+
     def values(self, expr: str) -> list[float]:
         """The sample values of an instant vector/scalar query (empty when no series)."""
         data = self.query(expr)
