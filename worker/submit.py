@@ -138,6 +138,15 @@ class Submitter:
             return Outcome.DEFERRED
         probe = decision.probe
         estimate = self._estimate_micro(job_id, rec)
+        if estimate is None:
+            self._give_back_probe(probe)
+            limit = self.s.max_video_duration_s
+            self.fail(
+                job_id,
+                Failure("input_too_long", f"video_url: the video is longer than {limit:g}s"),
+                dead_letter=True,
+            )
+            return Outcome.FAILED
         budget = self.flow.budget.reserve(job_id, estimate)
         if not budget.ok:
             self._give_back_probe(probe)
@@ -177,16 +186,20 @@ class Submitter:
                 return None
             time.sleep(decision.retry_after_ms / 1000)
 
-    def _estimate_micro(self, job_id: str, rec: dict[str, Any]) -> int:
-        """Budget estimate: the input's duration if cheap to read, else the configured maximum."""
+    def _estimate_micro(self, job_id: str, rec: dict[str, Any]) -> int | None:
+        """Budget estimate: the input's duration if cheap to read, else the configured maximum.
+
+        None when the input is longer than ``max_video_duration_s`` (it must not be submitted).
+        """
         cached = rec.get("estimate_micro")
         if isinstance(cached, int) and cached > 0:
             return cached
         url = str((rec.get("input") or {}).get("video_url", ""))
         duration = video_duration_s(url, timeout_s=self.s.probe_timeout_s) if url else None
+        if duration is not None and duration > self.s.max_video_duration_s:
+            return None
         if duration is None or duration <= 0:
             duration = self.s.max_video_duration_s
-        duration = min(duration, self.s.max_video_duration_s)
         micro = self.flow.budget.estimate_micro(duration)
         self.rt.store.set_fields(job_id, estimate_micro=micro, input_duration_s=f"{duration:.3f}")
         return micro

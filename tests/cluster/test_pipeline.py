@@ -240,3 +240,17 @@ def test_every_job_of_a_batch_has_exactly_one_result_event(
     r.close()
     assert all(counts[j] == 1 for j in ids), {j: counts[j] for j in ids}
     assert all(j is not None and j.state is JobState.SUCCEEDED for j in producer.get_many(ids))
+
+
+def test_input_longer_than_the_limit_fails_before_any_fal_call(
+    make_cluster: ClusterFactory, sample_video: Path
+) -> None:
+    strict = make_cluster(workers=1, env={"REFRAME_MAX_VIDEO_DURATION_S": "2"})
+    url = upload(strict.settings(), sample_video)  # 2.5 s
+    with Producer(strict.settings()) as p:
+        request = unique_input(url)
+        job = p.wait(p.enqueue(request), timeout_s=60)
+    assert job.state is JobState.FAILED
+    assert job.error is not None and job.error["type"] == "input_too_long"
+    assert "video_url" in job.error["message"]
+    assert submissions(strict, request) == 0
