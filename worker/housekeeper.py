@@ -122,8 +122,10 @@ class Housekeeper:
         Nothing is dispatched while the headroom is below one second of video: no job could fit.
         """
         snap = self.rt.flow.budget.snapshot()
-        headroom = min(snap.day_cap - snap.day_spent - snap.day_reserved,
-                       snap.month_cap - snap.month_spent - snap.month_reserved)
+        headroom = min(
+            snap.day_cap - snap.day_spent - snap.day_reserved,
+            snap.month_cap - snap.month_spent - snap.month_reserved,
+        )
         if headroom < self.rt.flow.budget.estimate_micro(1.0):
             return
         ids = [_text(x) for x in self.rt.redis.zrange(self.rt.store.keys.blocked, 0, limit - 1)]
