@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from falemu.config import EmulatorConfig
 from falemu.faults import Fault
 from falemu.gateway import RAW_SEND_KEY, GatewayMiddleware, split_app_path
-from falemu.state import COMPLETED, EmulatorState, QueueRequest
+from falemu.state import COMPLETED, IN_QUEUE, EmulatorState, QueueRequest
 from falemu.storage import file_url
 
 NO_USER = "No user found for Key ID and Secret"
@@ -157,7 +157,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
 
 
 def _position(state: EmulatorState, req: QueueRequest) -> int:
-    return state.queue_position(req) if req.status == "IN_QUEUE" else 0
+    return state.queue_position(req) if req.status == IN_QUEUE else 0
 
 
 def _find(request: Request, request_id: str) -> QueueRequest | None:
@@ -185,7 +185,9 @@ async def _stream(request: Request, request_id: str) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         while True:
-            changed = req.changed  # taken before the body, so a change in between is not missed
+            # Taken before the body, so a change in between is not missed. A queued request changes only when
+            # the queue does (start, cancel, timeout all remove it from the queue).
+            changed = state.queue_changed if req.status == IN_QUEUE else req.changed
             yield f"data: {json.dumps(state.status_body(req, with_logs))}\n\n".encode()
             if req.status == COMPLETED:
                 return

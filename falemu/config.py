@@ -77,6 +77,8 @@ class EmulatorConfig:
     webhook_private_key: bytes | None = None
     #: Longest gap between two status-stream events (keepalive).
     stream_keepalive_s: float = 2.0
+    #: HTTP rows the ledger keeps (oldest dropped first; counters stay exact); ``None`` = unbounded.
+    ledger_max_requests: int | None = 500_000
     #: Lifetime of CDN upload tokens.
     cdn_token_ttl_s: float = 3600.0
 

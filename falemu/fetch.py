@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -39,7 +41,7 @@ async def fetch_input(
     """Resolve ``url`` to a local file (content-addressed, so identical inputs share one file)."""
     own = storage.lookup_url(url) if url.lower().startswith(("http://", "https://")) else None
     if own is not None:
-        data = own.path.read_bytes()
+        data = await asyncio.to_thread(own.path.read_bytes)  # inputs may be 100 MB: keep the loop free
     elif url.lower().startswith("data:"):
         data = _decode_data_uri(url)
     else:
@@ -48,10 +50,15 @@ async def fetch_input(
         raise FetchError(f"file is larger than the {max_bytes} byte limit")
     if not data:
         raise FetchError("the downloaded file is empty")
+    return await asyncio.to_thread(_store, data, inputs_dir)
+
+
+def _store(data: bytes, inputs_dir: Path) -> Fetched:
+    """Hash and write the input (blocking: run in a thread)."""
     sha = hashlib.sha256(data).hexdigest()
     path = inputs_dir / sha
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # unique: two runners may store the same input
         tmp.write_bytes(data)
         tmp.replace(path)
     return Fetched(path=path, sha256=sha, size_bytes=len(data))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,8 @@ def fingerprint(payload: Any) -> str:
 class Ledger:
     """Append-only records plus counters; ``snapshot()`` is the ``GET /_emulator/ledger`` body."""
 
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    #: HTTP rows, newest last; bounded (oldest dropped) so 10 Hz polling in long benchmarks cannot eat memory.
+    requests: deque[dict[str, Any]] = field(default_factory=deque)
     submits: list[dict[str, Any]] = field(default_factory=list)
     submissions: Counter[str] = field(default_factory=Counter)
     cancels: list[dict[str, Any]] = field(default_factory=list)
@@ -43,6 +44,11 @@ class Ledger:
     count_429: int = 0
     completions: list[dict[str, Any]] = field(default_factory=list)
     open_timeline: list[tuple[float, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def bounded(cls, max_requests: int | None) -> Ledger:
+        """A ledger keeping at most ``max_requests`` HTTP rows (counters stay exact)."""
+        return cls(requests=deque(maxlen=max_requests))
 
     def record_http(
         self, *, t: float, method: str, path: str, op: str, status: int, request_id: str | None

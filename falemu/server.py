@@ -21,7 +21,9 @@ from falemu.config import EmulatorConfig
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves so port 0 resolves to a real port before uvicorn starts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted sockets of such a listener, and
+    # without it Nagle + delayed ACK add ~40 ms to every response (headers and body are separate writes).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

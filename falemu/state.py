@@ -96,12 +96,18 @@ class QueueRequest:
     expired: bool = False
     logs: list[dict[str, Any]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change of this request (renewed lazily: notify stays O(1))."""
+        if self._changed.is_set():
+            self._changed = asyncio.Event()
+        return self._changed
 
     def notify(self) -> None:
-        """Wake everyone waiting for a change (status streams) and arm a fresh event."""
-        self.changed.set()
-        self.changed = asyncio.Event()
+        """Wake everyone waiting for a change (status streams)."""
+        self._changed.set()
 
     def log(self, message: str, level: str = "INFO") -> None:
         """Append a runner log line in fal's ``RequestLog`` shape."""
@@ -140,7 +146,7 @@ class EmulatorState:
 
     def __init__(self, config: EmulatorConfig, data_dir: Path) -> None:
         self.config = config
-        self.ledger = Ledger()
+        self.ledger = Ledger.bounded(config.ledger_max_requests)
         self.faults = FaultBook()
         self.storage = Storage(data_dir / "files")
         self.cache = RenderCache(
@@ -158,6 +164,7 @@ class EmulatorState:
         self._queue: deque[str] = deque()
         self._running: set[str] = set()
         self._bucket = TokenBucket()
+        self._queue_event = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._generation = 0
 
@@ -215,11 +222,26 @@ class EmulatorState:
         if req.status != IN_QUEUE or req.generation != self._generation:
             return  # it started (the deadline stops counting once processing starts) or was reset away
         self._queue.remove(req.id)
+        self._queue_moved()
         outcome = request_error(504, "Request timed out", "request_timeout")
         outcome.user_timeout = True
         self._finish(req, outcome)
 
     # ---- status ----------------------------------------------------------------------------------------
+
+    @property
+    def queue_changed(self) -> asyncio.Event:
+        """An event set at the next change of the queue's membership (every IN_QUEUE request's position).
+
+        Streams of queued requests wait on this one event instead of each request being notified on every
+        start: with thousands queued, per-request notification would be O(n) per start.
+        """
+        if self._queue_event.is_set():
+            self._queue_event = asyncio.Event()
+        return self._queue_event
+
+    def _queue_moved(self) -> None:
+        self._queue_event.set()
 
     def queue_position(self, req: QueueRequest) -> int:
         """Requests ahead of ``req`` in the FIFO (0 = next)."""
@@ -263,6 +285,7 @@ class EmulatorState:
             code, outcome = 202, "CANCELLATION_REQUESTED"
             if req.status == IN_QUEUE:
                 self._queue.remove(req.id)
+                self._queue_moved()
                 self._finish(req, cancelled_outcome())
             elif req.task is not None:
                 req.log("Cancellation requested", "WARN")
@@ -281,9 +304,8 @@ class EmulatorState:
             req.log("Request picked up by a runner")
             self._running.add(req.id)
             req.task = asyncio.create_task(self._run(req), name=f"falemu-run-{req.id}")
-            for other_id in self._queue:  # everybody behind moved up one place
-                self.requests[other_id].notify()
             req.notify()
+            self._queue_moved()
         self._update_counts()
 
     def reschedule(self) -> None:
@@ -404,10 +426,15 @@ class EmulatorState:
                 req.task.cancel()
         for task in self._background:
             task.cancel()
+        for req in self.requests.values():
+            if req.status == IN_QUEUE:  # never ran: end it quietly so its open streams close
+                req.status, req.outcome, req.completed_at = COMPLETED, cancelled_outcome(), time.time()
+            req.notify()
         self.requests.clear()
         self._queue.clear()
+        self._queue_moved()
         self._running.clear()
-        self.ledger = Ledger()
+        self.ledger = Ledger.bounded(self.config.ledger_max_requests)
         self.faults.clear()
         self._bucket = TokenBucket()
 

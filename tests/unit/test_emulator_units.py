@@ -151,3 +151,14 @@ def test_import_is_lazy() -> None:
         "assert falemu.EmulatorConfig().concurrency == 2; assert 'falemu.app' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_ledger_keeps_a_bounded_tail_but_exact_counters() -> None:
+    from falemu.ledger import Ledger
+
+    ledger = Ledger.bounded(3)
+    for i in range(5):
+        ledger.record_http(t=float(i), method="GET", path="/", op="status", status=429, request_id=None)
+    snapshot = ledger.snapshot()
+    assert [r["t"] for r in snapshot["requests"]] == [2.0, 3.0, 4.0]
+    assert snapshot["count_429"] == 5
