@@ -256,10 +256,11 @@ def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
 def test_high_priority_job_overtakes_500_low_priority_ones(
     make_cluster: ClusterFactory, sample_video: Path
 ) -> None:
+    # Two slots held by long-running jobs, 500 low-priority jobs waiting behind them.
     cluster = make_cluster(
         workers=3,
         emulator_concurrency=2,
-        emulator_processing_time_s=0.5,
+        emulator_processing_time_s=60.0,
         env={"REFRAME_MAX_CONCURRENCY": "2"},
     )
     url = upload(cluster.settings(), sample_video)
@@ -268,25 +269,26 @@ def test_high_priority_job_overtakes_500_low_priority_ones(
             EnqueueRequest({"video_url": url, "aspect_ratio": "1:1"}, priority="low") for _ in range(500)
         )
         wait_until(
-            lambda: sum(j is not None and j.state is JobState.WAITING for j in p.get_many(low)) >= 400,
+            lambda: sum(j is not None and j.state is JobState.WAITING for j in p.get_many(low)) == 498,
             timeout_s=60,
-            what="the low backlog waiting for slots",
+            what="two low jobs at fal, 498 waiting for a slot",
         )
+        running = [j.id for j in p.get_many(low) if j is not None and j.state.at_fal]
         urgent = {"video_url": url, "aspect_ratio": "9:16", "prompt": f"urgent {uuid.uuid4().hex}"}
         high = p.enqueue(urgent, priority="high")
+        wait_until(lambda: p.get(high).state is JobState.WAITING, timeout_s=30, what="high job waiting")  # type: ignore[union-attr]
+        # Free exactly one slot: the next job to reach fal must be the high-priority one.
+        freed_at = time.time()
+        p.cancel(running[0])
         wait_until(
             lambda: p.get(high).state.at_fal or p.get(high).terminal,  # type: ignore[union-attr]
             timeout_s=30,
             what="the high-priority job submitted",
         )
-        job = p.get(high)
-        assert job is not None
-        queued_at = job.timestamps_ms.get("ts_WAITING", job.created_at_ms) / 1000
-        for job_id in low:
+        for job_id in [*low, high]:
             p.cancel(job_id)
-    submits = ledger(cluster)["submits"]
-    after = [s for s in submits if s["t"] >= queued_at]
-    assert after and after[0]["fingerprint"] == fp(urgent), "the next free slot went to the high-priority job"
+    submits = [s for s in ledger(cluster)["submits"] if s["t"] >= freed_at]
+    assert submits and submits[0]["fingerprint"] == fp(urgent), "the freed slot went to the high-priority job"
 
 
 def test_dead_letter_replay_brings_a_job_back_to_succeeded(
