@@ -314,3 +314,25 @@ def _describe(exc: ValidationError) -> list[str]:
         else:
             lines.append(msg)
     return lines
+
+
+def _is_setting_var(name: str) -> bool:
+    return name.upper().startswith(ENV_PREFIX) or name == FAL_KEY_ENV
+
+
+def settings_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``REFRAME_*`` and ``FAL_KEY`` variables that are set (e.g. to tell which were given)."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if _is_setting_var(k)}
+
+
+def child_environment(
+    settings_env: Mapping[str, str], environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """An environment for a child process: ours minus every setting variable, plus ``settings_env``.
+
+    Child processes get exactly the configuration the parent chose, never a stray ``REFRAME_*``
+    variable of the caller's shell.
+    """
+    env = os.environ if environ is None else environ
+    return {**{k: v for k, v in env.items() if not _is_setting_var(k)}, **settings_env}

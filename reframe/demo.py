@@ -10,7 +10,6 @@ stops every process it started. With ``REFRAME_REDIS_URL`` set it uses that Redi
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config import Settings, load_settings
+from config.settings import settings_environment
 from reframe.localcluster import LocalCluster, start_cluster
 
 if TYPE_CHECKING:
@@ -93,16 +93,18 @@ def _upload(settings: Settings, path: Path) -> str:
 
 
 def _start(workdir: Path, console: Console) -> LocalCluster:
-    redis_url = os.environ.get("REFRAME_REDIS_URL")
-    env = {k: v for k, v in os.environ.items() if k.startswith("REFRAME_")}
-    real_fal = bool(os.environ.get("FAL_KEY")) and "REFRAME_FAL_QUEUE_URL" not in os.environ
+    given = settings_environment()
+    redis_url = given.get("REFRAME_REDIS_URL")
+    env = {k: v for k, v in given.items() if k != "FAL_KEY"}
+    # Real fal only when a key is given and the queue URL is left at fal's own default.
+    real_fal = bool(given.get("FAL_KEY")) and "REFRAME_FAL_QUEUE_URL" not in given
     with console.status("starting Redis, the fal emulator and a worker"):
         return start_cluster(
             workdir,
             workers=1,
             redis_url=redis_url,
             fal_url="https://queue.fal.run" if real_fal else None,
-            fal_key=os.environ.get("FAL_KEY") if real_fal else None,
+            fal_key=given.get("FAL_KEY") if real_fal else None,
             emulator_concurrency=3,
             emulator_processing_time_s=2.0,
             env={"REFRAME_MAX_CONCURRENCY": "3", **env},
@@ -175,7 +177,7 @@ def _report(
             path = output_dir / f"reframed-{ratio.replace(':', 'x')}.mp4"
             _download(job.video_url, path)
             w, h, secs = probe_video(path)
-            output = f"{path} ({w}x{h}, {secs:.1f}s)"
+            output = f"{path.name} ({w}x{h}, {secs:.1f}s)"
         else:
             ok = False
             output = str((job.error or {}).get("message", ""))

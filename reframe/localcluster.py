@@ -7,7 +7,6 @@ so they exercise the same real processes a deployment runs (no mocks, no in-proc
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import Iterator, Mapping
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from config import Settings, load_settings
+from config.settings import child_environment
 from reframe.localproc import ManagedProcess, RedisServer, free_port, spawn, start_redis, wait_until
 
 DEMO_FAL_KEY = "local-demo:not-a-secret"
@@ -104,8 +104,7 @@ class LocalCluster:
     ) -> WorkerProcess:
         """Start one more ``reframe worker`` and (by default) wait until it is ready."""
         port = free_port()
-        inherited = {k: v for k, v in os.environ.items() if not _foreign_reframe_var(k, self.env, env)}
-        child_env = {**inherited, **self.env, **(env or {}), "REFRAME_METRICS_PORT": str(port)}
+        child_env = child_environment({**self.env, **(env or {}), "REFRAME_METRICS_PORT": str(port)})
         name = name or f"worker-{len(self.workers) + 1}"
         argv = [sys.executable, "-m", "reframe", "worker", "--hostname", f"{name}@%h"]
         proc = WorkerProcess(spawn(name, argv, log_dir=self.workdir, env=child_env), port)
@@ -117,8 +116,7 @@ class LocalCluster:
     def start_exporter(self, *, timeout_s: float = 30) -> WorkerProcess:
         """Start ``reframe exporter`` (cluster-wide gauges) on a free port and wait until it serves."""
         port = free_port()
-        inherited = {k: v for k, v in os.environ.items() if not _foreign_reframe_var(k, self.env)}
-        env = {**inherited, **self.env, "REFRAME_METRICS_PORT": str(port)}
+        env = child_environment({**self.env, "REFRAME_METRICS_PORT": str(port)})
         argv = [sys.executable, "-m", "reframe", "exporter"]
         proc = WorkerProcess(spawn(f"exporter-{port}", argv, log_dir=self.workdir, env=env), port)
         self.extra.append(proc.process)
@@ -163,13 +161,6 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _foreign_reframe_var(name: str, *ours: Mapping[str, str] | None) -> bool:
-    """Drop REFRAME_*/FAL_KEY variables of the caller's environment that the cluster did not set."""
-    if not (name.startswith("REFRAME_") or name == "FAL_KEY"):
-        return False
-    return not any(m is not None and name in m for m in ours)
 
 
 def start_emulator(
