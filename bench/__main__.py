@@ -23,9 +23,8 @@ from rich.table import Table
 
 from producer import JobState, Producer
 from reframe.demo import make_sample_video
-from reframe.localcluster import LocalCluster, start_cluster
+from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import start_redis, wait_until
-from tests.cluster.conftest import upload
 
 console = Console()
 Row = tuple[str, str, str]
@@ -81,7 +80,7 @@ def bench_enqueue(work: Path) -> list[Row]:
 def _cluster(work: Path, name: str, **kw: Any) -> tuple[LocalCluster, str]:
     cluster = start_cluster(work / name, **kw)
     clip = make_sample_video(work / f"{name}.mp4", duration_s=2, size="320x180")
-    return cluster, upload(cluster.settings(), clip)
+    return cluster, upload_file(cluster.settings(), clip)
 
 
 def _finished(p: Producer, ids: list[str]) -> int:

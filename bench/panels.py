@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from producer import Producer
-from reframe.localcluster import start_cluster
+from reframe.localcluster import start_cluster, upload_file
 from reframe.localproc import wait_until
 from reframe.prom import PrometheusServer, start_prometheus
-from tests.cluster.conftest import upload
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "observability" / "grafana" / "reframe-dashboard.json"
@@ -90,7 +89,7 @@ def run(out: Path) -> None:
                 labels={"namespace": NAMESPACE},
             )
             prom.wait_targets_up(timeout_s=60)
-            url = upload(
+            url = upload_file(
                 cluster.settings(), make_sample_video(work / "clip.mp4", duration_s=2, size="320x180")
             )
             start = time.time()

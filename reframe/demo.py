@@ -9,7 +9,6 @@ stops every process it started. With ``REFRAME_REDIS_URL`` set it uses that Redi
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -21,9 +20,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from config import Settings, load_settings
+from config import load_settings
 from config.settings import settings_environment
-from reframe.localcluster import LocalCluster, start_cluster
+from reframe.localcluster import LocalCluster, start_cluster, upload_file
 
 if TYPE_CHECKING:
     from producer import Job
@@ -79,19 +78,6 @@ def probe_video(path: Path) -> tuple[int, int, float]:
         return int(stream.width), int(stream.height), duration
 
 
-def _upload(settings: Settings, path: Path) -> str:
-    from worker.fal import FalClient
-
-    async def go() -> str:
-        client = FalClient.from_settings(settings)
-        try:
-            return await client.upload_file(path)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
-
-
 def _start(workdir: Path, console: Console) -> LocalCluster:
     given = settings_environment()
     redis_url = given.get("REFRAME_REDIS_URL")
@@ -128,7 +114,7 @@ def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, co
         console.print(
             f"sample video: {width}x{height}, {seconds:.1f}s -> reframing to {', '.join(aspect_ratios)}"
         )
-        video_url = _upload(settings, sample)
+        video_url = upload_file(settings, sample)
         with Producer(settings) as producer:
             started = time.monotonic()
             job_ids = producer.enqueue_many(

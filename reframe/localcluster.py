@@ -163,6 +163,22 @@ class LocalCluster:
         self.stop()
 
 
+def upload_file(settings: Settings, path: Path) -> str:
+    """Upload a local file to fal storage (the emulator's, or fal's) with our client; return its URL."""
+    import asyncio
+
+    from worker.fal import FalClient
+
+    async def go() -> str:
+        client = FalClient.from_settings(settings)
+        try:
+            return await client.upload_file(path)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def start_emulator(
     workdir: Path,
     *,

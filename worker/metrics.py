@@ -84,28 +84,6 @@ MAX_EXCEPTION_CLASSES: Final = 30
 MAX_TASK_NAMES: Final = 30
 
 
-def status_class(status_code: int | None = None, *, timeout: bool = False) -> str:
-    """The ``status_class`` label for one fal HTTP call.
-
-    ``status_code`` is the HTTP status, or ``None`` when no response arrived: then ``timeout`` says
-    whether it was a timeout (``timeout``) or another transport error (``network``). 429 has its own
-    class because throttling is handled (and alerted on) differently from other client errors.
-    """
-    if status_code is None:
-        return "timeout" if timeout else "network"
-    if status_code == 429:
-        return "429"
-    if 200 <= status_code < 300:
-        return "2xx"
-    if 300 <= status_code < 400:
-        return "3xx"
-    if 400 <= status_code < 500:
-        return "4xx"
-    if 500 <= status_code < 600:
-        return "5xx"
-    return "network"  # 1xx or garbage: not a usable HTTP answer
-
-
 def _version() -> str:
     try:
         return metadata.version("reframe-cluster")
@@ -442,7 +420,10 @@ class Metrics:
     # --- fal ---------------------------------------------------------------------------------------
 
     def fal_request(self, op: str, status_class: str, duration_s: float) -> None:
-        """Count one HTTP call to fal and observe its duration (see :func:`status_class`)."""
+        """Count one HTTP call to fal and observe its duration.
+
+        ``status_class`` comes from :func:`worker.fal.policy.status_class`.
+        """
         o = self._guard.closed("op", op, FAL_OPS)
         klass = self._guard.closed("status_class", status_class, STATUS_CLASSES)
         self.fal_requests.labels(op=o, status_class=klass).inc()

@@ -6,17 +6,15 @@ run (kombu keeps routing tables there); each test uses its own job ids instead.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from config import Settings
 from producer import Producer
 from reframe.demo import make_sample_video
-from reframe.localcluster import LocalCluster, start_cluster
+from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import wait_until
 
 pytestmark = pytest.mark.integration
@@ -28,18 +26,7 @@ def sample_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_video(tmp_path_factory.mktemp("media") / "sample.mp4", duration_s=2.5, size="320x180")
 
 
-def upload(settings: Settings, path: Path) -> str:
-    """Upload a local file to (emulated) fal storage with our own client; return its URL."""
-    from worker.fal import FalClient
-
-    async def go() -> str:
-        client = FalClient.from_settings(settings)
-        try:
-            return await client.upload_file(path)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+upload = upload_file  # the same helper the demo uses
 
 
 ClusterFactory = Callable[..., LocalCluster]

@@ -138,8 +138,16 @@ def test_every_dashboard_query_evaluates_and_key_panels_have_data(
     assert total(f"sum(reframe_slots_capacity{{{ns}}})") == 3
     assert total(f"sum(reframe_dead_letter_jobs{{{ns}}})") == 1
     assert total(f'max(reframe_breaker_state{{state="closed", {ns}}})') == 1
-    spent = total(f'sum(reframe_budget_spent_usd{{period="day", {ns}}})')
-    assert spent == pytest.approx(succeeded * 2.5 * 0.06, rel=0.02)
+    # The exporter is its own scrape target: wait for a scrape of it after the last settlement too.
+    expected_usd = succeeded * 2.5 * 0.06
+    wait_until(
+        lambda: (
+            total(f'sum(reframe_budget_spent_usd{{period="day", {ns}}})')
+            == pytest.approx(expected_usd, rel=0.02)
+        ),
+        timeout_s=30,
+        what=f"the exporter reporting ${expected_usd:.2f} spent",
+    )
 
 
 def test_every_alert_rule_evaluates_without_error(

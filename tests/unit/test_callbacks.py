@@ -29,8 +29,13 @@ def test_deliver_posts_the_signed_body_without_leaking_the_key() -> None:
         return httpx.Response(204)
 
     settings = load_settings({"REFRAME_CALLBACK_SIGNING_KEY": "sekret"})
-    rec = {"id": "j1", "state": "SUCCEEDED", "metadata": {"a": 1}, "cost_actual_micro": 150000,
-           "result": {"video": {"url": "https://cdn/x.mp4"}}}
+    rec = {
+        "id": "j1",
+        "state": "SUCCEEDED",
+        "metadata": {"a": 1},
+        "cost_actual_micro": 150000,
+        "result": {"video": {"url": "https://cdn/x.mp4"}},
+    }
     body = callback_body(rec)
     with httpx.Client(transport=httpx.MockTransport(handler)) as client:
         assert deliver(settings, "https://hooks.test/cb", body, event_id="j1", client=client) == 204

@@ -38,22 +38,30 @@ INVALID = [
     pytest.param(req(aspect_ratio="2:1"), "aspect_ratio: Input should be", id="bad-ratio"),
     pytest.param(req(aspect_ratio="9/16"), "aspect_ratio: Input should be", id="ratio-slash"),
     pytest.param(req(aspect_ratio=916), "aspect_ratio: Input should be", id="ratio-number"),
-    pytest.param(req(video_url="ftp://x.test/a.mp4"), "video_url: must be an http(s) URL or a data: URI",
-                 id="ftp"),
+    pytest.param(
+        req(video_url="ftp://x.test/a.mp4"), "video_url: must be an http(s) URL or a data: URI", id="ftp"
+    ),
     pytest.param(req(video_url="/local/file.mp4"), "video_url: must be an http(s) URL", id="path"),
     pytest.param(req(video_url="https:///nohost.mp4"), "video_url: URL has no host", id="no-host"),
     pytest.param(req(video_url=""), "video_url: must be an http(s) URL", id="empty"),
     pytest.param(req(video_url=42), "video_url: Input should be a valid string", id="not-a-string"),
-    pytest.param(req(video_url=BIG_DATA), "video_url: data: URI of 3000 bytes is over the 1000-byte limit",
-                 id="big-data-uri"),
-    pytest.param(req(video_url="data:video/mp4;base64,@@@"), "video_url: data: URI has invalid base64",
-                 id="bad-base64"),
+    pytest.param(
+        req(video_url=BIG_DATA),
+        "video_url: data: URI of 3000 bytes is over the 1000-byte limit",
+        id="big-data-uri",
+    ),
+    pytest.param(
+        req(video_url="data:video/mp4;base64,@@@"), "video_url: data: URI has invalid base64", id="bad-base64"
+    ),
     pytest.param(req(video_url="data:video/mp4;base64"), "video_url: malformed data: URI", id="no-comma"),
     pytest.param(req(image_url="file:///etc/passwd"), "image_url: must be an http(s) URL", id="image-file"),
     pytest.param(req(prompt="x" * 101), "prompt: is 101 characters; the limit is 100", id="prompt-long"),
-    pytest.param(req(grid_position_x=-1), "grid_position_x: Input should be greater than or equal to 0",
-                 id="grid-neg"),
-    pytest.param(req(grid_position_y="up"), "grid_position_y: Input should be a valid integer", id="grid-str"),
+    pytest.param(
+        req(grid_position_x=-1), "grid_position_x: Input should be greater than or equal to 0", id="grid-neg"
+    ),
+    pytest.param(
+        req(grid_position_y="up"), "grid_position_y: Input should be a valid integer", id="grid-str"
+    ),
     pytest.param(req(x_start=-5), "x_start: Input should be greater than or equal to 0", id="x-start-neg"),
     pytest.param(req(y_end=1.5), "y_end: Input should be a valid integer", id="y-end-float"),
     pytest.param(req(x_start=100, x_end=100), "x_end must be greater than x_start", id="x-empty"),
@@ -93,7 +101,9 @@ def test_several_errors_are_all_reported() -> None:
 
 def test_fingerprint_ignores_key_order_and_unset_fields() -> None:
     a = ReframeInput.model_validate({"aspect_ratio": "1:1", "video_url": "https://x.test/v.mp4"})
-    b = ReframeInput.model_validate({"video_url": "https://x.test/v.mp4", "aspect_ratio": "1:1", "prompt": None})
+    b = ReframeInput.model_validate(
+        {"video_url": "https://x.test/v.mp4", "aspect_ratio": "1:1", "prompt": None}
+    )
     assert a.fingerprint() == b.fingerprint()
     c = ReframeInput.model_validate({"video_url": "https://x.test/v.mp4", "aspect_ratio": "9:16"})
     assert a.fingerprint() != c.fingerprint()

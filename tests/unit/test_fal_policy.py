@@ -425,11 +425,11 @@ def test_backoff_retry_after_is_a_floor(retry_after: float) -> None:
 @pytest.mark.parametrize(
     ("code", "label"),
     [
-        (None, "error"),
-        (100, "error"),
+        (None, "network"),
+        (100, "network"),
         (200, "2xx"),
         (202, "2xx"),
-        (302, "error"),
+        (302, "3xx"),
         (404, "4xx"),
         (429, "429"),
         (500, "5xx"),

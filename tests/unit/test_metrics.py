@@ -13,7 +13,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics as metrics_mod
-from worker.metrics import Metrics, get_metrics, status_class
+from worker.fal.policy import status_class
+from worker.metrics import Metrics, get_metrics
 from worker.signals import install_celery_signal_handlers, uninstall_celery_signal_handlers
 
 NAME_RE = re.compile(r"^reframe_[a-z0-9_]+$")

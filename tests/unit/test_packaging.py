@@ -28,8 +28,17 @@ def _modules_after_import(module: str) -> set[str]:
 
 def test_producer_never_loads_the_worker_runtime() -> None:
     loaded = _modules_after_import("producer")
-    forbidden = {"httpx", "worker.fal", "worker.app", "worker.submit", "worker.tracker", "worker.flow",
-                 "worker.runtime", "celery.worker", "falemu"}
+    forbidden = {
+        "httpx",
+        "worker.fal",
+        "worker.app",
+        "worker.submit",
+        "worker.tracker",
+        "worker.flow",
+        "worker.runtime",
+        "celery.worker",
+        "falemu",
+    }
     assert not (loaded & forbidden), loaded & forbidden
 
 
@@ -40,8 +49,15 @@ def test_config_imports_nothing_of_ours() -> None:
 
 def test_importing_packages_does_no_work() -> None:
     # No settings read, no connections, no threads at import time.
-    code = ("import threading, config, producer, worker, worker.app, worker.submit, worker.tracker;"
-            "print(threading.active_count())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PATH": "/usr/bin:/bin", "REFRAME_REDIS_URL": "not a url"})
+    code = (
+        "import threading, config, producer, worker, worker.app, worker.submit, worker.tracker;"
+        "print(threading.active_count())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "REFRAME_REDIS_URL": "not a url"},
+    )
     assert out.stdout.strip() == "1"

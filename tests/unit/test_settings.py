@@ -22,7 +22,9 @@ def test_every_field_has_a_documented_environment_variable() -> None:
 
 
 def test_environment_values_are_read_and_typed() -> None:
-    s = load_settings({"REFRAME_MAX_CONCURRENCY": "40", "REFRAME_USE_STATUS_STREAM": "false", "FAL_KEY": "id:sec"})
+    s = load_settings(
+        {"REFRAME_MAX_CONCURRENCY": "40", "REFRAME_USE_STATUS_STREAM": "false", "FAL_KEY": "id:sec"}
+    )
     assert s.max_concurrency == 40 and s.use_status_stream is False
     assert s.fal_key_value == "id:sec"
 
@@ -33,15 +35,24 @@ def test_environment_values_are_read_and_typed() -> None:
         ({"REFRAME_REDIS_URL": "http://localhost:6379"}, "REFRAME_REDIS_URL: must be a redis://"),
         ({"REFRAME_REDIS_URL": "redis://"}, "REFRAME_REDIS_URL: has no host"),
         ({"REFRAME_MAX_CONCURRENCY": "-3"}, "REFRAME_MAX_CONCURRENCY: Input should be greater than 0"),
-        ({"REFRAME_BUDGET_DAILY_USD": "-1"}, "REFRAME_BUDGET_DAILY_USD: Input should be greater than or equal"),
+        (
+            {"REFRAME_BUDGET_DAILY_USD": "-1"},
+            "REFRAME_BUDGET_DAILY_USD: Input should be greater than or equal",
+        ),
         ({"REFRAME_SUBMIT_RATE_PER_S": "fast"}, "REFRAME_SUBMIT_RATE_PER_S: Input should be a valid number"),
         ({"REFRAME_MAX_CONCURENCY": "3"}, "REFRAME_MAX_CONCURENCY: unknown setting"),
         ({"REFRAME_FAL_QUEUE_URL": "queue.fal.run"}, "REFRAME_FAL_QUEUE_URL: must be an http(s):// URL"),
         ({"REFRAME_LOG_LEVEL": "LOUD"}, "REFRAME_LOG_LEVEL: must be one of"),
         ({"REFRAME_AMBIGUOUS_SUBMIT_POLICY": "yolo"}, "REFRAME_AMBIGUOUS_SUBMIT_POLICY: Input should be"),
-        ({"REFRAME_TASK_TIME_LIMIT_S": "10"}, "REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S"),
+        (
+            {"REFRAME_TASK_TIME_LIMIT_S": "10"},
+            "REFRAME_TASK_TIME_LIMIT_S must be >= REFRAME_TASK_SOFT_TIME_LIMIT_S",
+        ),
         ({"REFRAME_VISIBILITY_TIMEOUT_S": "100"}, "REFRAME_VISIBILITY_TIMEOUT_S must exceed"),
-        ({"REFRAME_RESERVED_HIGH_SLOTS": "2"}, "REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY"),
+        (
+            {"REFRAME_RESERVED_HIGH_SLOTS": "2"},
+            "REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], expected: str) -> None:
@@ -65,8 +76,11 @@ def test_fal_key_is_required_only_by_components_calling_real_fal() -> None:
 
 
 def test_secrets_never_show_in_repr_dumps_or_errors() -> None:
-    env = {"FAL_KEY": "kid:topsecret", "REFRAME_REDIS_URL": "redis://:hunter2@redis:6379/0",
-           "REFRAME_CALLBACK_SIGNING_KEY": "sigkey123"}
+    env = {
+        "FAL_KEY": "kid:topsecret",
+        "REFRAME_REDIS_URL": "redis://:hunter2@redis:6379/0",
+        "REFRAME_CALLBACK_SIGNING_KEY": "sigkey123",
+    }
     s = load_settings(env)
     for text in (repr(s), str(s), str(s.redacted()), str(s.model_dump())):
         assert "topsecret" not in text and "sigkey123" not in text

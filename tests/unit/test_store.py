@@ -50,7 +50,9 @@ def test_invalid_requests_enqueue_nothing(producer: Producer, rclient: redis.Red
     assert rclient.dbsize() == 0
 
 
-def test_idempotency_key_same_input_same_job_different_input_conflict(producer: Producer, rclient: redis.Redis) -> None:
+def test_idempotency_key_same_input_same_job_different_input_conflict(
+    producer: Producer, rclient: redis.Redis
+) -> None:
     first = producer.enqueue(REQ, idempotency_key="k")
     assert producer.enqueue(dict(reversed(list(REQ.items()))), idempotency_key="k") == first
     with pytest.raises(IdempotencyConflict, match="idempotency_key"):
@@ -101,7 +103,9 @@ def test_finish_races_publish_exactly_one_event(producer: Producer) -> None:
     def finisher(state: JobState) -> None:
         results.append(producer.store.finish(job_id, state, record={}, event={}).ok)
 
-    threads = [threading.Thread(target=finisher, args=(s,)) for s in [JobState.SUCCEEDED, JobState.FAILED] * 10]
+    threads = [
+        threading.Thread(target=finisher, args=(s,)) for s in [JobState.SUCCEEDED, JobState.FAILED] * 10
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -125,8 +129,13 @@ def test_cancel_only_finishes_jobs_that_did_not_reach_fal(producer: Producer, rc
 
 def test_dead_letter_replay_requeues_a_failed_job(producer: Producer, rclient: redis.Redis) -> None:
     job_id = producer.enqueue(REQ)
-    producer.store.finish(job_id, JobState.FAILED, record={"dead_letter_reason": "retries_exhausted"},
-                          event={}, dead_letter=True)
+    producer.store.finish(
+        job_id,
+        JobState.FAILED,
+        record={"dead_letter_reason": "retries_exhausted"},
+        event={},
+        dead_letter=True,
+    )
     assert rclient.zscore("reframe:dlq", job_id) is not None
     out = producer.store.replay(job_id, producer.get(job_id).priority)  # type: ignore[union-attr]
     assert out.ok
@@ -138,7 +147,9 @@ def test_dead_letter_replay_requeues_a_failed_job(producer: Producer, rclient: r
 
 def test_wait_wakes_on_the_terminal_event(producer: Producer) -> None:
     job_id = producer.enqueue(REQ)
-    timer = threading.Timer(0.3, lambda: producer.store.finish(job_id, JobState.SUCCEEDED, record={}, event={}))
+    timer = threading.Timer(
+        0.3, lambda: producer.store.finish(job_id, JobState.SUCCEEDED, record={}, event={})
+    )
     timer.start()
     job = producer.wait(job_id, timeout_s=10, poll_interval_s=5)
     assert job.state is JobState.SUCCEEDED

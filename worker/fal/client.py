@@ -502,7 +502,7 @@ class FalClient:
                 extensions={"trace": progress},
             )
         except httpx.HTTPError as exc:
-            self._record(op, None, started)
+            self._record(op, None, started, timeout=isinstance(exc, httpx.TimeoutException))
             err = classify_exception(op, exc, body_sent=progress.body_sent(exc))
             raise self._redacted(err) from exc
         self._record(op, response.status_code, started)
@@ -596,11 +596,11 @@ class FalClient:
             err.request_id = request_id
         return err
 
-    def _record(self, op: str, status_code: int | None, started: float) -> None:
+    def _record(self, op: str, status_code: int | None, started: float, *, timeout: bool = False) -> None:
         if self._on_request is None:
             return
         try:
-            self._on_request(op, status_class(status_code), time.perf_counter() - started)
+            self._on_request(op, status_class(status_code, timeout=timeout), time.perf_counter() - started)
         except Exception:
             # A broken metrics hook must not fail a fal call.
             log.warning("fal on_request hook failed", exc_info=True)

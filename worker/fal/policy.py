@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, cast
 
 import httpx
 
@@ -47,7 +47,7 @@ from worker.fal.errors import (
 )
 from worker.fal.models import CancelOutcome
 
-StatusClass = Literal["2xx", "4xx", "429", "5xx", "error"]
+StatusClass = Literal["2xx", "3xx", "4xx", "429", "5xx", "timeout", "network"]
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
 GATEWAY_AMBIGUOUS = frozenset({502, 504})
@@ -65,22 +65,21 @@ PRE_SEND_ERRORS: tuple[type[httpx.HTTPError], ...] = (
 OUR_BUGS: tuple[type[httpx.HTTPError], ...] = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
-def status_class(code: int | None) -> StatusClass:
-    """The metrics label of a response: ``2xx``, ``4xx``, ``429``, ``5xx``, or ``error`` (no response).
+def status_class(status_code: int | None = None, *, timeout: bool = False) -> StatusClass:
+    """The ``status_class`` metrics label of one fal HTTP call.
 
-    429 has its own class: throttling is handled (and alerted on) apart from other client errors.
+    ``None`` means no response arrived: ``timeout`` tells a timeout from another transport error
+    (``network``). 429 has its own class: throttling is handled (and alerted on) apart from other
+    client errors.
     """
-    if code is None:
-        return "error"
-    if code == 429:
+    if status_code is None:
+        return "timeout" if timeout else "network"
+    if status_code == 429:
         return "429"
-    if 200 <= code < 300:
-        return "2xx"
-    if 400 <= code < 500:
-        return "4xx"
-    if 500 <= code < 600:
-        return "5xx"
-    return "error"
+    for low, label in ((200, "2xx"), (300, "3xx"), (400, "4xx"), (500, "5xx")):
+        if low <= status_code < low + 100:
+            return cast(StatusClass, label)
+    return "network"  # 1xx or garbage: not a usable HTTP answer
 
 
 def parse_retry_after(value: str | None, now_s: float) -> float | None:
