@@ -416,15 +416,17 @@ def exporter(
     run_exporter(settings)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # `--help` goes to the emulator's own parser, which lists every option
+)
 def emulator(ctx: typer.Context) -> None:
-    """Run the fal emulator (options: see `reframe emulator --help-emulator`)."""
+    """Run the fal emulator (`reframe emulator --help` lists its options: --host, --port, ...)."""
     try:
         from falemu import cli_main
     except ImportError:
         raise fail("emulator: install the extra: pip install 'reframe-cluster[emulator]'") from None
-    args = ["--help" if a == "--help-emulator" else a for a in ctx.args]
-    raise typer.Exit(cli_main(args) or 0)
+    raise typer.Exit(cli_main(list(ctx.args)) or 0)
 
 
 @app.command()

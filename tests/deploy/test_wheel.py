@@ -104,10 +104,8 @@ def test_entry_point_help(installed: Installed, args: list[str]) -> None:
 
 def test_emulator_accepts_the_manifest_flags(installed: Installed) -> None:
     """k8s/components/emulator runs `reframe emulator --host 0.0.0.0 --port 8080`."""
-    text = ""
-    for flag in ("--help", "--help-emulator"):
-        _rc, out = installed.reframe("emulator", flag)
-        text += out
+    rc, text = installed.reframe("emulator", "--help")
+    assert rc == 0, text
     for option in ("--host", "--port"):
         assert re.search(rf"{option}\b", text), f"`reframe emulator` has no {option} option"
 
