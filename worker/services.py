@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from config import Settings
 from worker.health import HealthServer
 from worker.housekeeper import Housekeeper
-from worker.metrics import get_metrics
 from worker.runtime import Runtime, install
 from worker.tracker import start_tracker, stop_tracker
 
@@ -109,4 +108,3 @@ def shutdown() -> None:
         _state.runtime.close()
         install(None)
         _state.runtime = None
-    get_metrics()  # keep the registry for a final scrape in tests; nothing to close

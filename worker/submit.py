@@ -120,6 +120,8 @@ class Submitter:
             return self._cancel_pre_submit(job_id)
         if state == JobState.QUEUED and not rec.get("attempts"):
             self.rt.metrics.job_enqueued(str(rec.get("priority") or "normal"))
+        if state == JobState.DEFERRED:
+            rec = self._account_deferral(job_id, rec)
         if self._past_deadline(rec):
             self.fail(
                 job_id,
@@ -129,12 +131,22 @@ class Submitter:
             return Outcome.FAILED
         return self._gate_and_submit(job_id, rec)
 
+    def _account_deferral(self, job_id: str, rec: dict[str, Any]) -> dict[str, Any]:
+        """Add the time a deferred job was parked to ``deferred_total_ms``.
+
+        Queue-wait metrics subtract that total, so deliberate delays (backoff, an open breaker, a
+        rate pause) do not look like the cluster being slow.
+        """
+        parked_ms = max(0, self._now_ms() - int(rec.get("ts_DEFERRED") or self._now_ms()))
+        total = self.rt.store.incr_field(job_id, "deferred_total_ms", parked_ms)
+        return {**rec, "deferred_total_ms": total}
+
     # ------------------------------------------------------------------ gate
     def _gate_and_submit(self, job_id: str, rec: dict[str, Any]) -> Outcome:
         priority = Priority(rec.get("priority") or "normal")
         decision = self.flow.breaker.allow()
         if not decision.allowed:
-            self.defer(job_id, until_ms=decision.retry_at_ms, reason="breaker_open", count_retry=False)
+            self.defer(job_id, until_ms=decision.retry_at_ms, reason="breaker_open")
             return Outcome.DEFERRED
         probe = decision.probe
         estimate = self._estimate_micro(job_id, rec)
@@ -182,7 +194,7 @@ class Submitter:
                 self.flow.slots.renew(
                     [job_id], ttl_ms=decision.retry_after_ms + int(self.s.slot_lease_ttl_s * 1000)
                 )
-                self.defer(job_id, until_ms=until, reason=str(decision.reason), count_retry=False)
+                self.defer(job_id, until_ms=until, reason=str(decision.reason))
                 return None
             time.sleep(decision.retry_after_ms / 1000)
 
@@ -384,7 +396,6 @@ class Submitter:
             job_id,
             until_ms=self._now_ms() + int(delay_s * 1000),
             reason=reason,
-            count_retry=False,
             from_states=from_states,
         )
 
@@ -394,7 +405,6 @@ class Submitter:
         *,
         until_ms: int,
         reason: str,
-        count_retry: bool,
         from_states: list[JobState] | None = None,
     ) -> None:
         """Park a job until ``until_ms`` (+ jitter so a crowd does not return at one instant)."""
@@ -406,8 +416,6 @@ class Submitter:
         if moved.ok:
             self._schedule(job_id, until_ms)
             self.rt.metrics.job_deferred(reason)
-        if count_retry:
-            self.rt.metrics.retry(reason)
 
     def _schedule(self, job_id: str, at_ms: int) -> None:
         self.rt.redis.zadd(self.rt.store.keys.delayed, {job_id: at_ms})

@@ -155,3 +155,12 @@ def test_wait_wakes_on_the_terminal_event(producer: Producer) -> None:
     assert job.state is JobState.SUCCEEDED
     with pytest.raises(TimeoutError):
         producer.wait(producer.enqueue({**REQ, "prompt": "x"}), timeout_s=0.2)
+
+
+def test_incr_field_only_touches_existing_records(producer: Producer, rclient: redis.Redis) -> None:
+    job_id = producer.enqueue(REQ)
+    assert producer.store.incr_field(job_id, "deferred_total_ms", 1500) == 1500
+    assert producer.store.incr_field(job_id, "deferred_total_ms", 500) == 2000
+    assert producer.get(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+    assert producer.store.incr_field("gone", "deferred_total_ms", 5) == 0
+    assert not rclient.exists("reframe:job:gone")

@@ -290,6 +290,18 @@ class JobStore:
             *[x for kv in mapping.items() for x in kv],
         )
 
+    def incr_field(self, job_id: str, field: str, delta: int) -> int:
+        """Add ``delta`` to an integer field of an existing record; return the new value (0 if gone)."""
+        raw = self.r.eval(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then "
+            "return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+            1,
+            self.keys.job(job_id),
+            field,
+            delta,
+        )
+        return int(raw)
+
     def finish(
         self,
         job_id: str,
