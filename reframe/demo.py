@@ -30,41 +30,30 @@ if TYPE_CHECKING:
 SAMPLE_DURATION_S = 3
 
 
-def make_sample_video(path: Path, *, duration_s: float = SAMPLE_DURATION_S, size: str = "640x360") -> Path:
-    """A 16:9 test pattern with a tone, encoded with the ffmpeg the imageio-ffmpeg wheel ships."""
+def make_sample_video(
+    path: Path, *, duration_s: float = SAMPLE_DURATION_S, size: str = "640x360", audio: bool = True
+) -> Path:
+    """A test-pattern clip (with a tone unless ``audio`` is false), H.264 + fast start, made with the
+    ffmpeg binary the imageio-ffmpeg wheel ships. The demo, the tests and the benchmarks all use it.
+    """
     import imageio_ffmpeg
 
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            f"testsrc2=duration={duration_s}:size={size}:rate=25",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:duration={duration_s}",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-            "-movflags",
-            "+faststart",
-            str(path),
-        ],
-        check=True,
-        timeout=120,
-    )
+    argv = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+            "-f", "lavfi", "-i", f"testsrc2=duration={duration_s}:size={size}:rate=25"]  # fmt: skip
+    if audio:
+        argv += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={duration_s}", "-c:a", "aac", "-shortest"]
+    argv += [
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        str(path),
+    ]
+    subprocess.run(argv, check=True, timeout=120)
     return path
 
 

@@ -43,7 +43,11 @@ def make_settings(redis_url: str) -> Callable[..., Settings]:
     """Build settings from an empty environment plus overrides (never the developer's env)."""
 
     def factory(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {"redis_url": redis_url, "fal_queue_url": "http://127.0.0.1:9", "metrics_port": 0}
+        base: dict[str, Any] = {
+            "redis_url": redis_url,
+            "fal_queue_url": "http://127.0.0.1:9",
+            "metrics_port": 0,
+        }
         base.update(overrides)
         return load_settings({}, **base)
 

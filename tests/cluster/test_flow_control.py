@@ -204,7 +204,7 @@ def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
     make_cluster: ClusterFactory, tmp_path: Path
 ) -> None:
     # A whole-second clip without audio: the estimate (ceil of seconds) equals the bill exactly.
-    clip = make_sample_video(tmp_path / "three-seconds.mp4", duration_s=3, size="320x180")
+    clip = make_sample_video(tmp_path / "three-seconds.mp4", duration_s=3, size="320x180", audio=False)
     k, per_job = 7, 3 * 0.06
     cluster = make_cluster(
         workers=3,

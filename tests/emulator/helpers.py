@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import imageio_ffmpeg
 import pytest
+
+from reframe.demo import make_sample_video
 
 APP = "fal-ai/luma-dream-machine/ray-2-flash/reframe"
 KEY = "test-key-id:test-key-secret"
@@ -31,23 +31,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def make_clip(path: Path, *, size: str = "320x180", duration_s: float = 2.0, audio: bool = True) -> Path:
-    """An H.264 testsrc clip made with the imageio-ffmpeg binary."""
-    argv = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "lavfi",
-        "-i",
-        f"testsrc=duration={duration_s}:size={size}:rate=25",
-    ]
-    if audio:
-        argv += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={duration_s}", "-c:a", "aac", "-shortest"]
-    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)]
-    subprocess.run(argv, check=True, timeout=60)
-    return path
+    """An H.264 test clip made with the imageio-ffmpeg binary (the project's one clip generator)."""
+    return make_sample_video(path, duration_s=duration_s, size=size, audio=audio)
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 15.0, what: str = "condition") -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from reframe.demo import make_sample_video
 from worker.fal import (
     CancelOutcome,
     FalAmbiguousError,
@@ -61,31 +61,8 @@ def clean(emu: Any) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-second 160x90 H.264 test clip."""
-    import imageio_ffmpeg
-
     out = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=160x90:rate=10",
-            "-t",
-            "1",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:v",
-            "libx264",
-            str(out),
-        ],
-        check=True,
-        timeout=60,
-    )
-    return out
+    return make_sample_video(out, duration_s=1, size="160x90", audio=False)
 
 
 class Sleeps:
