@@ -229,6 +229,9 @@ class Submitter:
             self._give_back_probe(probe)
             self._free(job_id)
             return Outcome.CANCELLED
+        if self._paused_since_token(job_id, now_ms=intent.at_ms):
+            self._give_back_probe(probe)
+            return Outcome.DEFERRED
         attempt = int(rec.get("attempts") or 0) + 1
         payload = dict(rec.get("input") or {})
         try:
@@ -291,6 +294,30 @@ class Submitter:
             from worker.cancel import cancel_at_fal
 
             cancel_at_fal(self.rt, job_id)
+
+    def _paused_since_token(self, job_id: str, *, now_ms: int) -> bool:
+        """True (and the job deferred again, unsent) if fal pushed back after this job took its token.
+
+        The token script already checks the pause; this second look, just before the request goes
+        out, closes the window in which another worker's 429 arrives between token and send.
+        """
+        until = self.flow.rate.paused_until_ms()
+        if until is None or until <= now_ms:
+            return False
+        moved = self.rt.store.transition(
+            job_id,
+            [JobState.SUBMITTING],
+            JobState.DEFERRED,
+            incr_attempts=-1,
+            deferred_reason="paused",
+            deferred_until_ms=until,
+        )
+        if moved.ok:
+            ttl_ms = until - now_ms + int(self.s.slot_lease_ttl_s * 1000)
+            self.flow.slots.renew([job_id], ttl_ms=ttl_ms)  # nobody can submit before then anyway
+            self._schedule(job_id, until + self.rt.rng.randint(0, JITTER_MAX_MS))
+            self.rt.metrics.job_deferred("paused")
+        return moved.ok
 
     def _on_transient_submit_error(
         self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int, before: BreakerState
