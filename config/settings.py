@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: PosFloat = Field(default=60.0, description="Soft time limit of a Celery task.")
     task_time_limit_s: PosFloat = Field(default=90.0, description="Hard time limit of a Celery task.")
     visibility_timeout_s: PosFloat = Field(
-        default=300.0, description="Redis redelivery of unacked messages; above every time limit."
+        default=150.0, description="Redis redelivery of unacked messages; above every time limit."
     )
     worker_soft_shutdown_timeout_s: NonNegFloat = Field(
         default=20.0, description="Celery soft shutdown; below the pod's terminationGracePeriodSeconds."

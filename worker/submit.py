@@ -107,7 +107,6 @@ class Submitter:
             self._free(job_id)
             return Outcome.MISSING
         state = JobState(rec["state"])
-        self.rt.redis.zrem(self.rt.store.keys.delayed, job_id)
         if state.terminal:
             self._free(job_id, settle_micro=rec.get("cost_actual_micro"))
             return Outcome.DUPLICATE
@@ -121,6 +120,8 @@ class Submitter:
         if state == JobState.QUEUED and not rec.get("attempts"):
             self.rt.metrics.job_enqueued(str(rec.get("priority") or "normal"))
         if state == JobState.DEFERRED:
+            # Only deferred jobs sit in P:delayed (leased there until this task picks them up).
+            self.rt.redis.zrem(self.rt.store.keys.delayed, job_id)
             rec = self._account_deferral(job_id, rec)
         if self._past_deadline(rec):
             self.fail(

@@ -39,6 +39,10 @@ def make_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFa
 
     def factory(**kwargs: Any) -> LocalCluster:
         env = {
+            # Short limits so a SIGKILLed worker's unacked messages come back within the test's deadlines.
+            "REFRAME_TASK_SOFT_TIME_LIMIT_S": "20",
+            "REFRAME_TASK_TIME_LIMIT_S": "30",
+            "REFRAME_VISIBILITY_TIMEOUT_S": "40",
             "REFRAME_TRACKER_CLAIM_TTL_S": "3",
             "REFRAME_SLOT_LEASE_TTL_S": "6",
             "REFRAME_SUBMIT_RATE_PER_S": "100",

@@ -74,9 +74,19 @@ def test_never_more_than_n_open_at_fal_even_while_workers_are_killed(
     book = ledger(cluster)
     assert book["max_open"] <= n, book["max_open"]
     assert book["max_in_progress"] <= n
-    assert all(j is not None and j.state is JobState.SUCCEEDED for j in jobs)
-    # Exactly one fal submission per job, despite two SIGKILLs mid-run.
-    assert book["submissions"][fp(request)] == len(ids)
+    succeeded = [j for j in jobs if j is not None and j.state is JobState.SUCCEEDED]
+    # A kill that lands inside a submit's HTTP call leaves its outcome unknown: by the documented
+    # policy that job is dead-lettered as an ambiguous submit, never resubmitted.
+    ambiguous = [j for j in jobs if j is not None and j.dead_letter_reason == "ambiguous_submit"]
+    assert len(succeeded) + len(ambiguous) == len(ids), [
+        (j.state, j.error) for j in jobs if j and j not in succeeded
+    ]
+    assert len(ambiguous) <= 2 * n, (
+        "only jobs holding one of the N slots can be mid-submit when a worker dies"
+    )
+    assert len({j.fal_request_id for j in succeeded}) == len(succeeded)
+    # Never a second fal submission for a job: every submission is a succeeded job's or an ambiguous one's.
+    assert len(succeeded) <= book["submissions"][fp(request)] <= len(succeeded) + len(ambiguous)
 
 
 def test_rate_limit_zero_429s_under_10x_overload_and_retry_after_is_a_floor(
