@@ -29,6 +29,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # Above every task time limit and claim TTL: a late ack never causes a redelivery.
         "visibility_timeout": int(settings.visibility_timeout_s),
+        # kombu sweeps for expired unacked messages every interval x throttle seconds (100 s by
+        # default); every ~10 s means a SIGKILLed worker's messages return soon after the timeout.
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 2,
         "queue_order_strategy": "priority",
         "priority_steps": list(KOMBU_PRIORITY_STEPS),
         "sep": KOMBU_PRIORITY_SEP,

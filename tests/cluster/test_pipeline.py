@@ -6,7 +6,9 @@ what a user sees.
 
 from __future__ import annotations
 
+import http.server
 import signal
+import threading
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -254,3 +256,53 @@ def test_input_longer_than_the_limit_fails_before_any_fal_call(
     assert job.error is not None and job.error["type"] == "input_too_long"
     assert "video_url" in job.error["message"]
     assert submissions(strict, request) == 0
+
+
+class _StallFirstRequest(http.server.BaseHTTPRequestHandler):
+    """Serves one video file; the very first request stalls (a worker is killed while it waits)."""
+
+    video: bytes = b""
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if not _StallFirstRequest.stalled.is_set():
+            _StallFirstRequest.stalled.set()
+            _StallFirstRequest.release.wait(30)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(self.video)))
+        self.end_headers()
+        self.wfile.write(self.video)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_sigkill_while_a_job_is_held_unacked_loses_nothing(
+    make_cluster: ClusterFactory, sample_video: Path
+) -> None:
+    # The worker is killed inside reframe.submit, before any fal call (reading the input's duration
+    # for the budget estimate): the message is unacked, the job still QUEUED. kombu must hand the
+    # message to the replacement after the visibility timeout, and the job must finish normally.
+    _StallFirstRequest.video = sample_video.read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallFirstRequest)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cluster = make_cluster(workers=1, emulator_processing_time_s=0.2)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+        with Producer(cluster.settings()) as p:
+            request = unique_input(url)
+            job_id = p.enqueue(request)
+            assert _StallFirstRequest.stalled.wait(30), "the worker never read the input"
+            cluster.kill_worker(cluster.workers[0], signal.SIGKILL)
+            assert p.get(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+            cluster.start_worker(name="replacement")
+            job = p.wait(job_id, timeout_s=120)
+    finally:
+        _StallFirstRequest.release.set()
+        server.shutdown()
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert submissions(cluster, request) == 1
+    assert len(events_for(cluster, job_id)) == 1
