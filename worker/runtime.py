@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import threading
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -79,6 +82,8 @@ class Runtime:
     fal: FalClient
     metrics: Metrics
     rng: random.Random = field(default_factory=random.Random)
+    #: This process's identity in Redis (claims, heartbeats): unique per process start.
+    process_id: str = field(default_factory=lambda: new_process_id())
 
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
@@ -129,6 +134,11 @@ class Runtime:
             log.debug("fal client close failed", exc_info=True)
         self.portal.stop()
         self.redis.close()
+
+
+def new_process_id() -> str:
+    """``host:pid:random``: unique per process start, readable in ``redis-cli``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 async def _make_fal(settings: Settings, metrics: Metrics) -> FalClient:
