@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # Reframe Cluster image: one image, several commands (see docs/deploy.md).
-#   reframe worker    (default)  Celery worker, metrics/health on :9100
-#   reframe exporter             cluster-wide gauges on :9100 (one replica)
+#   reframe worker    (default)  Celery worker, metrics/health on :17300
+#   reframe exporter             cluster-wide gauges on :17300 (one replica)
 #   reframe emulator             fal emulator for staging (the `emulator` extra is installed)
 #
 # Base image: both stages use exactly the same image, pinned to a Python patch release and a
@@ -64,7 +64,7 @@ USER 10001:10001
 RUN python -c "import config, producer, worker, falemu, reframe.cli, imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()" \
  && reframe --help > /dev/null
 
-EXPOSE 9100
+EXPOSE 17300
 
 # Exec form: `reframe` is PID 1 and receives SIGTERM itself (Celery's main process only,
 # never the pool threads); Kubernetes sets REMAP_SIGTERM=SIGQUIT for the soft shutdown.

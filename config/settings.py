@@ -44,6 +44,12 @@ class AmbiguousSubmitPolicy(StrEnum):
     """Accept a bounded risk of paying twice: submit again (counted, budget reserved again)."""
 
 
+#: Outside Prometheus' exporter range 9100-9999 (fully allocated; 9100 is node_exporter), Kubernetes'
+#: 10250-10259 and Istio's 15000s, so a worker never collides with a node's usual exporters.
+DEFAULT_METRICS_PORT = 17300
+#: Largest spend cap: 1e9 USD = 1e15 micro-dollars, exact in a double.
+MAX_BUDGET_USD = 1e9
+
 REAL_FAL_HOST_SUFFIXES = ("fal.run", "fal.ai", "fal.media", "falrun.com")
 
 
@@ -56,6 +62,7 @@ class Settings(BaseSettings):
         frozen=True,
         case_sensitive=False,
         populate_by_name=True,
+        allow_inf_nan=False,  # "inf"/"nan" in a float variable is a typo, never a limit
     )
 
     # --- Redis -------------------------------------------------------------------------------
@@ -151,11 +158,21 @@ class Settings(BaseSettings):
     breaker_close_after_successes: PosInt = Field(
         default=1, description="Probe successes that close the breaker."
     )
-    budget_daily_usd: NonNegFloat = Field(default=100.0, description="Spend cap per UTC day.")
-    budget_monthly_usd: NonNegFloat = Field(default=1000.0, description="Spend cap per UTC month.")
-    price_per_s_usd: NonNegFloat = Field(default=0.06, description="fal price per second of video.")
+    # Bounded so micro-dollar sums stay exact in Lua doubles (< 2**53) and a typo cannot lift a cap.
+    budget_daily_usd: Annotated[float, Field(ge=0, le=MAX_BUDGET_USD)] = Field(
+        default=100.0, description="Spend cap per UTC day (at most 1e9)."
+    )
+    budget_monthly_usd: Annotated[float, Field(ge=0, le=MAX_BUDGET_USD)] = Field(
+        default=1000.0, description="Spend cap per UTC month (at most 1e9)."
+    )
+    price_per_s_usd: Annotated[float, Field(ge=0, le=1000)] = Field(
+        default=0.06, description="fal price per second of video."
+    )
     max_video_duration_s: PosFloat = Field(
         default=30.0, description="Longest input accepted; also the estimate when it cannot be read."
+    )
+    max_upload_bytes: PosInt = Field(
+        default=100 * 1024 * 1024, description="Largest local file `reframe enqueue` uploads to fal storage."
     )
     probe_timeout_s: PosFloat = Field(default=10.0, description="Timeout to read a video's duration.")
     ambiguous_submit_policy: AmbiguousSubmitPolicy = Field(
@@ -178,7 +195,13 @@ class Settings(BaseSettings):
     # --- metrics, health, logging ------------------------------------------------------------
     metrics_host: str = Field(default="0.0.0.0", description="Bind address of /metrics and health.")
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=9100, description="Port of /metrics, /livez, /readyz (0 disables)."
+        default=DEFAULT_METRICS_PORT, description="Port of /metrics, /livez, /readyz (0 disables)."
+    )
+    heartbeat_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = Field(
+        default=2000, description="How often a worker process publishes its presence (limits + beat)."
+    )
+    heartbeat_ttl_ms: Annotated[int, Field(ge=300, le=600_000)] = Field(
+        default=10_000, description="A process with no beat for this long counts as dead."
     )
     log_level: str = Field(default="INFO", description="Python log level.")
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
@@ -224,6 +247,8 @@ class Settings(BaseSettings):
             raise ValueError("REFRAME_BREAKER_OPEN_CAP_S must be >= REFRAME_BREAKER_OPEN_BASE_S")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("REFRAME_RETRY_CAP_S must be >= REFRAME_RETRY_BASE_S")
+        if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
+            raise ValueError("REFRAME_HEARTBEAT_TTL_MS must be at least 2 x REFRAME_HEARTBEAT_INTERVAL_MS")
         return self
 
     @property

@@ -5,7 +5,7 @@ a real Prometheus, not just parse) and by end-to-end tests against a local clust
 Debian's ``prometheus`` (``scripts/ensure-prometheus`` installs it); version 2.42, so keep PromQL
 to what it supports.
 
-    server = start_prometheus(workdir, ["127.0.0.1:9100"], [Path("observability/prometheus/rules.yml")],
+    server = start_prometheus(workdir, ["127.0.0.1:17300"], [Path("observability/prometheus/rules.yml")],
                               labels={"namespace": "test"})
     try:
         server.wait_targets_up(timeout_s=30)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from config import Settings
 from worker.health import HealthServer
 from worker.housekeeper import Housekeeper
+from worker.presence import STATE_DRAINING, Presence, PresenceBeat, effective_limits
 from worker.runtime import Runtime, install
 from worker.tracker import start_tracker, stop_tracker
 
@@ -24,6 +25,7 @@ class _State:
     runtime: Runtime | None = None
     health: HealthServer | None = None
     housekeeper: Housekeeper | None = None
+    presence: PresenceBeat | None = None
     ready: bool = False
 
 
@@ -78,6 +80,14 @@ def start_background() -> None:
     hk = Housekeeper(rt)
     hk.start()
     _state.housekeeper = hk
+    if _state.presence is None:  # publish limits + heartbeat (worker/presence.py)
+        _state.presence = PresenceBeat(
+            Presence.from_settings(rt.redis, rt.settings),
+            rt.process_id,
+            effective_limits(rt.settings),
+            interval_ms=rt.settings.heartbeat_interval_ms,
+        )
+        _state.presence.start()
     _state.ready = True
     log.info("worker ready: tracker and housekeeper running")
 
@@ -85,6 +95,8 @@ def start_background() -> None:
 def stop_background() -> None:
     """Stop taking new work in the background threads (idempotent)."""
     _state.ready = False
+    if _state.presence is not None:  # keeps beating until shutdown(): it may still finish tasks
+        _state.presence.set_state(STATE_DRAINING)
     if _state.housekeeper is not None:
         _state.housekeeper.stop()
         _state.housekeeper = None
@@ -101,6 +113,9 @@ def beat() -> None:
 def shutdown() -> None:
     """Stop everything and close clients."""
     stop_background()
+    if _state.presence is not None:
+        _state.presence.stop()
+        _state.presence = None
     if _state.health is not None:
         _state.health.stop()
         _state.health = None

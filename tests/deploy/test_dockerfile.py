@@ -54,7 +54,7 @@ def test_runtime_stage() -> None:
     cmd = [i for i in rt if i.startswith("CMD")]
     assert json.loads(entry[-1].split(None, 1)[1]) == ["reframe"], 'exec-form ENTRYPOINT ["reframe"]'
     assert json.loads(cmd[-1].split(None, 1)[1]) == ["worker"]
-    assert "EXPOSE 9100" in rt
+    assert "EXPOSE 17300" in rt
     # the smoke test runs as the final user, after the venv is in place
     runs = [i for i in rt if i.startswith("RUN")]
     assert any("reframe --help" in r and "import" in r for r in runs), (

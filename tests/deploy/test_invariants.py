@@ -11,7 +11,7 @@ import pytest
 from tests.deploy.conftest import ROOT, SECRET_KEYS, SECRET_NAME, Rendered
 
 IMAGE_UID = 10001
-METRICS_PORT = 9100
+METRICS_PORT = 17300
 #: environment variables that carry secrets: only ever from a secretKeyRef
 SECRET_ENV = {
     "FAL_KEY",
