@@ -10,7 +10,9 @@ do), and pass the object down. This module is the only place that reads the proc
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
@@ -49,6 +51,8 @@ class AmbiguousSubmitPolicy(StrEnum):
 DEFAULT_METRICS_PORT = 17300
 #: Largest spend cap: 1e9 USD = 1e15 micro-dollars, exact in a double.
 MAX_BUDGET_USD = 1e9
+
+_ALLOW_HOST = re.compile(r"(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
 
 REAL_FAL_HOST_SUFFIXES = ("fal.run", "fal.ai", "fal.media", "falrun.com")
 
@@ -191,6 +195,28 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
+    # --- outbound fetches (issue #11: SSRF guard, worker/netguard.py) ----------------------------
+    fetch_allow: str = Field(
+        default="",
+        description=(
+            "CIDRs and host names (`*.cdn.example` for sub-domains) that job URLs may reach although "
+            "they are internal, e.g. an internal CDN; comma or space separated; empty allows nothing "
+            "extra. Cloud metadata addresses stay blocked."
+        ),
+    )
+    max_url_length: Annotated[int, Field(ge=64, le=65536)] = Field(
+        default=2048, description="Longest http(s) URL a job may name (video_url, image_url, callback_url)."
+    )
+    fetch_max_redirects: Annotated[int, Field(ge=0, le=10)] = Field(
+        default=3, description="Redirects followed per fetch (each hop is checked again); POSTs follow none."
+    )
+    fetch_connect_timeout_s: PosFloat = Field(default=5.0, description="TCP/TLS connect timeout of a fetch.")
+    probe_max_bytes: PosInt = Field(
+        default=32 * 1024 * 1024, description="Most bytes the duration probe reads from one video."
+    )
+    callback_max_response_bytes: PosInt = Field(
+        default=64 * 1024, description="Most bytes of a callback receiver's response that are read."
+    )
 
     # --- metrics, health, logging ------------------------------------------------------------
     metrics_host: str = Field(default="0.0.0.0", description="Bind address of /metrics and health.")
@@ -223,6 +249,20 @@ class Settings(BaseSettings):
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError("must be an http(s):// URL with a host")
         return value.rstrip("/")
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _check_fetch_allow(cls, value: str) -> str:
+        # Syntax only; worker/contracts/urlpolicy.py (Allowlist.parse) gives the entries meaning.
+        for entry in re.split(r"[\s,]+", value.strip()):
+            if not entry:
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _ALLOW_HOST.fullmatch(entry.lower().rstrip(".")):
+                    raise ValueError(f"entry {entry!r} is neither a CIDR nor a host name") from None
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

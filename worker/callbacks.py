@@ -4,6 +4,10 @@ Signature (like Stripe's): header ``X-Reframe-Signature: t=<unix seconds>,v1=<he
 ``hex = HMAC-SHA256(REFRAME_CALLBACK_SIGNING_KEY, f"{t}.{raw_body}")``. Receivers recompute it over the
 raw body, compare in constant time, and reject timestamps older than a few minutes. Deliveries are
 at-least-once; ``X-Reframe-Event-Id`` (the job id) lets receivers de-duplicate.
+
+Deliveries go through the guarded fetcher (``worker/netguard.py``): a ``callback_url`` that points
+at loopback, a private network or cloud metadata (directly, by DNS, in any IP spelling) is refused
+with :class:`BlockedURL` before any connection is made, and redirects are never followed.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import json
 import time
 from typing import Any
 
-import httpx
-
 from config import Settings
+from worker.netguard import BlockedURL, GuardedFetcher
+
+__all__ = ["BlockedURL", "callback_body", "deliver", "sign", "verify"]
 
 
 def sign(key: bytes, timestamp: int, body: bytes) -> str:
@@ -59,9 +64,16 @@ def callback_body(rec: dict[str, Any]) -> bytes:
 
 
 def deliver(
-    settings: Settings, url: str, body: bytes, *, event_id: str, client: httpx.Client | None = None
+    settings: Settings, url: str, body: bytes, *, event_id: str, fetcher: GuardedFetcher | None = None
 ) -> int:
-    """POST one callback; return the HTTP status (raises ``httpx.HTTPError`` on transport errors)."""
+    """POST one callback through the guarded fetcher; return the HTTP status.
+
+    No redirect is followed (a 3xx is returned as the status), the answer is read up to
+    ``REFRAME_CALLBACK_MAX_RESPONSE_BYTES`` and the whole call is bounded by
+    ``REFRAME_CALLBACK_TIMEOUT_S``. Raises :class:`worker.netguard.BlockedURL` when the target is
+    not allowed (a permanent failure: do not retry) and ``httpx.HTTPError`` on transport errors
+    (transient). ``fetcher`` defaults to one built from ``settings`` for this call.
+    """
     headers = {
         "Content-Type": "application/json",
         "X-Reframe-Event-Id": event_id,
@@ -70,10 +82,17 @@ def deliver(
     if settings.callback_signing_key is not None:
         key = settings.callback_signing_key.get_secret_value().encode()
         headers["X-Reframe-Signature"] = sign(key, int(time.time()), body)
-    own = client is None
-    http = client or httpx.Client(timeout=settings.callback_timeout_s, follow_redirects=False)
+    own = fetcher is None
+    guard = fetcher or GuardedFetcher.from_settings(settings)
     try:
-        return http.post(url, content=body, headers=headers).status_code
+        result = guard.post(
+            url,
+            body,
+            headers,
+            timeout_s=settings.callback_timeout_s,
+            max_response_bytes=settings.callback_max_response_bytes,
+        )
+        return result.status
     finally:
         if own:
-            http.close()
+            guard.close()

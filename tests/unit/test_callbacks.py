@@ -8,6 +8,7 @@ import httpx
 
 from config import load_settings
 from worker.callbacks import callback_body, deliver, sign, verify
+from worker.netguard import GuardedFetcher
 
 
 def test_signature_round_trip_and_tamper_detection() -> None:
@@ -37,8 +38,11 @@ def test_deliver_posts_the_signed_body_without_leaking_the_key() -> None:
         "result": {"video": {"url": "https://cdn/x.mp4"}},
     }
     body = callback_body(rec)
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        assert deliver(settings, "https://hooks.test/cb", body, event_id="j1", client=client) == 204
+    fetcher = GuardedFetcher(
+        resolver=lambda host, port: ["93.184.215.14"], transport_factory=lambda: httpx.MockTransport(handler)
+    )
+    with fetcher:
+        assert deliver(settings, "https://hooks.test/cb", body, event_id="j1", fetcher=fetcher) == 204
     request = seen[0]
     assert json.loads(request.content)["video"]["url"] == "https://cdn/x.mp4"
     assert json.loads(request.content)["cost_usd"] == 0.15
