@@ -191,10 +191,22 @@ class Settings(BaseSettings):
     )
     callback_timeout_s: PosFloat = Field(default=10.0, description="Timeout of one callback POST.")
     callback_max_attempts: PosInt = Field(default=8, description="Callback deliveries before giving up.")
+    callback_allow_unsigned: bool = Field(
+        default=False,
+        description="Accept a callback_url without REFRAME_CALLBACK_SIGNING_KEY (unsigned POSTs).",
+    )
 
     # --- input limits ------------------------------------------------------------------------
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
+    max_metadata_bytes: PosInt = Field(
+        default=16 * 1024, description="Largest job metadata, as compact JSON (it is stored and published)."
+    )
+    max_metadata_depth: PosInt = Field(default=8, description="Deepest nesting of job metadata.")
+    max_metadata_keys: PosInt = Field(default=256, description="Most keys in job metadata, all levels.")
+    enqueue_max_batch: Annotated[int, Field(gt=0, le=10_000)] = Field(
+        default=1000, description="Most jobs per enqueue_many call (one atomic Redis script)."
+    )
     # --- outbound fetches (issue #11: SSRF guard, worker/netguard.py) ----------------------------
     fetch_allow: str = Field(
         default="",

@@ -3,13 +3,16 @@
 Only :mod:`config` and :mod:`worker.contracts` are imported; the worker runtime never is.
 """
 
-from producer.client import CancelOutcome, EnqueueRequest, IdempotencyConflict, Job, Producer
+from producer.client import CancelOutcome, EnqueueRequest, EnqueueResult, IdempotencyConflict, Job, Producer
 from producer.results import ResultConsumer, ResultEvent
+from worker.contracts.intake import Conflict
 from worker.contracts.models import InvalidRequest, JobState, Priority, ReframeInput
 
 __all__ = [
     "CancelOutcome",
+    "Conflict",
     "EnqueueRequest",
+    "EnqueueResult",
     "IdempotencyConflict",
     "InvalidRequest",
     "Job",

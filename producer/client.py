@@ -15,17 +15,28 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 
 from config import Settings
+from worker.contracts.intake import (
+    EnqueueResult,
+    IdempotencyConflict,
+    Intake,
+    IntakeLimits,
+    JobIdCall,
+    JobIdsCall,
+    WaitCall,
+    check_batch,
+    check_call,
+    check_enqueue,
+)
 from worker.contracts.keys import celery_queue_key
 from worker.contracts.models import (
     PRE_SUBMIT_STATES,
@@ -38,16 +49,15 @@ from worker.contracts.models import (
 from worker.contracts.store import JobStore
 from worker.contracts.wire import CANCEL_TASK, task_message
 
-
-class IdempotencyConflict(ValueError):
-    """The idempotency key was already used for a different request."""
-
-    def __init__(self, key: str, job_id: str) -> None:
-        self.key = key
-        self.job_id = job_id
-        super().__init__(
-            f"idempotency_key: {key!r} was already used by job {job_id} with a different request"
-        )
+__all__ = [
+    "CancelOutcome",
+    "EnqueueRequest",
+    "EnqueueResult",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "Job",
+    "Producer",
+]
 
 
 class CancelOutcome(StrEnum):
@@ -65,13 +75,27 @@ class CancelOutcome(StrEnum):
 
 @dataclass(frozen=True)
 class EnqueueRequest:
-    """One job for :meth:`Producer.enqueue_many`."""
+    """One job for :meth:`Producer.enqueue_many`; the fields are the keyword arguments of
+    :meth:`Producer.enqueue` and are checked the same way (strictly, nothing coerced)."""
 
-    input: ReframeInput | dict[str, Any]
+    input: ReframeInput | Mapping[str, Any]
     idempotency_key: str | None = None
     priority: Priority | str = Priority.NORMAL
     metadata: Mapping[str, Any] | None = None
     callback_url: str | None = None
+    deadline_s: float | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The call arguments, as validated by :class:`worker.contracts.intake.EnqueueCall`."""
+        args = {
+            "input": self.input,
+            "idempotency_key": self.idempotency_key,
+            "priority": self.priority,
+            "metadata": self.metadata,
+            "callback_url": self.callback_url,
+            "deadline_s": self.deadline_s,
+        }
+        return {k: v for k, v in args.items() if v is not None or k == "input"}
 
 
 @dataclass(frozen=True)
@@ -133,33 +157,34 @@ class Job:
         )
 
 
-def _check_callback_url(url: str | None) -> str | None:
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest([("callback_url", "must be an http(s) URL with a host")])
-    return url
-
-
-def _check_priority(value: Priority | str) -> Priority:
-    try:
-        return Priority(value)
-    except ValueError:
-        raise InvalidRequest([("priority", "must be one of high, normal, low")]) from None
-
-
-def _check_idempotency_key(key: str | None) -> str | None:
-    if key is not None and not (1 <= len(key) <= 255):
-        raise InvalidRequest([("idempotency_key", "must be 1 to 255 characters")])
-    return key
+def _batch_arguments(requests: Any, max_batch: int) -> list[dict[str, Any] | str]:
+    """Split each item of an ``enqueue_many`` batch into call arguments (a str = what is wrong)."""
+    if isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Iterable):
+        raise InvalidRequest([("items", "must be a list of requests (EnqueueRequest or input mappings)")])
+    # One more than allowed is enough to refuse; never drain an endless iterator.
+    items = list(itertools.islice(requests, max_batch + 1))
+    out: list[dict[str, Any] | str] = []
+    for item in items:
+        if isinstance(item, EnqueueRequest):
+            out.append(item.arguments())
+        elif isinstance(item, Mapping | ReframeInput):
+            out.append({"input": item})
+        else:
+            out.append(f"must be an EnqueueRequest or an input mapping, not {type(item).__name__}")
+    return out
 
 
 class Producer:
-    """Enqueue and observe reframe jobs. Thread-safe; one instance per process is plenty."""
+    """Enqueue and observe reframe jobs. Thread-safe; one instance per process is plenty.
+
+    Every public call checks its arguments strictly first (nothing is coerced: ``True`` is not ``1``,
+    ``"5"`` is not ``5``) and raises one :class:`InvalidRequest` naming every bad field by path
+    (``x_end``, ``metadata.k``, ``items[2].idempotency_key``) before anything is written to Redis.
+    """
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
+        self.limits = IntakeLimits.from_settings(settings)
         self._own_client = client is None
         self.r = client or redis.Redis.from_url(
             settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, health_check_interval=25
@@ -171,6 +196,7 @@ class Producer:
             retention_s=settings.job_retention_s,
             stream_maxlen=settings.results_stream_maxlen,
         )
+        self.intake = Intake(self.store, default_deadline_s=settings.job_deadline_s)
 
     def __enter__(self) -> Producer:
         return self
@@ -186,7 +212,9 @@ class Producer:
     # ------------------------------------------------------------------ enqueue
     def validate(self, request: ReframeInput | Mapping[str, Any]) -> ReframeInput:
         """Validate a request against fal's schema and our limits; raises :class:`InvalidRequest`."""
-        data = request if isinstance(request, ReframeInput) else dict(request)
+        data: Any = request
+        if isinstance(data, Mapping) and not isinstance(data, dict):
+            data = dict(data)
         return parse_input(
             data,
             max_data_uri_bytes=self.settings.max_data_uri_bytes,
@@ -201,78 +229,74 @@ class Producer:
         priority: Priority | str = Priority.NORMAL,
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
+        deadline_s: float | None = None,
     ) -> str:
-        """Validate and enqueue one job; return its id.
+        """Validate and enqueue one job; return its id (see :meth:`enqueue_result` for more).
 
-        The record and the Celery message are written by one Redis script, so either both exist or
-        neither does. With ``idempotency_key``, the same key and the same input return the first
-        job's id (nothing is enqueued again); the same key with a different input raises
-        :class:`IdempotencyConflict`.
+        The record, the idempotency claim and the Celery message are written by one Redis script,
+        so all exist or none does. With ``idempotency_key``, the same key and the same input return
+        the first job's id (nothing is enqueued again, whatever that job's state); the same key with
+        a different input raises :class:`IdempotencyConflict`. ``callback_url`` needs
+        ``REFRAME_CALLBACK_SIGNING_KEY`` (or ``REFRAME_CALLBACK_ALLOW_UNSIGNED=true``).
+        ``deadline_s`` shortens ``REFRAME_JOB_DEADLINE_S`` for this job.
         """
-        item = EnqueueRequest(
-            dict(request) if isinstance(request, Mapping) else request,
-            idempotency_key,
-            priority,
-            metadata,
-            callback_url,
-        )
-        return self.enqueue_many([item])[0]
-
-    def enqueue_many(
-        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, batch_size: int = 1000
-    ) -> list[str]:
-        """Validate every request first, then enqueue them pipelined; return the job ids in order.
-
-        Nothing is enqueued if any request is invalid (the error names the item index and field).
-        """
-        prepared = [self._prepare(i, item) for i, item in enumerate(requests)]
-        ids: list[str] = []
-        for start in range(0, len(prepared), batch_size):
-            chunk = prepared[start : start + batch_size]
-            outcomes = self.store.enqueue_many((keys, argv) for keys, argv, _fp, _key in chunk)
-            for (_keys, _argv, fingerprint, key), out in zip(chunk, outcomes, strict=True):
-                if not out.created and out.existing_fingerprint != fingerprint:
-                    raise IdempotencyConflict(key or "", out.job_id)
-                ids.append(out.job_id)
-        return ids
-
-    def _prepare(
-        self, index: int, item: EnqueueRequest | Mapping[str, Any]
-    ) -> tuple[list[str], list[str], str, str | None]:
-        if not isinstance(item, EnqueueRequest):
-            item = EnqueueRequest(dict(item))
-        try:
-            request = self.validate(item.input if isinstance(item.input, ReframeInput) else dict(item.input))
-            priority = _check_priority(item.priority)
-            callback = _check_callback_url(item.callback_url)
-            key = _check_idempotency_key(item.idempotency_key)
-        except InvalidRequest as exc:
-            if index == 0:
-                raise
-            raise InvalidRequest([(f"[{index}].{f}", m) for f, m in exc.errors]) from None
-        job_id = uuid.uuid4().hex
-        fields = self.store.record_fields(
-            job_id,
+        return self.enqueue_result(
             request,
+            idempotency_key=idempotency_key,
             priority=priority,
-            metadata=item.metadata,
-            callback_url=callback,
-            idempotency_key=key,
-            deadline_s=self.settings.job_deadline_s,
-        )
-        fingerprint = request.fingerprint()
-        keys, argv = self.store.enqueue_args(job_id, fields, fingerprint, priority, key)
-        return keys, argv, fingerprint, key
+            metadata=metadata,
+            callback_url=callback_url,
+            deadline_s=deadline_s,
+        ).job_id
+
+    def enqueue_result(
+        self,
+        request: ReframeInput | Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        priority: Priority | str = Priority.NORMAL,
+        metadata: Mapping[str, Any] | None = None,
+        callback_url: str | None = None,
+        deadline_s: float | None = None,
+    ) -> EnqueueResult:
+        """:meth:`enqueue`, returning whether a job was created or an existing one returned, and its
+        state (``result.describe()`` gives ``returned existing job X (FAILED)``)."""
+        item = EnqueueRequest(request, idempotency_key, priority, metadata, callback_url, deadline_s)
+        call = check_enqueue(item.arguments(), self.limits)
+        return self.intake.write([call], batch=False)[0]
+
+    def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[str]:
+        """Validate every request, then enqueue all of them atomically; return the job ids in order.
+
+        All or nothing: if any item is invalid, :class:`InvalidRequest` lists every bad field of
+        every item (``items[2].metadata.k``); if any idempotency key is already taken by a different
+        request, :class:`IdempotencyConflict` names the items. Either way nothing is written.
+        Items whose key already maps to the same input return that job's id, so **retrying the same
+        batch is safe** (no second job, nobody pays twice). Repeated keys inside one batch: same
+        input = one job, different input = conflict. At most ``REFRAME_ENQUEUE_MAX_BATCH`` items
+        per call (one Redis script must stay short); split larger batches.
+        """
+        return [r.job_id for r in self.enqueue_many_results(requests)]
+
+    def enqueue_many_results(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]
+    ) -> list[EnqueueResult]:
+        """:meth:`enqueue_many`, returning one :class:`EnqueueResult` per item."""
+        calls = check_batch(_batch_arguments(requests, self.limits.max_batch), self.limits)
+        return self.intake.write(calls, batch=True)
 
     # ------------------------------------------------------------------ observe
     def get(self, job_id: str) -> Job | None:
         """The job, or None if unknown or expired."""
-        rec = self.store.get(job_id)
+        call: JobIdCall = check_call(JobIdCall, {"job_id": job_id}, self.limits)
+        rec = self.store.get(call.job_id)
         return Job.from_record(rec) if rec else None
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         """Several jobs in one round trip."""
-        return [Job.from_record(r) if r else None for r in self.store.get_many(job_ids)]
+        ids = list(job_ids) if isinstance(job_ids, list | tuple) else job_ids
+        call: JobIdsCall = check_call(JobIdsCall, {"job_ids": ids}, self.limits)
+        return [Job.from_record(r) if r else None for r in self.store.get_many(call.job_ids)]
 
     def wait(self, job_id: str, timeout_s: float, *, poll_interval_s: float = 0.5) -> Job:
         """Block until the job is terminal; raise ``TimeoutError`` after ``timeout_s``.
@@ -281,18 +305,20 @@ class Producer:
         soon as the terminal event is published; the record is re-read at least every
         ``poll_interval_s`` in case the stream was trimmed.
         """
-        deadline = time.monotonic() + timeout_s
+        args = {"job_id": job_id, "timeout_s": timeout_s, "poll_interval_s": poll_interval_s}
+        call: WaitCall = check_call(WaitCall, args, self.limits)
+        deadline = time.monotonic() + call.timeout_s
         last_id = "$"
         while True:
-            job = self.get(job_id)
+            job = self.get(call.job_id)
             if job is None:
-                raise KeyError(f"job_id: no job {job_id}")
+                raise KeyError(f"job_id: no job {call.job_id}")
             if job.terminal:
                 return job
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout_s}s")
-            block_ms = max(1, int(min(remaining, poll_interval_s) * 1000))
+                raise TimeoutError(f"job {call.job_id} still {job.state.value} after {call.timeout_s}s")
+            block_ms = max(1, int(min(remaining, call.poll_interval_s) * 1000))
             entries: Any = self.r.xread({self.store.keys.events: last_id}, block=block_ms, count=100)
             for _stream, items in entries or []:
                 if items:
@@ -300,6 +326,7 @@ class Producer:
 
     def cancel(self, job_id: str) -> CancelOutcome:
         """Cancel a job: at once if it has not reached fal, else ask a worker to cancel it at fal."""
+        job_id = check_call(JobIdCall, {"job_id": job_id}, self.limits).job_id
         outcome = self.store.finish(
             job_id,
             JobState.CANCELLED,

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from worker.contracts.models import ASPECT_RATIOS, InvalidRequest, ReframeInput, parse_input
+from worker.contracts.models import (
+    ASPECT_RATIOS,
+    MAX_COORDINATE_PX,
+    InvalidRequest,
+    ReframeInput,
+    parse_input,
+)
 
 OK = {"video_url": "https://cdn.example.com/clip.mp4", "aspect_ratio": "9:16"}
 SMALL_DATA = "data:video/mp4;base64," + base64.b64encode(b"\x00" * 300).decode()
@@ -28,7 +34,7 @@ VALID = [
     pytest.param(req(prompt="a calm beach"), id="prompt"),
     pytest.param(req(grid_position_x=0, grid_position_y=120), id="grid"),
     pytest.param(req(x_start=0, x_end=640, y_start=10, y_end=370), id="box"),
-    pytest.param(req(x_start=5), id="only-x-start"),
+    pytest.param(req(x_start=0, x_end=MAX_COORDINATE_PX, y_start=0, y_end=MAX_COORDINATE_PX), id="box-max"),
     pytest.param(req(prompt="x" * 100), id="prompt-at-limit"),
 ]
 
@@ -68,6 +74,23 @@ INVALID = [
     pytest.param(req(x_start=100, x_end=50), "x_end must be greater than x_start", id="x-reversed"),
     pytest.param(req(y_start=9, y_end=3), "y_end must be greater than y_start", id="y-reversed"),
     pytest.param(req(resized_width=100), "resized_width: unknown field", id="luma-only-field"),
+    pytest.param(req(x_start=5), "x_end: x_start and x_end must be given together", id="only-x-start"),
+    pytest.param(req(y_end=5), "y_start: y_start and y_end must be given together", id="only-y-end"),
+    pytest.param(req(grid_position_x=1), "grid_position_y: grid_position_x and grid_position_y", id="grid-x"),
+    pytest.param(req(x_start=True, x_end=5), "x_start: Input should be a valid integer", id="bool-int"),
+    pytest.param(req(x_start="1", x_end=5), "x_start: Input should be a valid integer", id="str-int"),
+    pytest.param(req(x_start=1.0, x_end=5), "x_start: Input should be a valid integer", id="float-int"),
+    pytest.param(
+        req(x_start=0, x_end=10**30),
+        "x_end: Input should be less than or equal to 8192",
+        id="huge-coordinate",
+    ),
+    pytest.param(req(video_url="https://x.test/a\r\nb.mp4"), "video_url: contains control", id="crlf-url"),
+    pytest.param(req(video_url="https://x.test/a\x00.mp4"), "video_url: contains control", id="nul-url"),
+    pytest.param(
+        req(video_url="https://x.test/" + "a" * 5000), "video_url: is 5015 characters", id="long-url"
+    ),
+    pytest.param(req(prompt="a\x00b"), "prompt: contains control characters", id="nul-prompt"),
     pytest.param(req(callback_url="https://x"), "callback_url: unknown field", id="unknown-field"),
     pytest.param(req(Aspect_Ratio="9:16"), "Aspect_Ratio: unknown field", id="wrong-case"),
 ]

@@ -23,12 +23,35 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21")
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
 
 DEFAULT_MAX_DATA_URI_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_PROMPT_CHARS = 2000
+#: Largest pixel coordinate accepted. fal's schema gives no maximum, but Ray 2 Flash renders at most
+#: 720p (1280 px on the long side; about 1680 for 21:9) and 8K video is 7680 px wide, so 8192 admits
+#: every box or grid position that can mean something while stopping absurd values (``10**30``)
+#: before money is spent; it also keeps every coordinate exact in any JSON consumer.
+MAX_COORDINATE_PX = 8192
+#: Longest http(s) URL accepted for video_url/image_url (CDNs and fal storage URLs are far shorter;
+#: common servers refuse request lines over 8 KiB). data: URIs are bounded by their size limit.
+MAX_HTTP_URL_CHARS = 4096
+#: Characters never allowed in a URL or prompt sent on: C0 controls (NUL, CR, LF, ...) and DEL.
+_CONTROL_CHARS = frozenset(chr(c) for c in [*range(0x20), 0x7F])
+_PROMPT_ALLOWED_CONTROLS = frozenset("\n\t")
+
+
+def format_loc(loc: tuple[int | str, ...] | list[int | str], prefix: str = "") -> str:
+    """A field path as callers write it: ``items[2].metadata.k`` (``prefix`` goes first)."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "input"
 
 
 class Priority(StrEnum):
@@ -85,8 +108,14 @@ class InvalidRequest(ValueError):
         """Convert pydantic's error list into field-named messages."""
         pairs: list[tuple[str, str]] = []
         for err in exc.errors(include_url=False, include_input=False):
-            loc = ".".join(str(p) for p in err.get("loc", ())) or "input"
+            loc = format_loc(tuple(err.get("loc", ())))
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            ctx = err.get("ctx") or {}
+            if err.get("type") == "field_pairs" and isinstance(ctx.get("problems"), list):
+                prefix = format_loc(tuple(err.get("loc", ())))
+                prefix = "" if prefix == "input" else prefix + "."
+                pairs += [(prefix + str(f), str(m)) for f, m in ctx["problems"]]
+                continue
             if err.get("type") == "extra_forbidden":
                 msg = "unknown field"
             pairs.append((loc, msg))
@@ -119,18 +148,31 @@ def _check_media_url(value: str, info: ValidationInfo, *, required_scheme_hint: 
 class ReframeInput(BaseModel):
     """The model input, exactly fal's schema. Build it with :func:`parse_input` for limits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # strict: no coercion (True is not 1, "5" is not 5, 5.0 is not 5), so what fal gets is what was sent.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, strict=True)
 
     video_url: str = Field(description="Source video: http(s) URL (or a data: URI up to a size cap).")
     aspect_ratio: AspectRatio = Field(description="Target aspect ratio.")
     image_url: str | None = Field(default=None, description="Optional first-frame image for reframing.")
     prompt: str | None = Field(default=None, description="Optional text guidance.")
-    grid_position_x: int | None = Field(default=None, ge=0, description="Source x position in the output.")
-    grid_position_y: int | None = Field(default=None, ge=0, description="Source y position in the output.")
-    x_start: int | None = Field(default=None, ge=0, description="Left edge of the source, output pixels.")
-    x_end: int | None = Field(default=None, ge=0, description="Right edge of the source, output pixels.")
-    y_start: int | None = Field(default=None, ge=0, description="Top edge of the source, output pixels.")
-    y_end: int | None = Field(default=None, ge=0, description="Bottom edge of the source, output pixels.")
+    grid_position_x: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Source x position in the output."
+    )
+    grid_position_y: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Source y position in the output."
+    )
+    x_start: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Left edge of the source, output pixels."
+    )
+    x_end: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Right edge of the source, output pixels."
+    )
+    y_start: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Top edge of the source, output pixels."
+    )
+    y_end: int | None = Field(
+        default=None, ge=0, le=MAX_COORDINATE_PX, description="Bottom edge of the source, output pixels."
+    )
 
     @field_validator("video_url")
     @classmethod
@@ -150,12 +192,48 @@ class ReframeInput(BaseModel):
             raise ValueError(f"is {len(value)} characters; the limit is {limit}")
         return value
 
+    @field_validator("video_url", "image_url", mode="before")
+    @classmethod
+    def _url_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # Length and characters only; which URLs are allowed is _check_media_url's job (it runs after).
+        if not isinstance(value, str):
+            return value  # the strict str type reports it
+        if value.strip().lower().startswith("data:"):
+            limit = int((info.context or {}).get("max_data_uri_bytes", DEFAULT_MAX_DATA_URI_BYTES))
+            limit = limit * 2 + 4096  # a coarse cap only; _check_media_url checks the decoded size
+        else:
+            limit = MAX_HTTP_URL_CHARS
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters; the limit is {limit}")
+        if any(ch in _CONTROL_CHARS for ch in value.strip()):
+            raise ValueError("contains control characters (NUL, CR, LF, ...)")
+        if any(ch.isspace() for ch in value.strip()):
+            raise ValueError("contains whitespace; percent-encode it")
+        return value
+
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _prompt_text(cls, value: str | None) -> str | None:
+        if value is not None and any(c in _CONTROL_CHARS - _PROMPT_ALLOWED_CONTROLS for c in value):
+            raise ValueError("contains control characters (only newline and tab are allowed)")
+        return value
+
     @model_validator(mode="after")
     def _ranges(self) -> ReframeInput:
-        if self.x_start is not None and self.x_end is not None and self.x_end <= self.x_start:
-            raise ValueError("x_end must be greater than x_start")
-        if self.y_start is not None and self.y_end is not None and self.y_end <= self.y_start:
-            raise ValueError("y_end must be greater than y_start")
+        # fal's schema is silent; falemu/validation.py documents the same rules (pairs together, ordered).
+        problems: list[tuple[str, str]] = []
+        pairs = (("x_start", "x_end"), ("y_start", "y_end"), ("grid_position_x", "grid_position_y"))
+        for start, end in pairs:
+            lo, hi = getattr(self, start), getattr(self, end)
+            if (lo is None) != (hi is None):
+                problems.append((start if lo is None else end, f"{start} and {end} must be given together"))
+            elif lo is not None and hi is not None and start != "grid_position_x" and hi <= lo:
+                problems.append((end, f"{end} must be greater than {start}"))
+        if problems:
+            # One error carrying every (field, message); InvalidRequest.from_validation_error expands it.
+            raise PydanticCustomError(
+                "field_pairs", "; ".join(f"{f}: {m}" for f, m in problems), {"problems": problems}
+            )
         return self
 
     def to_fal(self) -> dict[str, Any]:

@@ -17,33 +17,13 @@ from typing import Any
 import redis
 
 from worker.contracts.keys import Keys, celery_queue_key
-from worker.contracts.models import TERMINAL_STATES, JobState, Priority, ReframeInput
+from worker.contracts.models import TERMINAL_STATES, JobState, Priority
 from worker.contracts.wire import SUBMIT_TASK, task_message
 
 EVENT_SCHEMA_VERSION = "1"
 
 # Fields written as JSON text in the hash.
 _JSON_FIELDS = ("input", "metadata", "result", "error")
-
-_ENQUEUE = """
--- KEYS: job, idem (may be the literal '-'), celery list
--- ARGV: job_id, fingerprint, message, idem_ttl_ms, field, value, ...
-if KEYS[2] ~= '-' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {0, existing} end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGET', KEYS[1], 'fingerprint') or ''} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'created_at_ms', now, 'updated_at_ms', now, 'ts_QUEUED', now, unpack(fields))
-redis.call('LPUSH', KEYS[3], ARGV[3])
-if KEYS[2] ~= '-' then
-  redis.call('SET', KEYS[2], cjson.encode({job_id = ARGV[1], fingerprint = ARGV[2]}), 'PX', ARGV[4])
-end
-return {1, tostring(now)}
-"""
 
 _TRANSITION = """
 -- KEYS: job.  ARGV: allowed-from (comma list, '*' = any non-terminal), to-state, field, value, ...
@@ -128,15 +108,6 @@ return {1, tostring(now)}
 
 
 @dataclass(frozen=True)
-class EnqueueOutcome:
-    """Result of writing one job: ``created`` False means an existing job answered the request."""
-
-    job_id: str
-    created: bool
-    existing_fingerprint: str | None = None
-
-
-@dataclass(frozen=True)
 class TransitionOutcome:
     """Result of a transition: ``ok`` or the state that refused it ('' when the record is gone)."""
 
@@ -165,72 +136,18 @@ class JobStore:
         self.queue = queue
         self.retention_ms = int(retention_s * 1000)
         self.stream_maxlen = stream_maxlen
-        self._enqueue = client.register_script(_ENQUEUE)
         self._transition = client.register_script(_TRANSITION)
         self._finish = client.register_script(_FINISH)
         self._replay = client.register_script(_REPLAY)
 
     # ---------------------------------------------------------------- producer side
-    def record_fields(
-        self,
-        job_id: str,
-        request: ReframeInput,
-        *,
-        priority: Priority,
-        metadata: Mapping[str, Any] | None,
-        callback_url: str | None,
-        idempotency_key: str | None,
-        deadline_s: float,
-    ) -> list[str]:
-        """The initial hash fields of a job, flattened for the enqueue script."""
-        fields = {
-            "id": job_id,
-            "state": JobState.QUEUED.value,
-            "priority": priority.value,
-            "input": json.dumps(request.to_fal(), separators=(",", ":")),
-            "fingerprint": request.fingerprint(),
-            "metadata": json.dumps(dict(metadata or {}), separators=(",", ":")),
-            "callback_url": callback_url or "",
-            "idempotency_key": idempotency_key or "",
-            "attempts": "0",
-            "deadline_s": repr(float(deadline_s)),
-        }
-        return [item for pair in fields.items() for item in pair]
-
+    # Enqueueing (records, idempotency claims, messages) lives in worker/contracts/intake.py.
     def submit_message(self, job_id: str, priority: Priority) -> tuple[str, str]:
         """(list key, message) of the ``reframe.submit`` task for ``job_id``."""
         pri = priority.celery_priority
         return celery_queue_key(self.queue, pri), task_message(
             SUBMIT_TASK, [job_id], queue=self.queue, priority=pri
         )
-
-    def enqueue_args(
-        self, job_id: str, fields: Sequence[str], fingerprint: str, priority: Priority, idem_key: str | None
-    ) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of the enqueue script (shared by the single and pipelined paths)."""
-        list_key, message = self.submit_message(job_id, priority)
-        keys = [self.keys.job(job_id), self.keys.idem(idem_key) if idem_key else "-", list_key]
-        return keys, [job_id, fingerprint, message, str(self.retention_ms), *fields]
-
-    def enqueue_many(self, jobs: Iterable[tuple[list[str], list[str]]]) -> list[EnqueueOutcome]:
-        """Run the enqueue script for each (keys, argv), pipelined in one round trip."""
-        batch = list(jobs)
-        pipe = self.r.pipeline(transaction=False)
-        for keys, argv in batch:
-            self._enqueue(keys=keys, args=argv, client=pipe)
-        outcomes: list[EnqueueOutcome] = []
-        for (_keys, argv), raw in zip(batch, pipe.execute(), strict=True):
-            created = int(raw[0]) == 1
-            if created:
-                outcomes.append(EnqueueOutcome(job_id=argv[0], created=True))
-                continue
-            existing = _text(raw[1])
-            if existing.startswith("{"):
-                claim = json.loads(existing)
-                outcomes.append(EnqueueOutcome(claim["job_id"], False, claim["fingerprint"]))
-            else:
-                outcomes.append(EnqueueOutcome(argv[0], False, existing))
-        return outcomes
 
     def replay(self, job_id: str, priority: Priority) -> TransitionOutcome:
         """Bring a dead-lettered job back to QUEUED with a new submit message."""

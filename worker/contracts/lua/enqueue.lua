@@ -1,0 +1,70 @@
+-- enqueue: write a batch of jobs (records, idempotency claims, Celery submit messages), all or nothing.
+-- Used for one job too (a batch of one). The caller bounds n (REFRAME_ENQUEUE_MAX_BATCH) so one call
+-- cannot hold Redis for long, and removes duplicate idempotency keys from the batch first.
+-- KEYS: three per item i (1-based): KEYS[3i-2] job record hash, KEYS[3i-1] idempotency claim (the
+--       literal '-' when the item has no key), KEYS[3i] the Celery list of the item's priority.
+-- ARGV: [1] claim TTL in ms, [2] item count n, then per item: job_id, fingerprint, message, field
+--       count f, then f field/value pairs of the initial record.
+-- Returns {0, i, job_id, i, job_id, ...} when an item's key is already claimed with another fingerprint
+--   (job_id = the claiming job), or its new job id already exists (job_id = ''); nothing is written.
+--   Otherwise {1, now_ms, then per item: created (1|0), job_id}: created 0 means the key was already
+--   claimed with the same fingerprint and job_id is that existing job (nothing new written for it).
+-- Raises an error (nothing written) if one idempotency key appears twice in the batch.
+-- @include now
+
+local ttl_ms = ARGV[1]
+local n = tonumber(ARGV[2])
+local items = {}
+local pos = 3
+for i = 1, n do
+  local nf = tonumber(ARGV[pos + 3])
+  items[i] = {id = ARGV[pos], fp = ARGV[pos + 1], msg = ARGV[pos + 2], first = pos + 4, last = pos + 3 + nf * 2}
+  pos = pos + 4 + nf * 2
+end
+
+-- Phase 1: read every claim; write nothing unless every item can go ahead.
+local conflicts = {0}
+local existing = {}
+local seen = {}
+for i = 1, n do
+  local idem = KEYS[3 * i - 1]
+  if idem ~= '-' then
+    if seen[idem] then return redis.error_reply('duplicate idempotency key in one batch') end
+    seen[idem] = true
+    local raw = redis.call('GET', idem)
+    if raw then
+      local claim = cjson.decode(raw)
+      if claim.fingerprint == items[i].fp then
+        existing[i] = claim.job_id
+      else
+        conflicts[#conflicts + 1] = i
+        conflicts[#conflicts + 1] = claim.job_id
+      end
+    end
+  end
+  if not existing[i] and redis.call('EXISTS', KEYS[3 * i - 2]) == 1 then
+    conflicts[#conflicts + 1] = i
+    conflicts[#conflicts + 1] = ''
+  end
+end
+if #conflicts > 1 then return conflicts end
+
+-- Phase 2: write every new job: record, submit message and claim together.
+local reply = {1, now_ms}
+for i = 1, n do
+  local it = items[i]
+  if existing[i] then
+    reply[#reply + 1] = 0
+    reply[#reply + 1] = existing[i]
+  else
+    redis.call('HSET', KEYS[3 * i - 2], 'created_at_ms', now_ms, 'updated_at_ms', now_ms, 'ts_QUEUED', now_ms,
+      unpack(ARGV, it.first, it.last))
+    redis.call('LPUSH', KEYS[3 * i], it.msg)
+    if KEYS[3 * i - 1] ~= '-' then
+      redis.call('SET', KEYS[3 * i - 1], cjson.encode({job_id = it.id, fingerprint = it.fp}), 'PX', ttl_ms)
+    end
+    reply[#reply + 1] = 1
+    reply[#reply + 1] = it.id
+  end
+end
+return reply
