@@ -245,10 +245,13 @@ def address_block_reason(ip: IPAddress, allow: Allowlist = EMPTY_ALLOWLIST) -> s
         return None
     if isinstance(ip, ipaddress.IPv4Address):
         return _v4_reason(ip)
-    for kind, v4 in _embedded_v4(ip):
+    embedded = _embedded_v4(ip)
+    for kind, v4 in embedded:
         reason = None if allow.allows_ip(v4) else _v4_reason(v4)
         if reason is not None:
             return f"{reason} in {kind} form"
+    if embedded:
+        return None  # an IPv6 spelling of public IPv4 addresses: they decide
     checks = (
         (ip.is_unspecified, "unspecified address"),
         (ip.is_loopback, "loopback address"),
@@ -258,7 +261,7 @@ def address_block_reason(ip: IPAddress, allow: Allowlist = EMPTY_ALLOWLIST) -> s
         (ip in _NAT64_LOCAL, "local-use NAT64 address"),
         (ip.is_private, "private address"),
         (ip.is_reserved, "reserved address"),
-        (not ip.is_global and not _embedded_v4(ip), "not a public address"),
+        (not ip.is_global, "not a public address"),
     )
     return next((reason for hit, reason in checks if hit), None)
 
