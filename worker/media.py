@@ -179,12 +179,13 @@ def _refuse_nested_open(url: str, flags: int, options: dict[str, Any]) -> Any:
     raise PermissionError("the duration probe opens no further resources")
 
 
-def _duration_of(source: io.RawIOBase | io.BytesIO) -> float | None:
+def _duration_of(source: io.RawIOBase | io.BytesIO, *, format: str | None = None) -> float | None:
     import av  # lazily: only workers that estimate budgets load ffmpeg
 
     with av.open(
         source,
         mode="r",
+        format=format,
         options={"format_whitelist": ALLOWED_DEMUXERS, "protocol_whitelist": "none"},
         io_open=_refuse_nested_open,
     ) as container:

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.contracts.urlpolicy import UrlPolicy, validate_url
+
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21")
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
 
@@ -125,9 +127,10 @@ class InvalidRequest(ValueError):
 def _check_media_url(value: str, info: ValidationInfo, *, required_scheme_hint: str) -> str:
     scheme = urlsplit(value).scheme.lower()
     if scheme in ("http", "https"):
-        if not urlsplit(value).hostname:
-            raise ValueError("URL has no host")
-        return value
+        # SSRF rules (issue #11): the deployment's allowlist and length limit come in the context.
+        policy = (info.context or {}).get("url_policy")
+        policy = policy if isinstance(policy, UrlPolicy) else UrlPolicy()
+        return validate_url(value, allow=policy.allow, max_length=policy.max_length, allow_data=False)
     if scheme == "data":
         limit = int((info.context or {}).get("max_data_uri_bytes", DEFAULT_MAX_DATA_URI_BYTES))
         header, sep, payload = value.partition(",")
@@ -251,13 +254,19 @@ def parse_input(
     *,
     max_data_uri_bytes: int = DEFAULT_MAX_DATA_URI_BYTES,
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    url_policy: UrlPolicy | None = None,
 ) -> ReframeInput:
-    """Validate a request; raise :class:`InvalidRequest` whose message names each bad field."""
+    """Validate a request; raise :class:`InvalidRequest` whose message names each bad field.
+
+    ``url_policy`` (allowlist and URL length from ``REFRAME_FETCH_ALLOW``/``REFRAME_MAX_URL_LENGTH``)
+    defaults to the strict policy: no internal address or name is allowed.
+    """
     if isinstance(data, ReframeInput):
         data = data.model_dump(exclude_none=True)
     if not isinstance(data, dict):
         raise InvalidRequest([("input", "must be a JSON object")])
-    context = {"max_data_uri_bytes": max_data_uri_bytes, "max_prompt_chars": max_prompt_chars}
+    context: dict[str, Any] = {"max_data_uri_bytes": max_data_uri_bytes, "max_prompt_chars": max_prompt_chars}
+    context["url_policy"] = url_policy or UrlPolicy()
     try:
         return ReframeInput.model_validate(data, context=context)
     except ValidationError as exc:
