@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import av
+
 from worker.netguard import GuardedFetcher
 
 log = logging.getLogger(__name__)
@@ -180,8 +182,6 @@ def _refuse_nested_open(url: str, flags: int, options: dict[str, Any]) -> Any:
 
 
 def _duration_of(source: io.RawIOBase | io.BytesIO, *, format: str | None = None) -> float | None:
-    import av  # lazily: only workers that estimate budgets load ffmpeg
-
     with av.open(
         source,
         mode="r",

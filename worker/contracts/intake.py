@@ -19,9 +19,8 @@ import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -44,6 +43,7 @@ from worker.contracts.models import (
     ReframeInput,
 )
 from worker.contracts.store import JobStore
+from worker.contracts.urlpolicy import UrlPolicy, check_callback_url
 
 #: Idempotency keys: safe in a Redis key name and a log line; long enough for "tenant:order:uuid".
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:-]{1,200}$"
@@ -77,6 +77,8 @@ class IntakeLimits:
     max_batch: int = 1000
     callbacks_allowed: bool = False
     """True when callbacks will be signed (a signing key is set) or unsigned ones are allowed."""
+    url_policy: UrlPolicy = field(default_factory=UrlPolicy)
+    """Which hosts job URLs may name (``REFRAME_FETCH_ALLOW``, ``REFRAME_MAX_URL_LENGTH``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IntakeLimits:
@@ -90,6 +92,7 @@ class IntakeLimits:
             max_deadline_s=settings.job_deadline_s,
             max_batch=settings.enqueue_max_batch,
             callbacks_allowed=settings.callback_signing_key is not None or settings.callback_allow_unsigned,
+            url_policy=UrlPolicy.from_spec(settings.fetch_allow, max_length=settings.max_url_length),
         )
 
     def context(self) -> dict[str, Any]:
@@ -98,6 +101,7 @@ class IntakeLimits:
             "limits": self,
             "max_data_uri_bytes": self.max_data_uri_bytes,
             "max_prompt_chars": self.max_prompt_chars,
+            "url_policy": self.url_policy,
         }
 
 
@@ -165,13 +169,12 @@ def encode_metadata(value: Mapping[str, Any] | None) -> str:
 
 
 # ---------------------------------------------------------------------------------- callback
-def _callback_url_rule(value: str) -> str:
-    # SWITCH-TO-URLPOLICY: the one call site of the callback URL rule. Replace the body with
-    # worker.contracts.urlpolicy.check_callback_url(value) once that module exists (SSRF rules).
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL with a host")
-    return value
+def _callback_url_rule(value: str, policy: UrlPolicy) -> str:
+    # The one call site of the callback URL rule: the SSRF policy of worker/contracts/urlpolicy.py.
+    try:
+        return check_callback_url(value, policy=policy)
+    except ValueError as exc:
+        raise ValueError(str(exc).removeprefix("callback_url: ")) from None
 
 
 # ---------------------------------------------------------------------------------- call models
@@ -204,7 +207,7 @@ class EnqueueCall(_Strict):
             return None
         if _CONTROL_OR_SPACE.search(value):
             raise ValueError("contains whitespace or control characters")
-        _callback_url_rule(value)
+        _callback_url_rule(value, _limits(info).url_policy)
         if not _limits(info).callbacks_allowed:
             raise ValueError(
                 "refused: REFRAME_CALLBACK_SIGNING_KEY is not set, so the callback would be unsigned "
