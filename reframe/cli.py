@@ -1,22 +1,36 @@
 """The ``reframe`` command line: enqueue and watch jobs, run workers, the exporter, the emulator, the demo.
 
-Every command reads the settings once (``REFRAME_*`` variables and ``FAL_KEY``); a bad setting or a bad
-request prints one line naming the variable or field and exits with status 2.
+Every command reads the settings once (``REFRAME_*`` variables and ``FAL_KEY``). Every error (a bad
+flag, a bad setting, a bad request, Redis unreachable or refusing our password, a port in use) is
+one line on stderr naming the field or variable, and exit status 2; never a traceback, never a
+secret (a Redis URL is shown without its password). Job ids may be given as unique prefixes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import re
+import signal
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
+import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
+from config.settings import redact_url, settings_environment
 
 app = typer.Typer(
     name="reframe",
@@ -33,24 +47,115 @@ err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+JOB_ID_HEX_CHARS = 32
+#: Candidates listed when a prefix is ambiguous.
+MAX_CANDIDATES = 10
+#: SCAN calls (COUNT 1000 each) a prefix lookup may make before asking for a longer prefix.
+MAX_PREFIX_SCAN_CALLS = 2000
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass
+class _Invocation:
+    """What one CLI run knows, so error messages can name the Redis URL and hide secrets."""
+
+    settings: Settings | None = None
+    secrets: list[str] = field(default_factory=list)
+
+
+_invocation = _Invocation()
+
+
+def _scrub(message: str) -> str:
+    """``message`` on one line, with every known secret replaced by ``***``."""
+    for secret in _invocation.secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    return " ".join(message.split())
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print a one-line error and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print a one-line error (secrets masked) and return the exit to raise."""
+    err_console.print(f"[bold red]error:[/] {escape(_scrub(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def note(message: str) -> None:
+    """A one-line remark on stderr that is not an error."""
+    err_console.print(f"note: {_scrub(message)}", highlight=False, soft_wrap=True, markup=False)
 
 
 def settings_or_exit(*, require_fal_key: bool = False, **overrides: Any) -> Settings:
     """Load settings, turning a configuration error into a clean exit."""
     try:
-        return load_settings(require_fal_key=require_fal_key, **overrides)
+        settings = load_settings(require_fal_key=require_fal_key, **overrides)
     except SettingsError as exc:
         lines = str(exc).splitlines()[1:] or [str(exc)]
         raise fail("; ".join(line.strip() for line in lines)) from None
+    _invocation.settings = settings
+    _invocation.secrets = [
+        urlsplit(settings.redis_url).password or "",
+        settings.fal_key_value,
+        settings.callback_signing_key.get_secret_value() if settings.callback_signing_key else "",
+    ]
+    return settings
 
 
-# --------------------------------------------------------------------------------------------- jobs
+def _positive_seconds(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"{value} is not a positive number of seconds")
+    return value
+
+
+def _redis_client(settings: Settings, *, decode: bool = False) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, decode_responses=decode
+    )
+
+
+# --------------------------------------------------------------------------------------------- job ids
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def resolve_job_ids(settings: Settings, client: redis.Redis, given: Sequence[str]) -> list[str]:
+    """Full job ids for ``given`` ids or unique prefixes; exit 2 naming the candidates otherwise."""
+    from worker.contracts.keys import Keys
+
+    keys = Keys(settings.key_prefix)
+    out: list[str] = []
+    for raw in given:
+        prefix = raw.strip().lower()
+        if not prefix or len(prefix) > JOB_ID_HEX_CHARS or not _HEX.fullmatch(prefix):
+            raise fail(
+                f"job_id: {raw!r} is not a job id ({JOB_ID_HEX_CHARS} hex characters) or a prefix of one"
+            )
+        if len(prefix) == JOB_ID_HEX_CHARS:
+            if not client.exists(keys.job(prefix)):
+                raise fail(f"job_id: no job {prefix}")
+            out.append(prefix)
+            continue
+        head = keys.job("")
+        found: list[str] = []
+        cursor: int = 0
+        for _ in range(MAX_PREFIX_SCAN_CALLS):
+            cursor, batch = client.scan(cursor, match=_glob_escape(head) + prefix + "*", count=1000)
+            found.extend(k.decode() if isinstance(k, bytes) else str(k) for k in batch)
+            if cursor == 0 or len(found) > MAX_CANDIDATES:
+                break
+        else:
+            raise fail(f"job_id: too many keys to search for prefix {raw!r}; give more characters")
+        ids = sorted({k[len(head) :] for k in found})
+        if not ids:
+            raise fail(f"job_id: no job starts with {raw!r}")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:MAX_CANDIDATES]) + (", ..." if len(ids) > MAX_CANDIDATES else "")
+            raise fail(f"job_id: {raw!r} is ambiguous: {shown}")
+        out.append(ids[0])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- enqueue
 def _metadata(pairs: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs or []:
@@ -61,12 +166,56 @@ def _metadata(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _upload_if_local(settings: Settings, source: str) -> str:
-    if "://" in source or source.startswith("data:"):
-        return source
-    path = Path(source)
+def _is_url(source: str) -> bool:
+    return "://" in source or source.startswith("data:")
+
+
+def check_local_video(settings: Settings, path: Path) -> float:
+    """The duration of a local video file, or exit 2 unless it is a readable video within limits.
+
+    Only the container header is read (PyAV); nothing leaves the machine.
+    """
+    import av
+
     if not path.is_file():
-        raise fail(f"video_url: {source!r} is neither a URL nor an existing file")
+        raise fail(f"video_url: {str(path)!r} is neither a URL nor an existing file")
+    try:
+        size_bytes = path.stat().st_size
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise fail(
+            f"video_url: {str(path)!r} is not readable ({exc.strerror or type(exc).__name__})"
+        ) from None
+    if size_bytes == 0:
+        raise fail(f"video_url: {str(path)!r} is empty")
+    if size_bytes > settings.max_upload_bytes:
+        raise fail(
+            f"video_url: {str(path)!r} is {size_bytes} bytes; "
+            f"REFRAME_MAX_UPLOAD_BYTES allows {settings.max_upload_bytes}"
+        )
+    duration_s: float | None = None
+    has_video = False
+    try:
+        with av.open(str(path), timeout=(settings.probe_timeout_s, settings.probe_timeout_s)) as container:
+            has_video = bool(container.streams.video)
+            if container.duration is not None:
+                duration_s = float(container.duration) / 1_000_000
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many types for "not a video"
+        raise fail(f"video_url: {str(path)!r} is not a readable video ({type(exc).__name__})") from None
+    if not has_video:
+        raise fail(f"video_url: {str(path)!r} has no video stream")
+    if duration_s is None or not math.isfinite(duration_s) or duration_s <= 0:
+        raise fail(f"video_url: {str(path)!r} has no readable duration")
+    if duration_s > settings.max_video_duration_s:
+        raise fail(
+            f"video_url: {str(path)!r} lasts {duration_s:.1f}s; "
+            f"REFRAME_MAX_VIDEO_DURATION_S allows {settings.max_video_duration_s:g}s"
+        )
+    return duration_s
+
+
+def _upload(settings: Settings, path: Path) -> str:
     import asyncio
 
     from worker.fal import FalClient, FalError
@@ -89,7 +238,9 @@ def _upload_if_local(settings: Settings, source: str) -> str:
 
 @app.command()
 def enqueue(
-    source: Annotated[str, typer.Argument(help="Video URL (http/https/data:) or a local file to upload.")],
+    source: Annotated[
+        str, typer.Argument(help="Video URL (http/https/data:) or a local video file to upload.")
+    ],
     aspect_ratio: Annotated[
         str, typer.Option("--aspect-ratio", "-a", help="1:1 16:9 9:16 4:3 3:4 21:9 9:21")
     ],
@@ -108,15 +259,20 @@ def enqueue(
     ] = None,
     callback_url: Annotated[str | None, typer.Option(help="POSTed (signed) when the job ends.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job ends.")] = False,
-    timeout_s: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 900.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="With --wait: give up after this many seconds.", callback=_positive_seconds)
+    ] = 900.0,
 ) -> None:
-    """Validate a reframe request and enqueue it; print the job id."""
+    """Validate a reframe request and enqueue it; print the job id.
+
+    A local file is checked first (a readable, non-empty video within REFRAME_MAX_UPLOAD_BYTES and
+    REFRAME_MAX_VIDEO_DURATION_S) and only then uploaded to fal storage.
+    """
     from producer import IdempotencyConflict, InvalidRequest, Producer
 
     settings = settings_or_exit()
-    video_url = _upload_if_local(settings, source)
-    request = {
-        "video_url": video_url,
+    request: dict[str, Any] = {
+        "video_url": source,
         "aspect_ratio": aspect_ratio,
         "image_url": image_url,
         "prompt": prompt,
@@ -128,23 +284,49 @@ def enqueue(
         "y_end": y_end,
     }
     request = {k: v for k, v in request.items() if v is not None}
+    meta = _metadata(metadata)
     with Producer(settings) as producer:
+        if not _is_url(source):
+            # Every other field first, so a typo never costs an upload; then the file itself.
+            try:
+                producer.validate({**request, "video_url": "https://example.com/video.mp4"})
+            except InvalidRequest as exc:
+                others = [(f, m) for f, m in exc.errors if f != "video_url"]
+                if others:
+                    raise fail(str(InvalidRequest(others))) from None
+            path = Path(source)
+            check_local_video(settings, path)
+            request["video_url"] = _upload(settings, path)
+        before_ms = _redis_now_ms(producer.r) if idempotency_key else 0
         try:
             job_id = producer.enqueue(
                 request,
                 idempotency_key=idempotency_key,
                 priority=priority,
-                metadata=_metadata(metadata),
+                metadata=meta,
                 callback_url=callback_url,
             )
         except (InvalidRequest, IdempotencyConflict) as exc:
             raise fail(str(exc)) from None
         console.print(job_id, highlight=False)
+        if idempotency_key:
+            job = producer.get(job_id)
+            if job is not None and job.created_at_ms < before_ms:
+                note(
+                    f"idempotency_key {idempotency_key!r} returned the existing job {job_id} "
+                    f"(state {job.state.value}); nothing was enqueued"
+                )
         if wait:
             _follow_jobs(producer, [job_id], timeout_s=timeout_s)
             job = producer.get(job_id)
+            _print_outcomes([job_id], [job])
             if job is None or job.state.value != "SUCCEEDED":
                 raise typer.Exit(1)
+
+
+def _redis_now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None:
@@ -189,8 +371,26 @@ def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None
             if done == len(job_ids):
                 return
             if time.monotonic() > deadline:
-                raise fail(f"timed out after {timeout_s:.0f}s", code=1)
+                raise fail(f"timed out after {timeout_s:g}s", code=1)
             time.sleep(0.3)
+
+
+def _print_outcomes(job_ids: Sequence[str], jobs: Sequence[Any]) -> None:
+    """One line per job: state, output URL and cost, or the failure's type and message."""
+    for job_id, job in zip(job_ids, jobs, strict=True):
+        if job is None:
+            line = f"{job_id} MISSING (record expired or never existed)"
+        elif job.state.value == "SUCCEEDED":
+            cost = f" cost=${job.cost_usd:.4f}" if job.cost_usd is not None else ""
+            line = f"{job_id} SUCCEEDED video_url={job.video_url}{cost}"
+        else:
+            error = job.error or {}
+            reason = f" ({job.dead_letter_reason})" if job.dead_letter_reason else ""
+            line = (
+                f"{job_id} {job.state.value}{reason} error={error.get('type', '?')}: "
+                f"{' '.join(str(error.get('message', '')).split())}"
+            )
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def _job_json(job: Any) -> dict[str, Any]:
@@ -211,91 +411,184 @@ def _job_json(job: Any) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------- status
 @app.command()
 def status(
-    job_id: Annotated[str | None, typer.Argument(help="A job id (omit with --cluster).")] = None,
+    job_id: Annotated[
+        str | None, typer.Argument(help="A job id or unique prefix (omit with --cluster).")
+    ] = None,
     cluster: Annotated[bool, typer.Option("--cluster", help="Show cluster-wide flow-control state.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --cluster: print JSON.")] = False,
 ) -> None:
-    """Show a job's record as JSON, or the cluster's slots, pause, breaker, budget and queues."""
+    """Show a job's record as JSON, or the cluster's workers, limits, slots, breaker, budget and queues.
+
+    With --cluster, the limits are those the live workers publish (not this shell's environment).
+    """
     settings = settings_or_exit()
     if cluster:
-        _cluster_status(settings)
+        _cluster_status(settings, as_json=as_json)
         return
     if not job_id:
         raise fail("job_id: give a job id or --cluster")
     from producer import Producer
 
     with Producer(settings) as producer:
-        job = producer.get(job_id)
+        (full_id,) = resolve_job_ids(settings, producer.r, [job_id])
+        job = producer.get(full_id)
     if job is None:
-        raise fail(f"job_id: no job {job_id}", code=1)
+        raise fail(f"job_id: no job {full_id}")
     console.print_json(json.dumps(_job_json(job)))
 
 
-def _cluster_status(settings: Settings) -> None:
-    import redis
+def _agreement(procs: Sequence[Any], name: str) -> tuple[Any, list[str]]:
+    """The value every live worker publishes for ``name`` (None if they differ), and who says what."""
+    by_value: dict[str, list[str]] = {}
+    for proc in procs:
+        by_value.setdefault(json.dumps(proc.info.get(name)), []).append(proc.process_id)
+    if len(by_value) == 1:
+        return json.loads(next(iter(by_value))), []
+    return None, [f"{json.loads(v)} ({', '.join(ids)})" for v, ids in sorted(by_value.items())]
 
+
+def cluster_snapshot(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+    """The cluster's state as the live workers and Redis report it (``status --cluster --json``)."""
     from worker.contracts.keys import Keys, celery_queue_keys
     from worker.flow import FlowControl
+    from worker.presence import LIMIT_FIELDS, Presence
 
-    r = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     keys = Keys(settings.key_prefix)
-    flow = FlowControl.from_settings(r, settings)
-    pause = flow.rate.paused_until_ms()
-    breaker = flow.breaker.state()
+    procs = Presence.from_settings(client, settings).alive()
+    limits: dict[str, Any] = {}
+    disagreements: dict[str, list[str]] = {}
+    for name in LIMIT_FIELDS:
+        value, who = _agreement(procs, name) if procs else (None, [])
+        limits[name] = value
+        if who:
+            disagreements[name] = who
+    flow = FlowControl.from_settings(client, settings)
     budget = flow.budget.snapshot()
+    return {
+        "workers": {
+            "alive": len(procs),
+            "window_ms": settings.heartbeat_ttl_ms,
+            "processes": [
+                {"process_id": p.process_id, "last_beat_ms": p.last_beat_ms, **p.info} for p in procs
+            ],
+        },
+        "limits": limits,
+        "disagreements": disagreements,
+        "slots_in_use": flow.slots.in_use(),
+        "expired_leases": len(flow.slots.expired(limit=1000)),
+        "waiting": flow.slots.waiting_depths(),
+        "celery_queue": sum(int(client.llen(k)) for k in celery_queue_keys(settings.queue_name)),
+        "deferred": int(client.zcard(keys.delayed)),
+        "blocked": int(client.zcard(keys.blocked)),
+        "tracked": int(client.zcard(keys.track)),
+        "dead_letters": int(client.zcard(keys.dlq)),
+        "paused_until_ms": flow.rate.paused_until_ms() or None,
+        "breaker": {"state": (b := flow.breaker.state()).state.value, "trips": b.trips},
+        "budget_usd": {
+            "day_spent": budget.day_spent / 1e6,
+            "day_reserved": budget.day_reserved / 1e6,
+            "month_spent": budget.month_spent / 1e6,
+            "month_reserved": budget.month_reserved / 1e6,
+        },
+    }
+
+
+def _cluster_status(settings: Settings, *, as_json: bool) -> None:
+    client = _redis_client(settings)
+    try:
+        snap = cluster_snapshot(settings, client)
+    finally:
+        client.close()
+    if as_json:
+        sys.stdout.write(json.dumps(snap, sort_keys=True) + "\n")
+        return
+    workers, limits = snap["workers"], snap["limits"]
+    procs = workers["processes"]
+
+    def shown(name: str, fmt: str = "{}") -> str:
+        if name in snap["disagreements"]:
+            return "DISAGREE: " + "; ".join(snap["disagreements"][name])
+        return "?" if limits[name] is None else fmt.format(limits[name])
+
     table = Table(title="Reframe Cluster", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("slots in use / capacity", f"{flow.slots.in_use()} / {settings.max_concurrency}")
-    table.add_row("expired leases (checking fal)", str(len(flow.slots.expired(limit=1000))))
-    for prio, depth in flow.slots.waiting_depths().items():
-        table.add_row(f"waiting for a slot ({prio})", str(depth))
+    draining = sum(p.get("state") == "draining" for p in procs)
     table.add_row(
-        "celery queue (all priorities)", str(sum(r.llen(k) for k in celery_queue_keys(settings.queue_name)))
+        "live workers",
+        f"{workers['alive']}" + (f" ({draining} draining)" if draining else "")
+        if procs
+        else f"0 (no heartbeat in the last {workers['window_ms'] / 1000:g}s)",
     )
-    table.add_row("deferred", str(r.zcard(keys.delayed)))
-    table.add_row("blocked by budget", str(r.zcard(keys.blocked)))
-    table.add_row("tracked at fal", str(r.zcard(keys.track)))
-    table.add_row("dead letters", str(r.zcard(keys.dlq)))
+    table.add_row("slots in use / capacity", f"{snap['slots_in_use']} / {shown('max_concurrency')}")
+    table.add_row("reserved high slots", shown("reserved_high_slots"))
+    table.add_row("submit rate / burst", f"{shown('submit_rate_per_s', '{:g}/s')} / {shown('submit_burst')}")
+    table.add_row("expired leases (checking fal)", str(snap["expired_leases"]))
+    for prio, depth in snap["waiting"].items():
+        table.add_row(f"waiting for a slot ({prio})", str(depth))
+    table.add_row("celery queue (all priorities)", str(snap["celery_queue"]))
+    table.add_row("deferred", str(snap["deferred"]))
+    table.add_row("blocked by budget", str(snap["blocked"]))
+    table.add_row("tracked at fal", str(snap["tracked"]))
+    table.add_row("dead letters", str(snap["dead_letters"]))
+    pause = snap["paused_until_ms"]
     table.add_row(
         "submit pause until", time.strftime("%H:%M:%S", time.gmtime(pause / 1000)) if pause else "-"
     )
-    table.add_row("breaker", f"{breaker.state.value} (trips {breaker.trips})")
+    table.add_row("breaker", f"{snap['breaker']['state']} (trips {snap['breaker']['trips']})")
+    b = snap["budget_usd"]
     table.add_row(
         "budget today (spent + reserved / cap)",
-        f"${budget.day_spent / 1e6:.2f} + ${budget.day_reserved / 1e6:.2f} / ${budget.day_cap / 1e6:.2f}",
+        f"${b['day_spent']:.2f} + ${b['day_reserved']:.2f} / {shown('budget_daily_usd', '${:.2f}')}",
     )
     table.add_row(
         "budget month (spent + reserved / cap)",
-        f"${budget.month_spent / 1e6:.2f} + ${budget.month_reserved / 1e6:.2f}"
-        f" / ${budget.month_cap / 1e6:.2f}",
+        f"${b['month_spent']:.2f} + ${b['month_reserved']:.2f} / {shown('budget_monthly_usd', '${:.2f}')}",
     )
     console.print(table)
+    if not procs:
+        console.print("no live workers: limits unknown (start some with `reframe worker` or `reframe up`)")
+    for name, who in sorted(snap["disagreements"].items()):
+        line = f"workers disagree on {name}: {'; '.join(who)}"
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
+# --------------------------------------------------------------------------------------------- wait, cancel
 @app.command("wait")
 def wait_cmd(
-    job_ids: Annotated[list[str], typer.Argument(help="One or more job ids.")],
-    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+    job_ids: Annotated[list[str], typer.Argument(help="One or more job ids (or unique prefixes).")],
+    timeout_s: Annotated[
+        float, typer.Option(help="Give up after this many seconds.", callback=_positive_seconds)
+    ] = 900.0,
 ) -> None:
-    """Wait for jobs to finish, showing live progress; exit 1 unless all SUCCEEDED."""
+    """Wait for jobs to finish with live progress; then print each one's output URL and cost, or its error.
+
+    Exit 1 unless all SUCCEEDED.
+    """
     from producer import Producer
 
-    with Producer(settings_or_exit()) as producer:
-        _follow_jobs(producer, job_ids, timeout_s=timeout_s)
-        jobs = producer.get_many(job_ids)
+    settings = settings_or_exit()
+    with Producer(settings) as producer:
+        ids = resolve_job_ids(settings, producer.r, job_ids)
+        _follow_jobs(producer, ids, timeout_s=timeout_s)
+        jobs = producer.get_many(ids)
+    _print_outcomes(ids, jobs)
     if not all(j is not None and j.state.value == "SUCCEEDED" for j in jobs):
         raise typer.Exit(1)
 
 
 @app.command()
-def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) -> None:
+def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel (id or unique prefix).")]) -> None:
     """Cancel a job (also at fal once it was submitted)."""
     from producer import Producer
 
-    with Producer(settings_or_exit()) as producer:
-        outcome = producer.cancel(job_id)
+    settings = settings_or_exit()
+    with Producer(settings) as producer:
+        (full_id,) = resolve_job_ids(settings, producer.r, [job_id])
+        outcome = producer.cancel(full_id)
     console.print(outcome.value)
     if outcome.value == "not_found":
         raise typer.Exit(1)
@@ -305,12 +598,16 @@ def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) ->
 def results(
     group: Annotated[str, typer.Option(help="Consumer group name.")] = "reframe-cli",
     consumer: Annotated[str | None, typer.Option(help="Consumer name (default: hostname).")] = None,
-    count: Annotated[int, typer.Option(help="Stop after this many events (0 = follow forever).")] = 0,
-    block_ms: Annotated[int, typer.Option(help="How long one read blocks.")] = 1000,
+    count: Annotated[int, typer.Option(min=0, help="Stop after this many events (0 = follow forever).")] = 0,
+    block_ms: Annotated[int, typer.Option(min=1, max=3_600_000, help="How long one read blocks.")] = 1000,
 ) -> None:
     """Follow the result stream (consumer group), printing one JSON event per line."""
     from producer import ResultConsumer
 
+    if not group.strip():
+        raise fail("group: must not be empty")
+    if consumer is not None and not consumer.strip():
+        raise fail("consumer: must not be empty")
     reader = ResultConsumer(settings_or_exit(), group, consumer)
     for seen, event in enumerate(reader.follow(block_ms=block_ms), start=1):
         sys.stdout.write(json.dumps({"stream_id": event.stream_id, **event.fields}) + "\n")
@@ -321,16 +618,14 @@ def results(
 
 # --------------------------------------------------------------------------------------------- dlq
 def _dlq_ids(settings: Settings, limit: int) -> list[str]:
-    import redis
-
     from worker.contracts.keys import Keys
 
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r = _redis_client(settings, decode=True)
     return [str(x) for x in r.zrange(Keys(settings.key_prefix).dlq, 0, limit - 1)]
 
 
 @dlq_app.command("list")
-def dlq_list(limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100) -> None:
+def dlq_list(limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100) -> None:
     """List dead-lettered jobs with their reason."""
     from producer import Producer
 
@@ -345,51 +640,81 @@ def dlq_list(limit: Annotated[int, typer.Option(help="Show at most this many.")]
 
 
 @dlq_app.command("show")
-def dlq_show(job_id: Annotated[str, typer.Argument(help="A dead-lettered job.")]) -> None:
+def dlq_show(
+    job_id: Annotated[str, typer.Argument(help="A dead-lettered job (id or unique prefix).")],
+) -> None:
     """Show a dead-lettered job's full record."""
-    status(job_id=job_id, cluster=False)
+    status(job_id=job_id, cluster=False, as_json=False)
 
 
 @dlq_app.command("replay")
 def dlq_replay(
-    job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to replay (default: --all).")] = None,
+    job_ids: Annotated[
+        list[str] | None, typer.Argument(help="Jobs to replay (ids or unique prefixes).")
+    ] = None,
     all_jobs: Annotated[bool, typer.Option("--all", help="Replay every dead-lettered job.")] = False,
 ) -> None:
-    """Send dead-lettered jobs back to QUEUED (a new series of attempts)."""
+    """Send dead-lettered jobs back to QUEUED (a new series of attempts); exit 1 if one was not replayed."""
     from producer import Producer
 
     settings = settings_or_exit()
-    ids = list(job_ids or []) or (_dlq_ids(settings, 100_000) if all_jobs else [])
-    if not ids:
+    if not job_ids and not all_jobs:
         raise fail("job_ids: name jobs or pass --all")
     with Producer(settings) as producer:
+        ids = resolve_job_ids(settings, producer.r, job_ids) if job_ids else _dlq_ids(settings, 100_000)
+        missed = 0
         for job_id in ids:
             job = producer.get(job_id)
             outcome = producer.store.replay(job_id, job.priority) if job else None
-            console.print(f"{job_id} {'replayed' if outcome and outcome.ok else 'not replayed'}")
+            ok = bool(outcome and outcome.ok)
+            missed += not ok
+            console.print(f"{job_id} {'replayed' if ok else 'not replayed'}")
+    if missed:
+        raise typer.Exit(1)
 
 
 @dlq_app.command("purge")
 def dlq_purge(yes: Annotated[bool, typer.Option("--yes", help="Confirm.")] = False) -> None:
     """Remove every job from the dead-letter set (records expire on their own)."""
-    import redis
-
     from worker.contracts.keys import Keys
 
     if not yes:
         raise fail("purge: pass --yes to confirm")
     settings = settings_or_exit()
-    r = redis.Redis.from_url(settings.redis_url)
+    r = _redis_client(settings)
     n = r.zcard(Keys(settings.key_prefix).dlq)
     r.delete(Keys(settings.key_prefix).dlq)
     console.print(f"purged {n}")
 
 
 # --------------------------------------------------------------------------------------------- processes
+def check_port_free(host: str, port: int) -> None:
+    """Exit 2 naming REFRAME_METRICS_PORT if ``host:port`` cannot be bound (in use, or not ours)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise fail(f"REFRAME_METRICS_PORT: {host}:{port} {why}") from None
+
+
+def check_redis(settings: Settings) -> None:
+    """PING Redis once (auth included); errors end the command through :func:`run`."""
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 @app.command()
 def worker(
     concurrency: Annotated[
-        int | None, typer.Option(help="Threads (default REFRAME_WORKER_CONCURRENCY).")
+        int | None, typer.Option(min=1, max=1024, help="Threads (default REFRAME_WORKER_CONCURRENCY).")
     ] = None,
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
 ) -> None:
@@ -397,21 +722,30 @@ def worker(
     from reframe.logs import setup_logging
     from worker.app import run_worker
 
-    settings = settings_or_exit(require_fal_key=True)
+    overrides: dict[str, Any] = {"worker_concurrency": concurrency} if concurrency is not None else {}
+    settings = settings_or_exit(require_fal_key=True, **overrides)
+    check_port_free(settings.metrics_host, settings.metrics_port)
+    check_redis(settings)
     setup_logging(settings)
-    run_worker(settings, concurrency=concurrency, hostname=hostname)
+    run_worker(settings, hostname=hostname)
 
 
 @app.command()
 def exporter(
-    port: Annotated[int | None, typer.Option(help="Port (default REFRAME_METRICS_PORT).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default REFRAME_METRICS_PORT).")
+    ] = None,
 ) -> None:
-    """Serve cluster-wide gauges (queues, slots, budget, breaker) on /metrics; run exactly one."""
+    """Serve cluster-wide gauges (queues, slots, budget, breaker) on /metrics; run exactly one.
+
+    Starts even while Redis is down: reporting the outage is part of its job.
+    """
     from reframe.exporter import run_exporter
     from reframe.logs import setup_logging
 
     overrides: dict[str, Any] = {"metrics_port": port} if port is not None else {}
     settings = settings_or_exit(**overrides)
+    check_port_free(settings.metrics_host, settings.metrics_port)
     setup_logging(settings)
     run_exporter(settings)
 
@@ -433,7 +767,9 @@ def emulator(ctx: typer.Context) -> None:
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the reframed videos go.")] = Path("reframe-output"),
     aspect_ratios: Annotated[str, typer.Option(help="Comma-separated targets.")] = "9:16,1:1,4:3",
-    timeout_s: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 300.0,
+    timeout_s: Annotated[
+        float, typer.Option(help="Give up after this many seconds.", callback=_positive_seconds)
+    ] = 300.0,
 ) -> None:
     """Start Redis, the fal emulator and a worker; reframe a sample video; download; shut down."""
     from reframe.demo import run_demo
@@ -447,9 +783,170 @@ def demo(
     raise typer.Exit(code)
 
 
+class _StopSignal(BaseException):
+    """Raised by the SIGINT/SIGTERM handler of ``reframe up``."""
+
+
+#: Variables ``reframe up`` sets itself; the caller's values would point the cluster elsewhere.
+_UP_OWNED_VARS = {
+    "REFRAME_REDIS_URL",
+    "REFRAME_FAL_QUEUE_URL",
+    "REFRAME_FAL_REST_URL",
+    "REFRAME_FAL_CDN_URL",
+    "REFRAME_METRICS_PORT",
+    "FAL_KEY",
+}
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Worker processes.")] = 2,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Logs and Redis files (default: a new temporary directory).")
+    ] = None,
+    processing_time_s: Annotated[
+        float, typer.Option(help="Emulated fal processing time per job.", callback=_positive_seconds)
+    ] = 2.0,
+    fal_concurrency: Annotated[int, typer.Option(min=1, max=1000, help="Emulated fal account limit.")] = 4,
+) -> None:
+    """Run a local cluster in the foreground: Redis, the fal emulator, N workers and the exporter.
+
+    Prints the URLs and the variables to export in another shell (then `reframe enqueue ...` works
+    there); Ctrl-C or SIGTERM stops every process and exits 0. Other REFRAME_* variables of this
+    shell (e.g. REFRAME_MAX_CONCURRENCY) are passed to the workers.
+    """
+    from reframe.localcluster import LocalCluster, start_cluster
+
+    settings_or_exit()  # the caller's own settings must be valid before anything starts
+    passed = {k: v for k, v in settings_environment().items() if k.upper() not in _UP_OWNED_VARS}
+    root = workdir or Path(tempfile.mkdtemp(prefix="reframe-up-"))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise _StopSignal(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cluster: LocalCluster | None = None
+    try:
+        try:
+            err_console.print(f"starting Redis, the fal emulator, {workers} workers and the exporter ...")
+            cluster = start_cluster(
+                root,
+                workers=workers,
+                emulator_concurrency=fal_concurrency,
+                emulator_processing_time_s=processing_time_s,
+                env=passed,
+            )
+            exporter_proc = cluster.start_exporter()
+            sys.stdout.write(_up_summary(cluster, exporter_proc.metrics_url, root))
+            sys.stdout.flush()
+            reported: set[str] = set()
+            while True:
+                time.sleep(1.0)
+                for proc in [*(w.process for w in cluster.workers), *cluster.extra]:
+                    if not proc.alive() and proc.name not in reported:
+                        reported.add(proc.name)
+                        note(f"{proc.name} exited with {proc.popen.returncode}; log: {proc.log_path}")
+        except _StopSignal:
+            pass
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        if cluster is not None:
+            err_console.print("stopping ...")
+            cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    err_console.print("stopped")
+
+
+def _up_summary(cluster: Any, exporter_url: str, root: Path) -> str:
+    env = dict(cluster.env)
+    lines = [
+        "Reframe Cluster is up (Ctrl-C stops everything)",
+        f"  redis         {cluster.redis_url}",
+        f"  fal emulator  {cluster.fal_url}",
+        *(f"  {w.process.name:<13} {w.metrics_url}/metrics" for w in cluster.workers),
+        f"  exporter      {exporter_url}/metrics",
+        f"  logs          {root}",
+        "  pids          "
+        + " ".join(
+            str(p.pid)
+            for p in [
+                *([cluster.redis.process] if cluster.redis else []),
+                *([cluster.emulator] if cluster.emulator else []),
+                *(w.process for w in cluster.workers),
+                *cluster.extra,
+            ]
+        ),
+        "In another shell:",
+        *(f"  export {k}={v}" for k, v in sorted(env.items())),
+        "  reframe enqueue ./clip.mp4 -a 9:16 --wait",
+        "  reframe status --cluster",
+        '  celery --broker "$REFRAME_REDIS_URL" -A worker.app flower   # Flower (pip install flower)',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- entry
+def _redis_error_message(exc: redis.RedisError) -> str:
+    settings = _invocation.settings
+    where = redact_url(settings.redis_url) if settings else "Redis"
+    detail = _scrub(str(exc)) or type(exc).__name__
+    text = str(exc).upper()
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
+        return f"REFRAME_REDIS_URL: authentication failed at {where} ({detail})"
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"REFRAME_REDIS_URL: cannot reach {where} ({detail})"
+    return f"redis: {type(exc).__name__} at {where} ({detail})"
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Every failure ends here as one line on stderr: usage errors, settings, Redis, ports: 2;
+    anything unexpected: 1 (type and message, no traceback).
+    """
+    global _invocation  # noqa: PLW0603 - per-run state, reset on every call (tests run in-process)
+    _invocation = _Invocation()
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(
+            args=list(sys.argv[1:] if argv is None else argv), prog_name="reframe", standalone_mode=False
+        )
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        fail("aborted")
+        return EXIT_USAGE
+    except typer.TyperException as exc:  # typer's (vendored) click usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `reframe` or `reframe dlq` alone: the help
+            ctx = getattr(exc, "ctx", None)
+            err_console.print(ctx.get_help() if ctx else "", highlight=False, markup=False)
+            return EXIT_USAGE
+        format_message = getattr(exc, "format_message", None)
+        fail(format_message() if callable(format_message) else str(exc))
+        return EXIT_USAGE
+    except redis.RedisError as exc:
+        fail(_redis_error_message(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"REFRAME_METRICS_PORT: address in use ({exc.strerror})")
+            return EXIT_USAGE
+        fail(f"{type(exc).__name__}: {exc}", code=1)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
+        fail(f"{type(exc).__name__}: {exc}", code=1)
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_every_command_documents_itself(command: list[str]) -> None:
         ),
         (
             ["enqueue", "https://x.test/a.mp4", "-a", "1:1", "--priority", "urgent"],
-            "error: priority: must be one of",
+            "error: priority:",
         ),
         (
             ["enqueue", "https://x.test/a.mp4", "-a", "1:1", "-m", "nokey"],
