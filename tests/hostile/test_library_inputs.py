@@ -361,4 +361,4 @@ def test_unsigned_callbacks_are_refused_unless_allowed(
     with Producer(make_settings(callback_allow_unsigned=True)) as p:
         job = p.get(p.enqueue(OK, callback_url="https://cb.example.com/hook"))
         assert job is not None
-    assert rclient.hget(f"reframe:job:{job.id}", "callback_url") == "https://cb.example.com/hook"
+        assert rclient.hget(p.store.keys.job(job.id), "callback_url") == "https://cb.example.com/hook"
