@@ -156,7 +156,7 @@ def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Ro
                 interval_s=0.5,
                 what=f"{n} jobs at fal",
             )
-            wait_until(lambda: r.zcard("reframe:track") == n, timeout_s=60, what="all tracked")
+            wait_until(lambda: r.zcard("{reframe}:track") == n, timeout_s=60, what="all tracked")
             assert cluster.emulator_control is not None
             time.sleep(5)  # let every stream settle before the measurement window
             before = cluster.emulator_control.ledger()["requests"]

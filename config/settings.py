@@ -185,7 +185,43 @@ class Settings(BaseSettings):
     )
 
     # --- results -----------------------------------------------------------------------------
-    results_stream_maxlen: PosInt = Field(default=100_000, description="Approximate MAXLEN of the stream.")
+    results_stream_maxlen: PosInt = Field(
+        default=1_000_000,
+        description="Hard ceiling of the result stream's length: the stream is trimmed only below the "
+        "slowest consumer group, unless it grows past this (counted and alerted when it bites).",
+    )
+    dlq_retention_s: PosFloat = Field(
+        default=30 * 86400.0, description="How long dead-lettered job records (and their dlq entries) live."
+    )
+    billing_unit_s: Annotated[float, Field(ge=0, le=60)] = Field(
+        default=1.0,
+        description="fal's billing unit: output seconds are rounded up to whole units when a job is "
+        "estimated and settled (0 = exact fractional seconds).",
+    )
+    gate_ttl_s: PosFloat = Field(
+        default=30.0,
+        description="How long one submit run owns a job's gate before a duplicate may start a new attempt.",
+    )
+    ambiguous_slot_hold_s: PosFloat = Field(
+        default=3600.0,
+        description="How long an ambiguous submit keeps its slot: fal may still run a request we cannot see.",
+    )
+    result_read_deadline_s: PosFloat = Field(
+        default=3600.0,
+        description="How long to keep retrying a result read fal answers with errors before calling it "
+        "unavailable (fal keeps results at least 6 minutes, up to its storage period).",
+    )
+    lost_confirm_s: PosFloat = Field(
+        default=30.0,
+        description="A 404 from fal is re-checked for this long before a request is called lost.",
+    )
+    callback_retry_window_s: PosFloat = Field(
+        default=86400.0,
+        description="How long a callback is retried (with backoff) before it is given up.",
+    )
+    callback_backoff_cap_s: PosFloat = Field(
+        default=600.0, description="Longest wait between callback tries."
+    )
     callback_signing_key: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key for per-job callbacks; callbacks are unsigned without."
     )
@@ -199,14 +235,7 @@ class Settings(BaseSettings):
     # --- input limits ------------------------------------------------------------------------
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
-    max_metadata_bytes: PosInt = Field(
-        default=16 * 1024, description="Largest job metadata, as compact JSON (it is stored and published)."
-    )
-    max_metadata_depth: PosInt = Field(default=8, description="Deepest nesting of job metadata.")
-    max_metadata_keys: PosInt = Field(default=256, description="Most keys in job metadata, all levels.")
-    enqueue_max_batch: Annotated[int, Field(gt=0, le=10_000)] = Field(
-        default=1000, description="Most jobs per enqueue_many call (one atomic Redis script)."
-    )
+
     # --- outbound fetches (issue #11: SSRF guard, worker/netguard.py) ----------------------------
     fetch_allow: str = Field(
         default="",
@@ -228,6 +257,14 @@ class Settings(BaseSettings):
     )
     callback_max_response_bytes: PosInt = Field(
         default=64 * 1024, description="Most bytes of a callback receiver's response that are read."
+    )
+    max_metadata_bytes: PosInt = Field(
+        default=16 * 1024, description="Largest job metadata, as compact JSON (it is stored and published)."
+    )
+    max_metadata_depth: PosInt = Field(default=8, description="Deepest nesting of job metadata.")
+    max_metadata_keys: PosInt = Field(default=256, description="Most keys in job metadata, all levels.")
+    enqueue_max_batch: Annotated[int, Field(gt=0, le=10_000)] = Field(
+        default=1000, description="Most jobs per enqueue_many call (one atomic Redis script)."
     )
 
     # --- metrics, health, logging ------------------------------------------------------------

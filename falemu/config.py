@@ -81,6 +81,9 @@ class EmulatorConfig:
     ledger_max_requests: int | None = 500_000
     #: Lifetime of CDN upload tokens.
     cdn_token_ttl_s: float = 3600.0
+    #: Billing unit: a success is billed its output's seconds rounded up to a whole number of units
+    #: (``0`` bills the exact fractional seconds).
+    billing_unit_s: float = 1.0
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update of run-time fields; raises ``ValueError`` on unknown or invalid ones."""

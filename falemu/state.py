@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections import deque
@@ -372,7 +373,9 @@ class EmulatorState:
             "duration": round(rendered.duration_s, 3),
         }
         req.log("Done")
-        return Outcome(200, {"video": video}, billed_s=rendered.duration_s)
+        return Outcome(
+            200, {"video": video}, billed_s=billable_s(rendered.duration_s, self.config.billing_unit_s)
+        )
 
     def _finish(self, req: QueueRequest, outcome: Outcome) -> None:
         if req.status == COMPLETED:
@@ -452,3 +455,11 @@ def _first_msg(errors: list[dict[str, Any]]) -> str:
     first = errors[0]
     loc = ".".join(str(part) for part in first.get("loc", [])[1:]) or "body"
     return f"{loc}: {first.get('msg', 'invalid')}"
+
+
+def billable_s(duration_s: float, unit_s: float) -> float:
+    """Seconds billed for ``duration_s`` of output: whole units, rounded up (``unit_s`` 0: exact)."""
+    if unit_s <= 0:
+        return duration_s
+    # a tiny tolerance so 3.0000001 s of container rounding does not bill a 4th second
+    return math.ceil(duration_s / unit_s - 1e-6) * unit_s

@@ -46,7 +46,7 @@ from worker.contracts.models import (
     ReframeInput,
     parse_input,
 )
-from worker.contracts.store import JobStore
+from worker.contracts.store import BudgetAction, Fence, JobStore, SlotAction
 from worker.contracts.wire import CANCEL_TASK, task_message
 
 __all__ = [
@@ -327,12 +327,26 @@ class Producer:
     def cancel(self, job_id: str) -> CancelOutcome:
         """Cancel a job: at once if it has not reached fal, else ask a worker to cancel it at fal."""
         job_id = check_call(JobIdCall, {"job_id": job_id}, self.limits).job_id
+        rec = self.store.record(job_id)
+        if rec is None:
+            return CancelOutcome.NOT_FOUND
+        # A job that has not reached fal ends here, its slot and reservation freed in the same
+        # step; waiting jobs are admitted into the slot by the workers' next sweep (the producer
+        # does not know the cluster's capacity, so it does not admit).
         outcome = self.store.finish(
             job_id,
             JobState.CANCELLED,
-            record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
+            Fence(from_states=PRE_SUBMIT_STATES),
+            event_id=rec.event_id,
+            slot=SlotAction.DROP,
+            budget=BudgetAction.RELEASE,
+            fields={"error": {"type": "cancelled", "message": "cancelled before submission"}},
             event={"error_type": "cancelled", "error_message": "cancelled before submission"},
-            allowed_from=PRE_SUBMIT_STATES,
+            callback={
+                "video": None,
+                "cost_usd": None,
+                "error": {"type": "cancelled", "message": "cancelled before submission"},
+            },
         )
         if outcome.ok:
             return CancelOutcome.CANCELLED

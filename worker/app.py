@@ -10,16 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
-import httpx
 from celery import Celery, Task, bootsteps
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
-from config import Settings
+from config import Settings, load_settings
+from worker import services
+from worker.cancel import cancel_at_fal
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 from worker.contracts.wire import CALLBACK_TASK, CANCEL_TASK, SUBMIT_TASK
+from worker.health import CONSUMER_LINK
+from worker.watchdog import EXIT_UNRECOVERABLE, TaskWatchdog, guard_kombu_restore
+from worker.fal import FalError
+from worker.runtime import get_runtime
+from worker.signals import install_celery_signal_handlers
+from worker.submit import Submitter
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_disable_prefetch": True,
+        # The threads pool ignores these two; worker/watchdog.py enforces task_time_limit_s.
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_timeout_s,
@@ -79,19 +86,12 @@ def create_app(settings: Settings) -> Celery:
 
 
 def _register_tasks(app: Celery, settings: Settings) -> None:
-    from worker.runtime import get_runtime
-
     @app.task(name=SUBMIT_TASK, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def submit(self: Task, job_id: str) -> str:
-        from worker.submit import Submitter
-
         return str(Submitter(get_runtime()).handle(job_id))
 
     @app.task(name=CANCEL_TASK, bind=True, acks_late=True, max_retries=5)  # type: ignore[untyped-decorator]
     def cancel(self: Task, job_id: str) -> str:
-        from worker.cancel import cancel_at_fal
-        from worker.fal import FalError
-
         try:
             return cancel_at_fal(get_runtime(), job_id)
         except FalError as exc:
@@ -99,37 +99,10 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=CALLBACK_TASK, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def callback(self: Task, job_id: str) -> str:
-        return _deliver_callback(self, job_id, settings)
-
-
-def _deliver_callback(task: Task, job_id: str, settings: Settings) -> str:
-    from worker.callbacks import callback_body, deliver
-    from worker.fal import backoff_s
-    from worker.runtime import get_runtime
-
-    rt = get_runtime()
-    rec = rt.store.get(job_id)
-    if rec is None or not rec.get("callback_url"):
-        return "skipped"
-    started = time.monotonic()
-    try:
-        status = deliver(settings, str(rec["callback_url"]), callback_body(rec), event_id=job_id)
-        ok = 200 <= status < 300
-        outcome = "delivered" if ok else f"http_{status // 100}xx"
-    except httpx.HTTPError as exc:
-        ok, outcome = False, type(exc).__name__
-    rt.metrics.callback_delivery("delivered" if ok else "failed", time.monotonic() - started)
-    if ok:
-        rt.store.set_fields(job_id, callback_status="delivered")
-        return "delivered"
-    attempt = task.request.retries + 1
-    if attempt >= settings.callback_max_attempts:
-        rt.store.set_fields(job_id, callback_status=f"gave_up:{outcome}")
-        rt.metrics.callback_delivery("gave_up")
-        return "gave_up"
-    # Countdowns stay far below the visibility timeout (capped at 300 s), see celery-ops pitfalls.
-    delay = backoff_s(attempt, base_s=2.0, cap_s=min(300.0, settings.visibility_timeout_s / 2), rng=rt.rng)
-    raise task.retry(countdown=delay, max_retries=settings.callback_max_attempts)
+        # Callbacks are delivered from the outbox (worker/outbox.py), written in the same step as
+        # the job's end; this name stays registered so a message from an older version is acked.
+        log.info("legacy callback message for job %s ignored: callbacks go through the outbox", job_id)
+        return "outbox"
 
 
 class _LivenessStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -142,8 +115,6 @@ class _LivenessStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.tref: Any = None
 
     def start(self, parent: Any) -> None:
-        from worker import services
-
         self.tref = parent.timer.call_repeatedly(2.0, services.beat, (), priority=10)
 
     def stop(self, parent: Any) -> None:
@@ -151,16 +122,64 @@ class _LivenessStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.tref.cancel()
 
 
-def run_worker(settings: Settings, *, concurrency: int | None = None, hostname: str | None = None) -> None:
-    """Run a Celery worker (threads pool) with the tracker, housekeeper and health server."""
-    from worker import services
-    from worker.signals import install_celery_signal_handlers
+class _ConsumerLinkStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Tells ``/readyz`` whether the consumer is connected: up once consuming, down on stop/restart."""
 
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        CONSUMER_LINK.set(True)
+
+    def stop(self, parent: Any) -> None:
+        CONSUMER_LINK.set(False)
+
+    def shutdown(self, parent: Any) -> None:
+        CONSUMER_LINK.set(False)
+
+
+def run_celery_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` with ``argv`` and return its exit status (``app.worker_main`` drops it).
+
+    ``Celery.start`` turns click's ``Exit`` into a return value and ``worker_main`` discards it, so a
+    worker that stopped on an "Unrecoverable error" (status 1) used to end the process with 0, and a
+    supervisor restarting only on failure left it dead. The worker's own ``exitcode`` is read too.
+    """
+    if "worker" not in argv:
+        raise ValueError("argv must contain the worker sub-command")
+    workers: list[Any] = []
+
+    def remember(sender: Any = None, **_: Any) -> None:
+        workers.append(sender)
+
+    worker_init.connect(remember, weak=False, dispatch_uid="reframe.exitcode")
+    try:
+        returned = app.start(argv=argv)
+    finally:
+        worker_init.disconnect(dispatch_uid="reframe.exitcode")
+    codes = [returned] + [getattr(w, "exitcode", None) for w in workers]
+    for code in codes:
+        if isinstance(code, int) and code != 0:
+            return code
+        if code not in (None, 0):  # click may carry a message instead of a number
+            return EXIT_UNRECOVERABLE
+    return 0
+
+
+def run_worker(settings: Settings, *, concurrency: int | None = None, hostname: str | None = None) -> None:
+    """Run a Celery worker (threads pool) with the tracker, housekeeper and health server.
+
+    Raises ``SystemExit`` with a non-zero status when the worker stopped on an error.
+    """
     app = create_app(settings)
     app.steps["worker"].add(_LivenessStep)
+    app.steps["consumer"].add(_ConsumerLinkStep)
+    guard_kombu_restore()  # Celery/kombu 5.7 crash after a Redis restart (worker/watchdog.py)
+    watchdog = TaskWatchdog(settings.task_time_limit_s)
+    watchdog.install()
     services.prepare(settings)
     install_celery_signal_handlers()
     worker_ready.connect(lambda **_: services.start_background(), weak=False)
+    worker_ready.connect(lambda **_: watchdog.start(), weak=False)
     worker_shutting_down.connect(lambda **_: services.stop_background(), weak=False)
     log.info("effective settings: %s", json.dumps(settings.redacted(), default=str))
     argv = [
@@ -176,7 +195,28 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, hostname: 
     if hostname:
         argv += ["--hostname", hostname]
     try:
-        app.worker_main(argv)
+        code = run_celery_worker(app, argv)
     finally:
+        watchdog.stop()
         services.shutdown()
     sys.stdout.flush()
+    if code != 0:
+        log.critical("worker stopped with exit status %d", code)
+        raise SystemExit(code)
+
+
+def __getattr__(name: str) -> Celery:
+    """``worker.app.celery`` / ``worker.app.app``: the app built lazily from ``load_settings()``.
+
+    For ``celery -A worker.app inspect active`` and ``celery -A worker.app flower``; nothing is
+    built at import time, and the app is built once per process.
+    """
+    if name not in ("celery", "app"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global _lazy_app  # noqa: PLW0603 - one app per process, built on first use
+    if _lazy_app is None:
+        _lazy_app = create_app(load_settings())
+    return _lazy_app
+
+
+_lazy_app: Celery | None = None

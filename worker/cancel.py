@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker import lifecycle
+from worker.contracts.models import PRE_SUBMIT_STATES
+from worker.contracts.store import Fence
 from worker.fal import CancelOutcome, FalError
-from worker.finalize import finish_job, free_resources
 from worker.runtime import Runtime
 from worker.tracker import receipt_from_record
 
@@ -14,26 +15,24 @@ log = logging.getLogger(__name__)
 
 
 def cancel_at_fal(rt: Runtime, job_id: str) -> str:
-    """Ask fal to cancel the job's request; the tracker then sees it end and finishes the job."""
-    rec = rt.store.get(job_id)
+    """Ask fal to cancel the job's request; the tracker then sees it end and finishes the job.
+
+    A job that has not reached fal is finished CANCELLED here at once (its slot and reservation
+    freed in the same step). A job in SUBMITTING is left to its submitter, which checks
+    ``cancel_requested`` as soon as fal answers.
+    """
+    rec = rt.store.record(job_id)
     if rec is None:
         return "missing"
-    state = JobState(rec["state"])
-    if state.terminal:
+    if rec.state.terminal:
         return "finished"
-    if state in PRE_SUBMIT_STATES:
-        done = finish_job(
-            rt,
-            job_id,
-            JobState.CANCELLED,
-            record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
-            event={"error_type": "cancelled", "error_message": "cancelled before submission"},
-            allowed_from=PRE_SUBMIT_STATES,
+    if rec.state in PRE_SUBMIT_STATES:
+        done = lifecycle.cancel(
+            rt, rec, fence=Fence(from_states=PRE_SUBMIT_STATES), message="cancelled before submission"
         )
-        free_resources(rt, job_id, actual_micro=None)
         return "cancelled" if done else "raced"
-    if not rec.get("fal_request_id"):
-        return "pending"  # SUBMITTING: the submitter checks cancel_requested once fal answers
+    if not rec.fal_request_id:
+        return "pending"
     try:
         outcome = rt.portal.call(lambda: rt.fal.cancel(receipt_from_record(rec, rt)), timeout_s=60)
     except FalError as err:

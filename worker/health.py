@@ -188,3 +188,30 @@ class HealthServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ConsumerLink:
+    """Whether the Celery consumer holds a broker connection now.
+
+    A consumer bootstep (:mod:`worker.app`) marks it up once the task consumer is running and down
+    when the consumer stops or restarts (a lost broker connection), so ``/readyz`` says "cannot
+    consume" for exactly as long as Celery is reconnecting. Starts down.
+    """
+
+    def __init__(self) -> None:
+        self._up = threading.Event()
+
+    def set(self, up: bool) -> None:
+        """Record the consumer's connection state."""
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+
+    def is_up(self) -> bool:
+        """True while the consumer is connected."""
+        return self._up.is_set()
+
+
+#: The worker process's consumer link (one Celery consumer per process).
+CONSUMER_LINK = ConsumerLink()

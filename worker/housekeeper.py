@@ -1,14 +1,18 @@
 """Periodic sweeps that keep the cluster live after crashes, run by one process at a time.
 
-Every worker process runs a :class:`Housekeeper` thread; a Redis lock with a short TTL lets exactly
-one of them sweep at any moment (if it dies, another takes over within the lock TTL). A sweep:
+Every worker process runs a :class:`Housekeeper` thread; a Redis lock held by a token lets exactly
+one of them sweep. The holder renews the lock from a second thread while it works (every third of
+its TTL) and every step checks that it still holds it, so a long sweep (fal calls) never overlaps
+another holder's; and every action a sweep takes is a fenced lifecycle step anyway. A sweep:
 
-* dispatches deferred jobs whose time has come (``P:delayed``; the entry is leased, not removed,
-  until the submit task picks the job up, so a lost message is dispatched again);
-* checks expired slot leases against fal before releasing them: a slot belongs to the fal
-  request, so a crashed worker neither frees a slot while fal still runs its job nor leaks it;
+* dispatches deferred jobs whose time has come (``delayed``; the entry stays, leased, until the job
+  leaves DEFERRED, so a lost message is dispatched again);
+* checks expired slot leases against fal before releasing them: a slot belongs to the fal request,
+  so a crashed worker neither frees a slot while fal still runs its job nor leaks it;
 * resolves jobs stuck in SUBMITTING (their submitter died mid-call) by the ambiguous-submit policy;
-* re-admits waiting jobs if capacity appeared, and retries budget-blocked jobs.
+* re-admits waiting jobs if capacity appeared, and retries budget-blocked jobs;
+* trims the result stream below the slowest consumer group, drops dead-letter entries whose record
+  expired, and reconciles budget reservations whose job has ended (nothing grows without bound).
 """
 
 from __future__ import annotations
@@ -18,36 +22,21 @@ import threading
 import time
 import uuid
 
-from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker.contracts.lua import load_lua, script_path
+from worker.contracts.models import PRE_SUBMIT_STATES
+from worker.contracts.record import JobRecord, text
 from worker.fal import FalError, FalNotFoundError
-from worker.finalize import free_resources
+from worker.outbox import STREAM_KEEP
 from worker.runtime import Runtime
 from worker.submit import Submitter
 from worker.tracker import receipt_from_record
 
 log = logging.getLogger(__name__)
 
-_LEAD = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not cur then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
-"""
-
-_DUE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id) end
-return due
-"""
-
-LOCK_TTL_MS = 5000
+LOCK_TTL_MS = 15_000
 DISPATCH_LEASE_MS = 60_000
-
-
-def _text(raw: object) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+#: A fal call made by a sweep gives up well inside the lock's TTL.
+FAL_CALL_TIMEOUT_S = LOCK_TTL_MS / 3000
 
 
 class Housekeeper:
@@ -55,38 +44,66 @@ class Housekeeper:
 
     def __init__(self, rt: Runtime, *, interval_s: float = 0.2) -> None:
         self.rt = rt
+        self.keys = rt.store.keys
         self.interval_s = interval_s
-        self.token = uuid.uuid4().hex
+        self.token = f"{rt.process_id}:{uuid.uuid4().hex[:8]}"
         self.submitter = Submitter(rt)
-        self._lead = rt.redis.register_script(_LEAD)
-        self._due = rt.redis.register_script(_DUE)
+        self._hold = rt.redis.register_script(load_lua(script_path(__file__, "lock_hold")))
+        self._release = rt.redis.register_script(load_lua(script_path(__file__, "lock_release")))
+        self._due = rt.redis.register_script(load_lua(script_path(__file__, "delayed_due")))
+        self._trim = rt.redis.register_script(load_lua(script_path(__file__, "events_trim")))
         self._stop = threading.Event()
+        self._holding = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reframe-housekeeper", daemon=True)
+        self._renewer = threading.Thread(
+            target=self._renew_loop, name="reframe-housekeeper-lock", daemon=True
+        )
         self._last: dict[str, float] = {}
 
     def start(self) -> None:
-        """Start the thread."""
+        """Start the sweeping and lock-renewing threads."""
         self._thread.start()
+        self._renewer.start()
 
     def stop(self) -> None:
-        """Stop the thread and give up the lock."""
+        """Stop the threads and give up the lock."""
         self._stop.set()
         self._thread.join(10)
+        self._renewer.join(5)
+        self._holding.clear()
         try:
-            self.rt.redis.eval(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                "return 0",
-                1,
-                self.rt.store.keys.housekeeper_lock,
-                self.token,
-            )
+            self._release(keys=[self.keys.housekeeper_lock], args=[self.token])
         except Exception:
             log.debug("housekeeper unlock failed", exc_info=True)
+
+    @property
+    def holding(self) -> bool:
+        """True while this process holds the sweeping lock."""
+        return self._holding.is_set()
+
+    def _take(self) -> bool:
+        held = bool(self._hold(keys=[self.keys.housekeeper_lock], args=[self.token, LOCK_TTL_MS]))
+        if held:
+            self._holding.set()
+        else:
+            self._holding.clear()
+        return held
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(LOCK_TTL_MS / 3000):
+            if not self._holding.is_set():
+                continue
+            try:
+                self._take()
+            except Exception:
+                # Cannot prove we still hold it: stop sweeping until a renewal succeeds.
+                self._holding.clear()
+                log.warning("housekeeper lock renewal failed", exc_info=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if self._lead(keys=[self.rt.store.keys.housekeeper_lock], args=[self.token, LOCK_TTL_MS]):
+                if self._take():
                     self.sweep()
             except Exception:
                 log.warning("housekeeping sweep failed", exc_info=True)
@@ -100,19 +117,26 @@ class Housekeeper:
         return False
 
     def sweep(self) -> None:
-        """One pass of every duty that is due."""
-        self.dispatch_due()
-        if self._every("leases", 1.0):
-            self.check_expired_leases()
-        if self._every("admit", 2.0):
-            self.rt.dispatch(self.rt.flow.slots.admit())
-        if self._every("blocked", 5.0):
-            self.retry_blocked()
+        """One pass of every duty that is due (each step first checks the lock is still ours)."""
+        duties = (
+            ("due", 0.0, self.dispatch_due),
+            ("leases", 1.0, self.check_expired_leases),
+            ("admit", 2.0, lambda: self.rt.dispatch(self.rt.flow.slots.admit())),
+            ("blocked", 5.0, self.retry_blocked),
+            ("stream", 10.0, self.trim_events),
+            ("dlq", 60.0, self.sweep_dead_letters),
+            ("reservations", 30.0, self.reconcile_reservations),
+        )
+        for name, period_s, duty in duties:
+            if not self.holding:
+                return
+            if self._every(name, period_s):
+                duty()
 
     def dispatch_due(self) -> list[str]:
         """Send deferred jobs whose time has come back through the submit task."""
-        raw = self._due(keys=[self.rt.store.keys.delayed], args=[500, DISPATCH_LEASE_MS])
-        ids = [_text(x) for x in raw]
+        raw = self._due(keys=[self.keys.delayed], args=[500, DISPATCH_LEASE_MS])
+        ids = [text(x) for x in raw]
         self.rt.dispatch(ids)
         return ids
 
@@ -128,51 +152,90 @@ class Housekeeper:
         )
         if headroom < self.rt.flow.budget.estimate_micro(1.0):
             return
-        ids = [_text(x) for x in self.rt.redis.zrange(self.rt.store.keys.blocked, 0, limit - 1)]
+        ids = [text(x) for x in self.rt.redis.zrange(self.keys.blocked, 0, limit - 1)]
         self.rt.dispatch(ids)
+
+    def trim_events(self, *, keep: int = STREAM_KEEP) -> tuple[int, int]:
+        """Trim the result stream below every consumer group's needs (and past the hard ceiling).
+
+        The newest ``keep`` entries stay even when no group needs them (late ``XREAD`` waiters).
+        Returns (entries trimmed below the groups, unread entries trimmed past the ceiling).
+        """
+        raw = self._trim(keys=[self.keys.events], args=[self.rt.settings.results_stream_maxlen, keep])
+        below, over = int(raw[0]), int(raw[1])
+        if over:
+            self.rt.metrics.stream_trimmed_unread(over)
+            log.warning(
+                "result stream over its ceiling: %d entries no consumer group had read were trimmed", over
+            )
+        return below, over
+
+    def sweep_dead_letters(self, batch: int = 500) -> int:
+        """Drop dead-letter entries whose job record has expired; returns how many."""
+        ids = [text(x) for x in self.rt.redis.zrange(self.keys.dlq, 0, batch - 1)]
+        if not ids:
+            return 0
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self.keys.job(job_id))
+        gone = [j for j, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+        if gone:
+            self.rt.redis.zrem(self.keys.dlq, *gone)
+        return len(gone)
+
+    def reconcile_reservations(self) -> int:
+        """Settle or release reservations whose job has ended or vanished (a crash mid-clean-up)."""
+        fixed = 0
+        for job_id, _res in self.rt.flow.budget.reservations().items():
+            rec = self.rt.store.record(job_id)
+            if rec is not None and not rec.state.terminal:
+                continue
+            if rec is not None and rec.cost_actual_micro is not None:
+                done = self.rt.flow.budget.settle(job_id, rec.cost_actual_micro)
+            else:
+                done = self.rt.flow.budget.release(job_id)
+            fixed += int(done)
+        return fixed
 
     def check_expired_leases(self) -> None:
         """Decide every expired slot lease from the job record and, if fal has it, from fal."""
         for job_id in self.rt.flow.slots.expired(limit=100):
+            if not self.holding:
+                return
             try:
                 self._resolve_lease(job_id)
             except Exception:
                 log.warning("lease check of job %s failed", job_id, exc_info=True)
 
     def _resolve_lease(self, job_id: str) -> None:
-        rec = self.rt.store.get(job_id)
-        if rec is None:
+        rec = self.rt.store.record(job_id)
+        if rec is None or rec.state.terminal:
+            # Finished (an ambiguous submit's hold has run out) or gone: the slot is free.
             self.rt.dispatch(self.rt.flow.slots.release(job_id))
             return
-        state = JobState(rec["state"])
-        if state.terminal:
-            actual = rec.get("cost_actual_micro")
-            free_resources(self.rt, job_id, actual_micro=actual if isinstance(actual, int) else None)
+        if rec.fal_request_id:
+            self._check_at_fal(rec)
             return
-        if rec.get("fal_request_id"):
-            self._check_at_fal(job_id, rec)
-            return
-        if state == JobState.SUBMITTING:
-            self.submitter.resolve_unknown(job_id, rec)
+        if rec.state.value == "SUBMITTING":
+            self.submitter.resolve_unknown(rec)
             self.rt.flow.slots.renew([job_id], ttl_ms=10_000)
             return
-        if state in PRE_SUBMIT_STATES:
+        if rec.state in PRE_SUBMIT_STATES:
             # Admitted but its dispatch was lost (or it sat out a rate pause): send it again.
             self.rt.flow.slots.renew([job_id])
             self.rt.dispatch([job_id])
 
-    def _check_at_fal(self, job_id: str, rec: dict[str, object]) -> None:
-        receipt = receipt_from_record(dict(rec), self.rt)
+    def _check_at_fal(self, rec: JobRecord) -> None:
+        receipt = receipt_from_record(rec, self.rt)
         try:
-            status = self.rt.portal.call(lambda: self.rt.fal.status(receipt), timeout_s=30)
+            status = self.rt.portal.call(lambda: self.rt.fal.status(receipt), timeout_s=FAL_CALL_TIMEOUT_S)
         except FalNotFoundError:
             status = None
         except (FalError, TimeoutError):
             return  # fal unreachable: the slot keeps counting against the cap
         if status is not None and not status.completed:
-            self.rt.flow.slots.renew([job_id])
+            self.rt.flow.slots.renew([rec.id])
         else:
             # Completed (or unknown to fal): make sure a tracker finalises it soon.
-            self.rt.flow.slots.renew([job_id], ttl_ms=30_000)
-        sec, usec = self.rt.redis.time()
-        self.rt.redis.zadd(self.rt.store.keys.track, {job_id: int(sec) * 1000 + int(usec) // 1000}, nx=True)
+            self.rt.flow.slots.renew([rec.id], ttl_ms=30_000)
+        self.rt.redis.zadd(self.keys.track, {rec.id: self.rt.now_ms()}, nx=True)

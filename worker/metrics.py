@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # The ``*_created`` series (one per counter and histogram child) say nothing a dashboard
+        # uses and would double the series count.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         self._guard = _Guard()
         p = PREFIX
@@ -285,6 +288,12 @@ class Metrics:
         )
 
         # --- results -----------------------------------------------------------------------------
+        self.stream_trimmed_unread_events = Counter(
+            f"{p}_result_stream_trimmed_unread_total",
+            "Result events trimmed past REFRAME_RESULTS_STREAM_MAXLEN before every consumer group "
+            "had read them (the hard ceiling bit: a consumer is too slow or gone).",
+            registry=registry,
+        )
         self.results_published = Counter(
             f"{p}_results_published_total",
             "Terminal results written, by sink (stream = the result stream, record = the job "
@@ -482,6 +491,10 @@ class Metrics:
         s = self._guard.closed("sink", sink, RESULT_SINKS)
         self.results_published.labels(sink=s, outcome="ok" if ok else "error").inc()
 
+    def stream_trimmed_unread(self, entries: int) -> None:
+        """Count result events trimmed past the hard ceiling that a consumer group had not read."""
+        self.stream_trimmed_unread_events.inc(max(0, entries))
+
     def callback_delivery(self, outcome: str, duration_s: float | None = None) -> None:
         """Count a callback attempt (delivered, failed, rejected, gave_up) and its duration."""
         out = self._guard.closed("callback_outcome", outcome, CALLBACK_OUTCOMES)
@@ -540,7 +553,5 @@ def get_metrics() -> Metrics:
     if _instance is None:
         with _instance_lock:
             if _instance is None:
-                from prometheus_client import REGISTRY
-
                 _instance = Metrics(REGISTRY)
     return _instance

@@ -14,7 +14,7 @@ import random
 import socket
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,10 +23,11 @@ import redis
 
 from config import Settings
 from worker.contracts.models import Priority
-from worker.contracts.store import JobStore
+from worker.contracts.store import JobStore, SlotParams
 from worker.fal import FalClient
 from worker.flow import FlowControl
 from worker.metrics import Metrics, get_metrics
+from worker.netguard import GuardedFetcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +71,11 @@ async def _as_coro(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
+def new_process_id() -> str:
+    """``host:pid:random``: unique per process start, readable in ``redis-cli``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 @dataclass
 class Runtime:
     """Everything a worker process shares between task threads, the tracker and the housekeeper."""
@@ -81,9 +87,13 @@ class Runtime:
     portal: Portal
     fal: FalClient
     metrics: Metrics
+    #: Every URL a job names (video, image, callback) is fetched through this (worker/netguard.py).
+    fetcher: GuardedFetcher
     rng: random.Random = field(default_factory=random.Random)
     #: This process's identity in Redis (claims, heartbeats): unique per process start.
-    process_id: str = field(default_factory=lambda: new_process_id())
+    process_id: str = field(default_factory=new_process_id)
+    #: Hands a just-submitted job to this process's tracker (set by the tracker when it starts).
+    track_hook: Callable[[str], None] | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
@@ -101,6 +111,12 @@ class Runtime:
             queue=settings.queue_name,
             retention_s=settings.job_retention_s,
             stream_maxlen=settings.results_stream_maxlen,
+            dlq_retention_s=settings.dlq_retention_s,
+            slot_params=SlotParams(
+                capacity=settings.max_concurrency,
+                reserved_high=settings.reserved_high_slots,
+                lease_ms=round(settings.slot_lease_ttl_s * 1000),
+            ),
         )
         m = metrics or get_metrics()
         portal = Portal()
@@ -114,9 +130,15 @@ class Runtime:
             portal=portal,
             fal=fal,
             metrics=m,
+            fetcher=GuardedFetcher.from_settings(settings),
         )
 
-    def dispatch(self, job_ids: list[str], *, priority: Priority = Priority.HIGH) -> None:
+    def now_ms(self) -> int:
+        """Redis time in ms: the one clock every worker shares."""
+        sec, usec = self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    def dispatch(self, job_ids: Sequence[str], *, priority: Priority = Priority.HIGH) -> None:
         """Send ``reframe.submit`` for each job (admitted jobs go in the high lane: they hold a slot)."""
         if not job_ids:
             return
@@ -133,12 +155,8 @@ class Runtime:
         except Exception:
             log.debug("fal client close failed", exc_info=True)
         self.portal.stop()
+        self.fetcher.close()
         self.redis.close()
-
-
-def new_process_id() -> str:
-    """``host:pid:random``: unique per process start, readable in ``redis-cli``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 async def _make_fal(settings: Settings, metrics: Metrics) -> FalClient:

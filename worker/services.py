@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass
 
 from config import Settings
-from worker.health import HealthServer
+from worker.health import CONSUMER_LINK, HealthServer
 from worker.housekeeper import Housekeeper
+from worker.outbox import Outbox
 from worker.presence import STATE_DRAINING, Presence, PresenceBeat, effective_limits
 from worker.runtime import Runtime, install
-from worker.tracker import start_tracker, stop_tracker
+from worker.tracker import Tracker, start_tracker, stop_tracker
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class _State:
     runtime: Runtime | None = None
     health: HealthServer | None = None
     housekeeper: Housekeeper | None = None
+    tracker: Tracker | None = None
+    outbox: Outbox | None = None
     presence: PresenceBeat | None = None
     ready: bool = False
 
@@ -33,8 +36,10 @@ _state = _State()
 
 
 def _ready() -> bool:
+    # Ready = can consume: background started, Celery's consumer connected (worker/health.py
+    # CONSUMER_LINK, set by a consumer bootstep) and Redis answering. Never part of liveness.
     rt = _state.runtime
-    return bool(_state.ready and rt is not None and rt.redis.ping())
+    return bool(_state.ready and CONSUMER_LINK.is_up() and rt is not None and rt.redis.ping())
 
 
 def prepare(settings: Settings) -> Runtime:
@@ -76,10 +81,12 @@ def start_background() -> None:
     rt = _state.runtime
     if rt is None:
         return
-    start_tracker(rt)
+    _state.tracker = start_tracker(rt)
     hk = Housekeeper(rt)
     hk.start()
     _state.housekeeper = hk
+    _state.outbox = Outbox(rt)
+    _state.outbox.start()
     if _state.presence is None:  # publish limits + heartbeat (worker/presence.py)
         _state.presence = PresenceBeat(
             Presence.from_settings(rt.redis, rt.settings),
@@ -89,7 +96,7 @@ def start_background() -> None:
         )
         _state.presence.start()
     _state.ready = True
-    log.info("worker ready: tracker and housekeeper running")
+    log.info("worker ready: tracker, housekeeper and outbox running")
 
 
 def stop_background() -> None:
@@ -100,8 +107,12 @@ def stop_background() -> None:
     if _state.housekeeper is not None:
         _state.housekeeper.stop()
         _state.housekeeper = None
-    if _state.runtime is not None:
-        stop_tracker(_state.runtime)
+    if _state.outbox is not None:
+        _state.outbox.stop()
+        _state.outbox = None
+    if _state.runtime is not None and _state.tracker is not None:
+        stop_tracker(_state.runtime, _state.tracker)
+        _state.tracker = None
 
 
 def beat() -> None:

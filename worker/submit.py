@@ -1,43 +1,52 @@
 """Admission and submission of one job: the body of the ``reframe.submit`` task.
 
-Order of checks before any fal call (each one atomic script in Redis, shared by every worker):
-breaker -> budget -> slot -> rate. A job that may not go now is parked where the cluster will find
-it again (``P:delayed``, ``P:blocked`` or a slot wait list) and the task returns at once, so no
-worker thread waits for capacity.
+A run first takes the job's gate as a new attempt (:func:`worker.lifecycle.begin`); a duplicate
+delivery finds the gate taken, or the job past its pre-submit states, and stops without touching
+anything. The owning attempt then passes the checks, each one atomic script in Redis shared by
+every worker: breaker -> budget -> slot -> rate. The reservation and the slot are taken fenced by
+the attempt, so a run that lost the job cannot take them either. A job that may not go now is
+parked where the cluster finds it again and the task returns at once.
 
-Why no retry here can pay twice: a submit is only repeated after a failure that proves fal did
-not accept it (connection refused, 408/409/429, a 5xx without an accepted request); a failure
-after the body was sent is *ambiguous* and follows ``REFRAME_AMBIGUOUS_SUBMIT_POLICY``; a job that
-already has a fal request id is never submitted again; and the ``SUBMITTING`` intent record is
-written before the call, so a crash mid-call is detected as ambiguous rather than retried blindly.
+Why no path here can pay twice (README, "Never paying twice"):
+
+* a submit is repeated only after an answer that proves fal did not accept it (connection refused,
+  408/409/429, fal's own 5xx); a failure after the body may have reached fal is *ambiguous* and
+  follows ``REFRAME_AMBIGUOUS_SUBMIT_POLICY`` (dead letter by default, and the slot stays held);
+* the SUBMITTING intent is written, fenced by the attempt, before the POST: a crash mid-call is
+  found as SUBMITTING and resolved as ambiguous, never retried blindly; a duplicate run cannot
+  write it because the attempt no longer owns the gate;
+* a job with a fal request id is never submitted again: only :mod:`worker.tracker`, on what fal
+  *said* (a failed request), can start a new attempt;
+* a receipt that arrives after the attempt lost the job (a late POST) is recorded and that request
+  is cancelled at fal, never dropped and never resubmitted.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import CancelledError
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Future
 from enum import StrEnum
-from typing import Any
 
-from config import AmbiguousSubmitPolicy
-from worker.contracts.models import PRE_SUBMIT_STATES, JobState, Priority
+from worker import lifecycle
+from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker.contracts.record import JobRecord
+from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.fal import (
     FalAmbiguousError,
     FalError,
     FalPermanentError,
     FalTransientError,
     SubmitReceipt,
-    backoff_s,
 )
 from worker.flow import BreakerState
-from worker.probe import video_duration_s
+from worker.flow.budget import BudgetRefused
+from worker.flow.slots import SlotRefused
+from worker.lifecycle import Failure, attempt_fence, record_breaker
+from worker.media import video_duration_s
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-JITTER_MAX_MS = 1000
 
 
 class Outcome(StrEnum):
@@ -52,43 +61,14 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     MISSING = "missing"
     AMBIGUOUS = "ambiguous"
+    LOST = "lost"
+    """The run's attempt lost the job to another actor on the way; it touched nothing."""
 
 
-@dataclass(frozen=True)
-class Failure:
-    """Why a job failed, as stored in the record and the result event."""
-
-    type: str
-    message: str
-    detail: Any = None
-
-    def as_record(self) -> dict[str, Any]:
-        """The ``error`` field of the record."""
-        out: dict[str, Any] = {"type": self.type, "message": self.message}
-        if self.detail is not None:
-            out["fal_detail"] = self.detail
-        return out
-
-
-def record_breaker(rt: Runtime, success: bool, *, probe: bool, before: BreakerState | None = None) -> None:
-    """Report a provider-health outcome to the shared breaker and count any state change it causes.
-
-    ``before`` is the state the caller saw (from ``allow()``); without it one extra read is made.
-    """
-    if before is None:
-        before = rt.flow.breaker.state().state
-    after = rt.flow.breaker.record(success, probe=probe)
-    if after != before:
-        rt.metrics.breaker_transition(before.value, after.value)
-
-
-def counts_against_breaker(err: FalError) -> bool:
-    """Provider-health failures open the breaker; 4xx and 429 (the rate limiter's job) do not."""
-    if isinstance(err, FalAmbiguousError):
-        return True
-    if isinstance(err, FalTransientError):
-        return err.status_code is None or err.status_code >= 500
-    return False
+def submit_timeout_s(rt: Runtime) -> float:
+    """The longest one submit POST can take (every httpx phase at its limit)."""
+    s = rt.settings
+    return s.fal_connect_timeout_s + s.fal_write_timeout_s + s.fal_read_timeout_s + s.fal_pool_timeout_s
 
 
 class Submitter:
@@ -102,82 +82,83 @@ class Submitter:
     # ------------------------------------------------------------------ entry point
     def handle(self, job_id: str) -> Outcome:
         """Drive ``job_id`` one step: submit it, park it, or recognise a duplicate delivery."""
-        rec = self.rt.store.get(job_id)
+        rec = self.rt.store.record(job_id)
         if rec is None:
-            self._free(job_id)
             return Outcome.MISSING
-        state = JobState(rec["state"])
-        if state.terminal:
-            self._free(job_id, settle_micro=rec.get("cost_actual_micro"))
+        if rec.state.terminal:
             return Outcome.DUPLICATE
-        if state.at_fal or rec.get("fal_request_id"):
-            self._ensure_tracked(job_id)
-            return Outcome.DUPLICATE
-        if state == JobState.SUBMITTING:
-            return self.resolve_unknown(job_id, rec)
-        if rec.get("cancel_requested") == "1":
-            return self._cancel_pre_submit(job_id)
-        if state == JobState.QUEUED and not rec.get("attempts"):
-            self.rt.metrics.job_enqueued(str(rec.get("priority") or "normal"))
-        if state == JobState.DEFERRED:
-            # Only deferred jobs sit in P:delayed (leased there until this task picks them up).
-            self.rt.redis.zrem(self.rt.store.keys.delayed, job_id)
-            rec = self._account_deferral(job_id, rec)
-        if self._past_deadline(rec):
-            self.fail(
-                job_id,
-                Failure("deadline_exceeded", "job was not submitted before its deadline"),
-                dead_letter=True,
+        if rec.state.at_fal or rec.fal_request_id:
+            return Outcome.DUPLICATE  # the tracker follows it
+        if rec.state == JobState.SUBMITTING:
+            return self.resolve_unknown(rec)
+        if rec.cancel_requested:
+            done = lifecycle.cancel(
+                self.rt,
+                rec,
+                fence=Fence(from_states=PRE_SUBMIT_STATES),
+                message="cancelled before submission",
             )
+            return Outcome.CANCELLED if done else Outcome.LOST
+        gate = lifecycle.begin(self.rt, job_id)
+        if not gate.owner:
+            return Outcome.DUPLICATE
+        attempt = gate.attempt
+        if rec.state == JobState.QUEUED and rec.attempts == 0:
+            self.rt.metrics.job_enqueued(rec.priority.value)
+        if rec.state == JobState.DEFERRED:
+            self._account_deferral(rec)
+        if lifecycle.past_deadline(self.rt, rec):
+            failure = Failure("deadline_exceeded", "job was not submitted before its deadline")
+            lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
             return Outcome.FAILED
-        return self._gate_and_submit(job_id, rec)
+        return self._gate_and_submit(rec, attempt)
 
-    def _account_deferral(self, job_id: str, rec: dict[str, Any]) -> dict[str, Any]:
+    def _account_deferral(self, rec: JobRecord) -> None:
         """Add the time a deferred job was parked to ``deferred_total_ms``.
 
         Queue-wait metrics subtract that total, so deliberate delays (backoff, an open breaker, a
         rate pause) do not look like the cluster being slow.
         """
-        parked_ms = max(0, self._now_ms() - int(rec.get("ts_DEFERRED") or self._now_ms()))
-        total = self.rt.store.incr_field(job_id, "deferred_total_ms", parked_ms)
-        return {**rec, "deferred_total_ms": total}
+        since = rec.ts(JobState.DEFERRED)
+        if since:
+            self.rt.store.incr_field(rec.id, "deferred_total_ms", max(0, self.rt.now_ms() - since))
 
     # ------------------------------------------------------------------ gate
-    def _gate_and_submit(self, job_id: str, rec: dict[str, Any]) -> Outcome:
-        priority = Priority(rec.get("priority") or "normal")
+    def _gate_and_submit(self, rec: JobRecord, attempt: str) -> Outcome:
+        job_id = rec.id
+        record_key = self.rt.store.keys.job(job_id)
         decision = self.flow.breaker.allow()
         if not decision.allowed:
-            self.defer(job_id, until_ms=decision.retry_at_ms, reason="breaker_open")
+            lifecycle.defer(self.rt, job_id, attempt, until_ms=decision.retry_at_ms, reason="breaker_open")
             return Outcome.DEFERRED
         probe = decision.probe
-        estimate = self._estimate_micro(job_id, rec)
+        estimate = self._estimate_micro(rec)
         if estimate is None:
             self._give_back_probe(probe)
             limit = self.s.max_video_duration_s
-            self.fail(
-                job_id,
-                Failure("input_too_long", f"video_url: the video is longer than {limit:g}s"),
-                dead_letter=True,
-            )
+            failure = Failure("input_too_long", f"video_url: the video is longer than {limit:g}s")
+            lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
             return Outcome.FAILED
-        budget = self.flow.budget.reserve(job_id, estimate)
-        if not budget.ok:
+        try:
+            budget = self.flow.budget.reserve(job_id, estimate, record_key=record_key, attempt=attempt)
+            if not budget.ok:
+                self._give_back_probe(probe)
+                lifecycle.block(self.rt, job_id, attempt, scope=str(budget.scope))
+                return Outcome.BLOCKED
+            slot = self.flow.slots.acquire(job_id, rec.priority.value, record_key=record_key, attempt=attempt)
+        except (BudgetRefused, SlotRefused):
             self._give_back_probe(probe)
-            self._block(job_id, scope=str(budget.scope))
-            return Outcome.BLOCKED
-        self.rt.redis.zrem(self.rt.store.keys.blocked, job_id)
-        slot = self.flow.slots.acquire(job_id, priority.value)
+            return Outcome.LOST
         if not slot.acquired:
             self._give_back_probe(probe)
-            self.rt.store.transition(job_id, PRE_SUBMIT_STATES, JobState.WAITING, slots_ahead=slot.ahead)
+            lifecycle.park_waiting(self.rt, job_id, attempt, ahead=slot.ahead)
             return Outcome.WAITING
-        waited_s = self._take_rate_token(job_id)
-        if waited_s is None:
+        if not self._take_rate_token(job_id, attempt):
             self._give_back_probe(probe)
             return Outcome.DEFERRED
-        return self._submit(job_id, rec, probe=probe, breaker_state=decision.state)
+        return self._submit(rec, attempt, probe=probe, breaker_state=decision.state)
 
-    def _take_rate_token(self, job_id: str) -> float | None:
+    def _take_rate_token(self, job_id: str, attempt: str) -> bool:
         """Wait briefly for a submit token; defer (keeping slot and reservation) if it is far off."""
         started = time.monotonic()
         max_wait_ms = int(self.s.max_rate_wait_s * 1000)
@@ -187,116 +168,127 @@ class Submitter:
                 waited = time.monotonic() - started
                 if waited > 0:
                     self.rt.metrics.rate_limit_waited(waited)
-                return waited
+                return True
             if decision.retry_after_ms > max_wait_ms:
-                now_ms = self._now_ms()
-                until = now_ms + decision.retry_after_ms
+                until = self.rt.now_ms() + decision.retry_after_ms
                 # Keep the slot alive across the deferral: nobody can submit before then anyway.
                 self.flow.slots.renew(
                     [job_id], ttl_ms=decision.retry_after_ms + int(self.s.slot_lease_ttl_s * 1000)
                 )
-                self.defer(job_id, until_ms=until, reason=str(decision.reason))
-                return None
+                lifecycle.defer(self.rt, job_id, attempt, until_ms=until, reason=str(decision.reason))
+                return False
             time.sleep(decision.retry_after_ms / 1000)
 
-    def _estimate_micro(self, job_id: str, rec: dict[str, Any]) -> int | None:
+    def _estimate_micro(self, rec: JobRecord) -> int | None:
         """Budget estimate: the input's duration if cheap to read, else the configured maximum.
 
         None when the input is longer than ``max_video_duration_s`` (it must not be submitted).
         """
-        cached = rec.get("estimate_micro")
-        if isinstance(cached, int) and cached > 0:
-            return cached
-        url = str((rec.get("input") or {}).get("video_url", ""))
-        duration = video_duration_s(url, timeout_s=self.s.probe_timeout_s) if url else None
+        if rec.estimate_micro:
+            return rec.estimate_micro
+        url = str(rec.input.get("video_url", ""))
+        duration = (
+            video_duration_s(
+                url,
+                fetcher=self.rt.fetcher,
+                timeout_s=self.s.probe_timeout_s,
+                max_bytes=self.s.probe_max_bytes,
+            )
+            if url
+            else None
+        )
         if duration is not None and duration > self.s.max_video_duration_s:
             return None
         if duration is None or duration <= 0:
             duration = self.s.max_video_duration_s
         micro = self.flow.budget.estimate_micro(duration)
-        self.rt.store.set_fields(job_id, estimate_micro=micro, input_duration_s=f"{duration:.3f}")
+        self.rt.store.set_fields(rec.id, estimate_micro=micro, input_duration_s=f"{duration:.3f}")
         return micro
 
     # ------------------------------------------------------------------ submit
-    def _submit(
-        self, job_id: str, rec: dict[str, Any], *, probe: bool, breaker_state: BreakerState
-    ) -> Outcome:
-        now = self._now_ms()
-        intent = self.rt.store.transition(
-            job_id, PRE_SUBMIT_STATES, JobState.SUBMITTING, incr_attempts=1, submit_started_at_ms=now
-        )
+    def _submit(self, rec: JobRecord, attempt: str, *, probe: bool, breaker_state: BreakerState) -> Outcome:
+        intent = lifecycle.mark_submitting(self.rt, rec.id, attempt)
         if not intent.ok:
-            # Cancelled (or finished) between the gate and here: give everything back.
+            # Another actor moved the job (cancelled, or a newer attempt): it owns the resources.
             self._give_back_probe(probe)
-            self._free(job_id)
-            return Outcome.CANCELLED
-        if self._paused_since_token(job_id, now_ms=intent.at_ms):
+            return Outcome.LOST
+        if self._paused_since_token(rec.id, attempt, now_ms=intent.at_ms):
             self._give_back_probe(probe)
             return Outcome.DEFERRED
-        attempt = int(rec.get("attempts") or 0) + 1
-        payload = dict(rec.get("input") or {})
+        payload = dict(rec.input)
+        future: Future[SubmitReceipt] = self.rt.portal.spawn(self.rt.fal.submit(payload))
         try:
-            receipt: SubmitReceipt = self.rt.portal.call(
-                lambda: self.rt.fal.submit(payload), timeout_s=self._submit_timeout_s()
-            )
+            receipt = future.result(submit_timeout_s(self.rt) + 5)
         except FalAmbiguousError as err:
             record_breaker(self.rt, False, probe=probe, before=breaker_state)
-            return self.ambiguous(job_id, reason=err.message)
+            lifecycle.ambiguous(self.rt, rec, attempt, reason=err.message)
+            return Outcome.AMBIGUOUS
         except FalPermanentError as err:
             # A definite "no" from fal: not charged, not counted against provider health.
             record_breaker(self.rt, True, probe=probe, before=breaker_state)
-            self.flow.budget.release(job_id)
-            self.fail(job_id, Failure("fal_rejected", err.message, err.detail), dead_letter=True)
+            lifecycle.fail(
+                self.rt,
+                rec,
+                Failure("fal_rejected", err.message, err.detail),
+                fence=attempt_fence(attempt, states=[JobState.SUBMITTING]),
+            )
             return Outcome.FAILED
         except FalTransientError as err:
-            self._on_transient_submit_error(job_id, err, probe=probe, attempt=attempt, before=breaker_state)
+            self._on_transient_submit_error(rec, attempt, err, probe=probe, before=breaker_state)
             return Outcome.DEFERRED
         except (TimeoutError, CancelledError):
-            # The wait ended (deadline, or the loop is shutting down); the call may have gone out.
+            # The wait ended but the call goes on: its receipt, if any, is recorded when it comes.
             record_breaker(self.rt, False, probe=probe, before=breaker_state)
-            return self.ambiguous(job_id, reason="submit did not finish within the task's deadline")
+            future.add_done_callback(lambda f: self._late(rec, attempt, f))
+            lifecycle.ambiguous(
+                self.rt, rec, attempt, reason="submit did not finish within the task's deadline"
+            )
+            return Outcome.AMBIGUOUS
         record_breaker(self.rt, True, probe=probe, before=breaker_state)
-        if attempt == 1:
+        if rec.attempts == 0:
             self.flow.retry_budget.record_first_attempt()
-        self._accepted(job_id, rec, receipt, attempt=attempt)
+        return self._accepted(rec, attempt, receipt)
+
+    def _accepted(self, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> Outcome:
+        moved = lifecycle.accepted(self.rt, rec, attempt, receipt)
+        if not moved.ok:
+            self._cancel_late(receipt)
+            return Outcome.LOST
+        if rec.attempts == 0 and rec.created_at_ms:
+            # Queue wait excludes deliberate delays: time parked in DEFERRED is not counted.
+            fresh = self.rt.store.record(rec.id)
+            deferred_ms = fresh.deferred_total_ms if fresh else 0
+            wait_s = max(0.0, (moved.at_ms - rec.created_at_ms - deferred_ms) / 1000)
+            self.rt.metrics.job_queue_wait(rec.priority.value, wait_s)
+        if self.rt.redis.hget(self.rt.store.keys.job(rec.id), "cancel_requested") in (b"1", "1"):
+            self._cancel_at_fal(receipt)
         return Outcome.SUBMITTED
 
-    def _accepted(self, job_id: str, rec: dict[str, Any], receipt: SubmitReceipt, *, attempt: int) -> None:
-        moved = self.rt.store.transition(
-            job_id,
-            [JobState.SUBMITTING],
-            JobState.IN_QUEUE,
-            fal_request_id=receipt.request_id,
-            fal_status_url=receipt.status_url,
-            fal_response_url=receipt.response_url,
-            fal_cancel_url=receipt.cancel_url,
-            queue_position="" if receipt.queue_position is None else receipt.queue_position,
-        )
-        if not moved.ok:
-            log.warning("job %s left SUBMITTING unexpectedly (now %s)", job_id, moved.state)
-        created = int(rec.get("created_at_ms") or 0)
-        if attempt == 1 and created:
-            # Queue wait excludes deliberate delays: time parked in DEFERRED is not counted.
-            deferred_ms = int(rec.get("deferred_total_ms") or 0)
-            self.rt.metrics.job_queue_wait(
-                str(rec.get("priority") or "normal"), max(0.0, (moved.at_ms - created - deferred_ms) / 1000)
-            )
-        self.flow.slots.renew([job_id])
-        from worker.tracker import adopt, has_tracker  # the tracker lives on this process's loop
+    def _late(self, rec: JobRecord, attempt: str, future: Future[SubmitReceipt]) -> None:
+        """A POST we stopped waiting for finished after all: record its receipt against its attempt."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        receipt = future.result()
+        try:
+            lifecycle.late_receipt(self.rt, rec.id, attempt, receipt, state="ambiguous")
+            self._cancel_late(receipt)
+        except Exception:
+            log.exception("recording the late receipt of job %s failed", rec.id)
 
-        if has_tracker(self.rt):
-            # Claim it for this process's tracker straight away (saves a claim tick of latency).
-            claim_ms = int(self.s.tracker_claim_ttl_s * 1000)
-            self.rt.redis.zadd(self.rt.store.keys.track, {job_id: self._now_ms() + claim_ms})
-            adopt(self.rt, job_id)
-        else:
-            self._ensure_tracked(job_id)
-        if self.rt.store.r.hget(self.rt.store.keys.job(job_id), "cancel_requested") in (b"1", "1"):
-            from worker.cancel import cancel_at_fal
+    def _cancel_late(self, receipt: SubmitReceipt) -> None:
+        """Cancel a request nobody follows: fal does not bill one cancelled while still queued."""
+        self.rt.portal.spawn(self._cancel_quietly(receipt))
 
-            cancel_at_fal(self.rt, job_id)
+    async def _cancel_quietly(self, receipt: SubmitReceipt) -> None:
+        try:
+            await self.rt.fal.cancel(receipt)
+        except FalError as err:
+            log.warning("cancel of late fal request %s failed: %s", receipt.request_id, err)
 
-    def _paused_since_token(self, job_id: str, *, now_ms: int) -> bool:
+    def _cancel_at_fal(self, receipt: SubmitReceipt) -> None:
+        self.rt.portal.spawn(self._cancel_quietly(receipt))
+
+    def _paused_since_token(self, job_id: str, attempt: str, *, now_ms: int) -> bool:
         """True (and the job deferred again, unsent) if fal pushed back after this job took its token.
 
         The token script already checks the pause; this second look, just before the request goes
@@ -305,221 +297,53 @@ class Submitter:
         until = self.flow.rate.paused_until_ms()
         if until is None or until <= now_ms:
             return False
-        moved = self.rt.store.transition(
+        moved = lifecycle.defer(
+            self.rt,
             job_id,
-            [JobState.SUBMITTING],
-            JobState.DEFERRED,
-            incr_attempts=-1,
-            deferred_reason="paused",
-            deferred_until_ms=until,
+            attempt,
+            until_ms=until,
+            reason="paused",
+            states=[JobState.SUBMITTING],
+            incr={"attempts": -1},
         )
         if moved.ok:
             ttl_ms = until - now_ms + int(self.s.slot_lease_ttl_s * 1000)
             self.flow.slots.renew([job_id], ttl_ms=ttl_ms)  # nobody can submit before then anyway
-            self._schedule(job_id, until + self.rt.rng.randint(0, JITTER_MAX_MS))
-            self.rt.metrics.job_deferred("paused")
         return moved.ok
 
     def _on_transient_submit_error(
-        self, job_id: str, err: FalTransientError, *, probe: bool, attempt: int, before: BreakerState
+        self, rec: JobRecord, attempt: str, err: FalTransientError, *, probe: bool, before: BreakerState
     ) -> None:
         """fal did not accept the request: free the slot and reservation, retry later if allowed."""
-        record_breaker(self.rt, not counts_against_breaker(err), probe=probe, before=before)
+        record_breaker(self.rt, not lifecycle.counts_against_breaker(err), probe=probe, before=before)
         if err.status_code in (429, 503) and err.retry_after_s:
             # fal asked everyone to back off: hold every worker's submits until then.
             paused = self.flow.rate.pause(min(err.retry_after_s, self.s.retry_after_max_s))
             self.rt.metrics.rate_limit_paused(err.retry_after_s)
             log.info("fal asked to retry after %.1fs; cluster paused until %d", err.retry_after_s, paused)
-        self.flow.budget.release(job_id)
-        admitted = self.flow.slots.release(job_id)
-        self.rt.dispatch(admitted)
         reason = f"http_{err.status_code}" if err.status_code else "connect"
-        self.retry_later(
-            job_id,
+        counted = JobRecord.from_hash({**rec.extra, "attempts": str(rec.attempts + 1)})
+        lifecycle.retry_later(
+            self.rt,
+            counted,
+            attempt,
             reason=reason,
-            attempt=attempt,
-            retry_after_s=err.retry_after_s,
             failure=Failure("fal_unavailable", err.message),
-            from_states=[JobState.SUBMITTING],
+            retry_after_s=err.retry_after_s,
+            states=[JobState.SUBMITTING],
         )
 
     # ------------------------------------------------------------------ unknown outcomes
-    def ambiguous(self, job_id: str, *, reason: str) -> Outcome:
-        """A submit whose outcome is unknown: fal may hold (and bill) the request."""
-        policy = self.s.ambiguous_submit_policy
-        self.rt.metrics.ambiguous_submit(policy.value)
-        estimate = self.flow.budget.reservation(job_id)
-        # Assume the worst for money: the unknown attempt is charged at its estimate.
-        self.flow.budget.settle(job_id, estimate.micro if estimate else 0)
-        log.warning("ambiguous submit of job %s (%s); policy=%s", job_id, reason, policy.value)
-        if policy is AmbiguousSubmitPolicy.RESUBMIT:
-            moved = self.rt.store.transition(
-                job_id, [JobState.SUBMITTING], JobState.DEFERRED, ambiguous_submits=1, incr_ambiguous_count=1
-            )
-            if moved.ok:
-                self._schedule(job_id, self._now_ms() + 1000)
-            return Outcome.AMBIGUOUS
-        # Keep the slot until its lease runs out: fal may be running the request we cannot see.
-        self.fail(
-            job_id,
-            Failure(
-                "ambiguous_submit",
-                f"submit outcome unknown ({reason}); not resubmitted to avoid paying twice",
-            ),
-            dead_letter=True,
-            release_slot=False,
-            from_states=[JobState.SUBMITTING],
-        )
-        return Outcome.AMBIGUOUS
-
-    def resolve_unknown(self, job_id: str, rec: dict[str, Any]) -> Outcome:
+    def resolve_unknown(self, rec: JobRecord) -> Outcome:
         """A job found in SUBMITTING with no fal request id: its submitter died or timed out mid-call."""
-        started = int(rec.get("submit_started_at_ms") or 0)
-        if self._now_ms() - started < self._submit_timeout_s() * 1000:
+        if self.rt.now_ms() - rec.submit_started_at_ms < (submit_timeout_s(self.rt) + 5) * 1000:
             return Outcome.DUPLICATE  # the first submitter may still be waiting for fal's answer
-        return self.ambiguous(job_id, reason="worker lost during submit")
-
-    # ------------------------------------------------------------------ parking and failing
-    def retry_later(
-        self,
-        job_id: str,
-        *,
-        reason: str,
-        attempt: int,
-        retry_after_s: float | None,
-        failure: Failure,
-        from_states: list[JobState],
-    ) -> None:
-        """Schedule a new attempt with full-jitter backoff, or fail when attempts/deadline/budget run out."""
-        rec = self.rt.store.get(job_id) or {}
-        if attempt >= self.s.retry_max_attempts:
-            self.fail(
-                job_id,
-                Failure("retries_exhausted", f"{failure.message} (after {attempt} attempts)", failure.detail),
-                dead_letter=True,
-                from_states=from_states,
-            )
-            return
-        delay_s = backoff_s(
-            attempt,
-            base_s=self.s.retry_base_s,
-            cap_s=self.s.retry_cap_s,
-            rng=self.rt.rng,
-            retry_after_s=min(retry_after_s, self.s.retry_after_max_s) if retry_after_s else None,
-        )
-        if not self.flow.retry_budget.try_spend():
-            # Retries are over their share of traffic: park longer instead of failing.
-            delay_s = max(delay_s, self.s.retry_cap_s)
-            reason = "retry_budget"
-        if self._past_deadline(rec, extra_s=delay_s):
-            self.fail(
-                job_id,
-                Failure("deadline_exceeded", failure.message, failure.detail),
-                dead_letter=True,
-                from_states=from_states,
-            )
-            return
-        self.rt.metrics.retry(reason)
-        self.defer(
-            job_id,
-            until_ms=self._now_ms() + int(delay_s * 1000),
-            reason=reason,
-            from_states=from_states,
-        )
-
-    def defer(
-        self,
-        job_id: str,
-        *,
-        until_ms: int,
-        reason: str,
-        from_states: list[JobState] | None = None,
-    ) -> None:
-        """Park a job until ``until_ms`` (+ jitter so a crowd does not return at one instant)."""
-        until_ms += self.rt.rng.randint(0, JITTER_MAX_MS)
-        allowed = from_states or list(PRE_SUBMIT_STATES)
-        moved = self.rt.store.transition(
-            job_id, allowed, JobState.DEFERRED, deferred_reason=reason, deferred_until_ms=until_ms
-        )
-        if moved.ok:
-            self._schedule(job_id, until_ms)
-            self.rt.metrics.job_deferred(reason)
-
-    def _schedule(self, job_id: str, at_ms: int) -> None:
-        self.rt.redis.zadd(self.rt.store.keys.delayed, {job_id: at_ms})
-
-    def _block(self, job_id: str, *, scope: str) -> None:
-        moved = self.rt.store.transition(job_id, PRE_SUBMIT_STATES, JobState.BLOCKED, blocked_scope=scope)
-        if moved.ok:
-            self.rt.redis.zadd(self.rt.store.keys.blocked, {job_id: self._now_ms()}, nx=True)
-            self.rt.metrics.budget_rejection(scope)
-
-    def fail(
-        self,
-        job_id: str,
-        failure: Failure,
-        *,
-        dead_letter: bool,
-        release_slot: bool = True,
-        from_states: list[JobState] | None = None,
-    ) -> bool:
-        """Finish the job FAILED (once), optionally into the dead-letter set, and free its resources."""
-        from worker.finalize import finish_job
-
-        ok = finish_job(
-            self.rt,
-            job_id,
-            JobState.FAILED,
-            record={"error": failure.as_record(), "dead_letter_reason": failure.type if dead_letter else ""},
-            event={"error_type": failure.type, "error_message": failure.message},
-            dead_letter=dead_letter,
-            allowed_from=from_states or "*",
-        )
-        if release_slot:
-            self._free(job_id)
-        else:
-            self.flow.budget.release(job_id)
-        return ok
-
-    def _cancel_pre_submit(self, job_id: str) -> Outcome:
-        from worker.finalize import finish_job
-
-        finish_job(
-            self.rt,
-            job_id,
-            JobState.CANCELLED,
-            record={"error": {"type": "cancelled", "message": "cancelled before submission"}},
-            event={"error_type": "cancelled", "error_message": "cancelled before submission"},
-            allowed_from=PRE_SUBMIT_STATES,
-        )
-        self._free(job_id)
-        return Outcome.CANCELLED
-
-    def _free(self, job_id: str, *, settle_micro: Any = None) -> None:
-        """Give back a finished job's slot and reservation (idempotent), admitting the next jobs."""
-        if isinstance(settle_micro, int):
-            self.flow.budget.settle(job_id, settle_micro)
-        else:
-            self.flow.budget.release(job_id)
-        self.rt.dispatch(self.flow.slots.release(job_id))
+        done = lifecycle.ambiguous(self.rt, rec, rec.attempt, reason="worker lost during submit")
+        return Outcome.AMBIGUOUS if done else Outcome.LOST
 
     def _give_back_probe(self, probe: bool) -> None:
         if probe:
             self.flow.breaker.release_probe()
 
-    def _ensure_tracked(self, job_id: str) -> None:
-        self.rt.redis.zadd(self.rt.store.keys.track, {job_id: self._now_ms()}, nx=True)
 
-    # ------------------------------------------------------------------ helpers
-    def _submit_timeout_s(self) -> float:
-        s = self.s
-        return s.fal_connect_timeout_s + s.fal_write_timeout_s + s.fal_read_timeout_s + s.fal_pool_timeout_s
-
-    def _past_deadline(self, rec: dict[str, Any], *, extra_s: float = 0.0) -> bool:
-        created = int(rec.get("created_at_ms") or 0)
-        deadline_s = float(rec.get("deadline_s") or self.s.job_deadline_s)
-        return bool(created) and self._now_ms() + extra_s * 1000 > created + deadline_s * 1000
-
-    def _now_ms(self) -> int:
-        sec, usec = self.rt.redis.time()
-        return int(sec) * 1000 + int(usec) // 1000
+__all__ = ["BudgetAction", "Outcome", "SlotAction", "Submitter", "submit_timeout_s"]

@@ -1,14 +1,20 @@
 """Completion tracking: follow every in-flight fal request without a thread per job.
 
-Jobs at fal live in the ZSET ``P:track`` scored by "next due" time. Each worker process runs one
-:class:`Tracker` on its event loop. It claims due jobs with one script (bumping their score to
-now + claim TTL, a lease), follows each claimed request over fal's SSE status stream (falling back
-to polls every ``status_poll_interval_s``), and refreshes its claims and the jobs' slot leases in
-one pipelined heartbeat. If the process dies, its claims lapse and another tracker takes the jobs
-over, resuming from the fal request id in the record, so nothing is submitted again.
+Jobs at fal live in the ZSET ``track`` scored by "next due" time. Each worker process runs one
+:class:`Tracker` on its event loop. It claims due jobs with one script (their due time moves ahead
+by the claim TTL, and the claim is recorded as this process's), follows each claimed request over
+fal's SSE status stream (falling back to polls), and renews its claims in one heartbeat. A claim
+that lapsed (this process was stopped) and was taken by another tracker is reported lost by the
+heartbeat, and its follower stops at once. Either way every transition a follower makes is fenced
+by the attempt and fal request id it follows, so a late follower can only find out that it lost.
 
-A follower is a coroutine (a few KB), so a process tracks thousands of jobs; fal's status traffic
-is one long-lived stream per job plus reconnects, not a poll loop.
+What fal *said* and what we *could not read* are kept apart (README, "Never paying twice"):
+
+* fal said the request failed (status COMPLETED with an error): a runner failure may start a new
+  attempt (fal does not bill it); a model error (the result's 4xx) fails the job;
+* a status or result read that fails (5xx, timeout, reset) is retried with backoff for as long as
+  fal keeps the result (``result_read_deadline_s``) and never leads to a new submit;
+* a 404 is re-checked for ``lost_confirm_s`` before the request is called lost (charged).
 """
 
 from __future__ import annotations
@@ -17,51 +23,44 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
+from worker import lifecycle
+from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import JobState
+from worker.contracts.record import JobRecord, text
+from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.fal import (
     FalError,
     FalModelError,
     FalNotFoundError,
-    FalPermanentError,
-    FalRunnerError,
     QueueStatus,
     ReframeOutput,
     SubmitReceipt,
     backoff_s,
 )
+from worker.lifecycle import AT_FAL, Failure, attempt_fence, record_breaker
+from worker.media import video_duration_s
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-_CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id) end
-return due
-"""
 
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #ARGV - 1 do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[#ARGV]), ARGV[i]) end
-return #ARGV - 1
-"""
-
-
-def receipt_from_record(rec: dict[str, Any], rt: Runtime) -> SubmitReceipt:
+def receipt_from_record(rec: JobRecord, rt: Runtime) -> SubmitReceipt:
     """The fal request handle stored in a job record (URLs rebuilt by fal's rule if missing)."""
-    if not (rec.get("fal_status_url") and rec.get("fal_response_url")):
-        return rt.fal.receipt_for(str(rec["fal_request_id"]))
+    status_url, response_url = rec.get("fal_status_url"), rec.get("fal_response_url")
+    if not (status_url and response_url):
+        return rt.fal.receipt_for(rec.fal_request_id)
     return SubmitReceipt(
-        request_id=str(rec["fal_request_id"]),
-        status_url=str(rec.get("fal_status_url") or ""),
-        response_url=str(rec.get("fal_response_url") or ""),
-        cancel_url=str(rec.get("fal_cancel_url") or ""),
+        request_id=rec.fal_request_id,
+        status_url=status_url,
+        response_url=response_url,
+        cancel_url=rec.get("fal_cancel_url"),
         queue_position=None,
     )
+
+
+class _Unreadable(Exception):
+    """fal's answer could not be read for longer than fal keeps it."""
 
 
 class Tracker:
@@ -73,8 +72,13 @@ class Tracker:
         self.claim_ttl_ms = int(self.s.tracker_claim_ttl_s * 1000)
         self.followers: dict[str, asyncio.Task[None]] = {}
         self.alive_at: dict[str, float] = {}
-        self._claim = rt.redis.register_script(_CLAIM)
-        self._heartbeat = rt.redis.register_script(_HEARTBEAT)
+        self.in_progress: set[str] = set()
+        self.queue_position: dict[str, int] = {}
+        keys = rt.store.keys
+        self._claim_keys = [keys.track, keys.track_owner]
+        self._claim = rt.redis.register_script(load_lua(script_path(__file__, "track_claim")))
+        self._heartbeat = rt.redis.register_script(load_lua(script_path(__file__, "track_beat")))
+        self._handback = rt.redis.register_script(load_lua(script_path(__file__, "track_handback")))
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ main loops
@@ -84,7 +88,7 @@ class Tracker:
         try:
             while not self._stopping.is_set():
                 try:
-                    self._claim_due()
+                    await asyncio.to_thread(self._claim_due_ids)
                 except Exception:
                     log.warning("tracker claim failed", exc_info=True)
                 with contextlib.suppress(TimeoutError):
@@ -99,12 +103,13 @@ class Tracker:
             task.cancel()
         await asyncio.gather(*self.followers.values(), return_exceptions=True)
 
-    def _claim_due(self) -> None:
+    def _claim_due_ids(self) -> None:
         room = self.s.tracker_max_jobs - len(self.followers)
         if room <= 0:
             return
-        for raw in self._claim(keys=[self.rt.store.keys.track], args=[room, self.claim_ttl_ms]):
-            self.adopt(raw.decode() if isinstance(raw, bytes) else str(raw))
+        raw = self._claim(keys=self._claim_keys, args=[room, self.claim_ttl_ms, self.rt.process_id])
+        for job_id in (text(x) for x in raw):
+            self.rt.portal.loop.call_soon_threadsafe(self.adopt, job_id)
 
     def adopt(self, job_id: str) -> bool:
         """Start following ``job_id`` here (no-op if already followed or at capacity)."""
@@ -120,21 +125,28 @@ class Tracker:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self._beat()
+                lost = await asyncio.to_thread(self._beat, list(self.followers))
             except Exception:
                 log.warning("tracker heartbeat failed", exc_info=True)
+                continue
+            for job_id in lost:
+                task = self.followers.get(job_id)
+                if task is not None:
+                    log.info("claim of job %s was lost (taken over); its follower stops", job_id)
+                    task.cancel()
 
-    def _beat(self) -> None:
-        held = list(self.followers)
+    def _beat(self, held: list[str]) -> list[str]:
         if not held:
-            return
-        self._heartbeat(keys=[self.rt.store.keys.track], args=[*held, self.claim_ttl_ms])
+            return []
+        raw = self._heartbeat(keys=self._claim_keys, args=[self.claim_ttl_ms, self.rt.process_id, *held])
+        lost = {text(x) for x in raw}
         # A slot lease is renewed only for requests fal reported alive recently: the slot belongs
         # to the fal request, not to this process.
         fresh = time.monotonic() - self.s.slot_lease_ttl_s / 2
-        alive = [j for j in held if self.alive_at.get(j, 0.0) >= fresh]
+        alive = [j for j in held if j not in lost and self.alive_at.get(j, 0.0) >= fresh]
         if alive:
             self.rt.flow.slots.renew(alive)
+        return sorted(lost)
 
     # ------------------------------------------------------------------ one job
     async def _follow_guarded(self, job_id: str) -> None:
@@ -145,25 +157,37 @@ class Tracker:
         except Exception:
             log.exception("tracking job %s failed; handing it back", job_id)
             with contextlib.suppress(Exception):
-                self.rt.redis.zadd(self.rt.store.keys.track, {job_id: self._now_ms() + 5000}, xx=True)
+                await asyncio.to_thread(
+                    self._handback, keys=self._claim_keys, args=[job_id, self.rt.process_id, 5000]
+                )
         finally:
             self.followers.pop(job_id, None)
             self.alive_at.pop(job_id, None)
+            self.in_progress.discard(job_id)
+            self.queue_position.pop(job_id, None)
             self.rt.metrics.tracker_load(len(self.followers), self.s.tracker_max_jobs)
 
     async def _follow(self, job_id: str) -> None:
-        rec = self.rt.store.get(job_id)
-        if rec is None or JobState(rec["state"]).terminal or not rec.get("fal_request_id"):
-            self.rt.redis.zrem(self.rt.store.keys.track, job_id)
+        rec = await asyncio.to_thread(self.rt.store.record, job_id)
+        if rec is None or rec.state.terminal or not rec.fal_request_id:
+            await asyncio.to_thread(self._drop, job_id)
             return
         receipt = receipt_from_record(rec, self.rt)
         failures = 0
+        not_found_since: float | None = None
         while True:
             try:
-                final = await self._watch(job_id, receipt, rec)
+                final = await self._watch(rec, receipt)
             except FalNotFoundError as err:
-                await asyncio.to_thread(self._lost, job_id, err)
-                return
+                # fal may answer 404 for a moment (a replica that has not seen the request yet):
+                # re-check for lost_confirm_s before calling the request lost.
+                now = time.monotonic()
+                not_found_since = not_found_since or now
+                if now - not_found_since >= self.s.lost_confirm_s:
+                    await asyncio.to_thread(self._lost, rec, err.message)
+                    return
+                await asyncio.sleep(min(5.0, self.s.lost_confirm_s / 3))
+                continue
             except (FalError, OSError) as err:
                 failures += 1
                 self.rt.metrics.tracker_stream_reconnect()
@@ -171,136 +195,236 @@ class Tracker:
                 log.info("status of job %s unavailable (%s); retrying in %.1fs", job_id, err, delay)
                 await asyncio.sleep(delay)
                 continue
+            not_found_since = None
             if final is not None:
-                await self._finish(job_id, receipt, final)
+                await self._finish(rec, receipt, final)
                 return
 
-    async def _watch(self, job_id: str, receipt: SubmitReceipt, rec: dict[str, Any]) -> QueueStatus | None:
+    def _drop(self, job_id: str) -> None:
+        # Nothing to follow (finished, or never submitted): give the claim up if it is ours.
+        self.rt.redis.eval(
+            "if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] or not redis.call('HGET', KEYS[2], ARGV[1]) "
+            "then redis.call('ZREM', KEYS[1], ARGV[1]) redis.call('HDEL', KEYS[2], ARGV[1]) end return 0",
+            2,
+            *self._claim_keys,
+            job_id,
+            self.rt.process_id,
+        )
+
+    async def _watch(self, rec: JobRecord, receipt: SubmitReceipt) -> QueueStatus | None:
         """Follow the status until COMPLETED (returned) or the stream ends (None)."""
         if self.s.use_status_stream:
             # aclosing: leaving the loop early must release the stream's connection at once.
             async with contextlib.aclosing(self.rt.fal.stream_status(receipt)) as stream:
                 async for status in stream:
-                    if await self._observe(job_id, status, rec):
+                    if await self._observe(rec, status):
                         return status
             return None
         status = await self.rt.fal.status(receipt)
-        if await self._observe(job_id, status, rec):
+        if await self._observe(rec, status):
             return status
         self.rt.metrics.tracker_poll("ok")
         await asyncio.sleep(self.s.status_poll_interval_s)
         return None
 
-    async def _observe(self, job_id: str, status: QueueStatus, rec: dict[str, Any]) -> bool:
+    async def _observe(self, rec: JobRecord, status: QueueStatus) -> bool:
         """Record one status; True when the request is COMPLETED."""
         if status.status == "COMPLETED":
             return True
-        self.alive_at[job_id] = time.monotonic()
-        if status.status == "IN_PROGRESS" and rec.get("state") != JobState.IN_PROGRESS.value:
-            moved = self.rt.store.transition(
-                job_id, [JobState.IN_QUEUE], JobState.IN_PROGRESS, queue_position=""
+        self.alive_at[rec.id] = time.monotonic()
+        if status.status == "IN_PROGRESS" and rec.id not in self.in_progress:
+            self.in_progress.add(rec.id)
+            moved = await asyncio.to_thread(
+                lifecycle.started, self.rt, rec.id, rec.attempt, rec.fal_request_id
             )
-            rec["state"] = JobState.IN_PROGRESS.value
-            if moved.ok and isinstance(rec.get("ts_IN_QUEUE"), int):
-                self.rt.metrics.fal_queued(max(0.0, (moved.at_ms - rec["ts_IN_QUEUE"]) / 1000))
+            queued_at = rec.ts(JobState.IN_QUEUE)
+            if moved.ok and queued_at:
+                self.rt.metrics.fal_queued(max(0.0, (moved.at_ms - queued_at) / 1000))
         elif (
             status.status == "IN_QUEUE"
             and status.queue_position is not None
-            and rec.get("queue_position") != status.queue_position
+            and self.queue_position.get(rec.id) != status.queue_position
         ):
-            rec["queue_position"] = status.queue_position
-            self.rt.store.set_fields(job_id, queue_position=status.queue_position)
+            self.queue_position[rec.id] = status.queue_position
+            await asyncio.to_thread(self.rt.store.set_fields, rec.id, queue_position=status.queue_position)
         return False
 
-    async def _finish(self, job_id: str, receipt: SubmitReceipt, status: QueueStatus) -> None:
-        from worker.finalize import complete_failure, complete_success
-
-        try:
-            output = await self._fetch_result(receipt)
-        except (FalPermanentError, FalRunnerError) as err:
-            if isinstance(err, FalNotFoundError) and not status.failed:
-                await asyncio.to_thread(self._lost, job_id, err)
-                return
-            await asyncio.to_thread(complete_failure, self.rt, job_id, err, status)
-            return
+    # ------------------------------------------------------------------ the end of a request
+    async def _finish(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
         if status.failed:
-            # fal said COMPLETED with an error but served a result anyway: treat as a runner error.
-            runner = FalRunnerError(
-                status.error or "runner failure", op="result", error_type=status.error_type
-            )
-            await asyncio.to_thread(complete_failure, self.rt, job_id, runner, status)
+            await self._failed_at_fal(rec, receipt, status)
             return
-        await asyncio.to_thread(complete_success, self.rt, job_id, output, status)
+        try:
+            output = await self._read_result(receipt)
+        except FalModelError as err:
+            await asyncio.to_thread(self._model_error, rec, err)
+            return
+        except FalNotFoundError as err:
+            await asyncio.to_thread(self._lost, rec, err.message)
+            return
+        except _Unreadable as err:
+            await asyncio.to_thread(self._lost, rec, str(err))
+            return
+        await asyncio.to_thread(self._succeeded, rec, output, status)
 
-    async def _fetch_result(self, receipt: SubmitReceipt) -> ReframeOutput:
+    async def _read_result(self, receipt: SubmitReceipt) -> ReframeOutput:
+        """The result, read with backoff for as long as fal keeps it (never resubmitted).
+
+        Only a documented error answer (a model error) or a 404 confirmed over ``lost_confirm_s``
+        ends the read early; every other failure is "we could not read what fal said".
+        """
+        started = time.monotonic()
+        not_found_since: float | None = None
         attempt = 0
         while True:
             try:
                 return await self.rt.fal.result(receipt)
-            except (FalModelError, FalPermanentError, FalRunnerError):
+            except FalModelError:
                 raise
-            except FalError:
-                attempt += 1
-                if attempt >= 5:
+            except FalNotFoundError:
+                now = time.monotonic()
+                not_found_since = not_found_since or now
+                if now - not_found_since >= self.s.lost_confirm_s:
                     raise
-                await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=10.0, rng=self.rt.rng))
+            except (FalError, OSError) as err:
+                not_found_since = None
+                if time.monotonic() - started >= self.s.result_read_deadline_s:
+                    raise _Unreadable(
+                        f"result unreadable for {self.s.result_read_deadline_s:g}s: {err}"
+                    ) from err
+                log.info("result of fal request %s unreadable (%s); retrying", receipt.request_id, err)
+            attempt += 1
+            await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30.0, rng=self.rt.rng))
 
-    def _lost(self, job_id: str, err: FalError) -> None:
-        """fal no longer knows the request (or its result expired): fail it, assume it was charged."""
-        from worker.finalize import finish_job, free_resources
+    async def _failed_at_fal(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
+        """fal said the request failed: cancelled, a model error, or a runner failure (new attempt)."""
+        if status.error_type == "client_cancelled" or rec.cancel_requested:
+            await asyncio.to_thread(self._cancelled, rec)
+            return
+        detail: FalError | None = None
+        try:
+            await self.rt.fal.result(receipt)  # replays fal's error answer: tells model from runner
+        except FalModelError as err:
+            await asyncio.to_thread(self._model_error, rec, err)
+            return
+        except (FalError, OSError) as err:
+            detail = err if isinstance(err, FalError) else None
+        await asyncio.to_thread(self._runner_failed, rec, status, detail)
 
-        res = self.rt.flow.budget.reservation(job_id)
-        finish_job(
+    def _fence(self, rec: JobRecord) -> Fence:
+        return attempt_fence(rec.attempt, request_id=rec.fal_request_id, states=AT_FAL)
+
+    def _cancelled(self, rec: JobRecord) -> None:
+        lifecycle.cancel(self.rt, rec, fence=self._fence(rec), message="cancelled at fal")
+
+    def _model_error(self, rec: JobRecord, err: FalModelError) -> None:
+        # The model rejected the input (fal's 422): fal said so; permanent, fal's messages verbatim.
+        record_breaker(self.rt, True, probe=False)
+        message = "; ".join(err.messages) or err.message
+        lifecycle.fail(self.rt, rec, Failure("fal_validation", message, err.detail), fence=self._fence(rec))
+
+    def _runner_failed(self, rec: JobRecord, status: QueueStatus, err: FalError | None) -> None:
+        # fal finished the request with a runner error: it does not bill those, and the request
+        # is terminal at fal, so a new attempt cannot pay twice.
+        record_breaker(self.rt, False, probe=False)
+        message = status.error or (err.message if err else "runner failure")
+        retry_after = getattr(err, "retry_after_s", None)
+        lifecycle.retry_later(
             self.rt,
-            job_id,
-            JobState.FAILED,
-            record={
-                "error": {"type": "result_unavailable", "message": err.message},
-                "dead_letter_reason": "result_unavailable",
-            },
-            event={"error_type": "result_unavailable", "error_message": err.message},
-            dead_letter=True,
+            rec,
+            rec.attempt,
+            reason="runner",
+            failure=Failure("fal_runner_error", message, {"error_type": status.error_type or ""}),
+            retry_after_s=retry_after,
+            states=AT_FAL,
+            request_id=rec.fal_request_id,
+            fields={"fal_request_id": "", "previous_request_ids": self._history(rec)},
         )
-        free_resources(self.rt, job_id, actual_micro=res.micro if res else None)
 
-    def _now_ms(self) -> int:
-        sec, usec = self.rt.redis.time()
-        return int(sec) * 1000 + int(usec) // 1000
+    @staticmethod
+    def _history(rec: JobRecord) -> str:
+        previous = [x for x in rec.get("previous_request_ids").split(",") if x]
+        return ",".join([*previous, rec.fal_request_id])
+
+    def _succeeded(self, rec: JobRecord, output: ReframeOutput, status: QueueStatus) -> None:
+        duration = output_duration_s(self.rt, output)
+        if duration is None:
+            # Cannot measure: settle the reservation as charged (never under-count spend).
+            actual = lifecycle.reserved_micro(self.rt, rec)
+        else:
+            # fal bills whole seconds of output; the estimate rounds the input up the same way.
+            actual = self.rt.flow.budget.estimate_micro(duration)
+        inference = (status.metrics or {}).get("inference_time")
+        video = output.video
+        done = lifecycle.finish(
+            self.rt,
+            rec,
+            JobState.SUCCEEDED,
+            fence=self._fence(rec),
+            budget=BudgetAction.SETTLE,
+            settle_micro=actual,
+            slot=SlotAction.RELEASE,
+            fields={
+                "result": output.model_dump(mode="json"),
+                "cost_actual_micro": actual,
+                "output_duration_s": "" if duration is None else f"{duration:.3f}",
+                "fal_inference_time_s": "" if inference is None else inference,
+            },
+            event={
+                "video_url": video.url,
+                "content_type": video.content_type or "",
+                "file_size": video.file_size or "",
+                "cost_usd": f"{actual / 1e6:.6f}",
+            },
+            callback={"video": video.model_dump(mode="json"), "cost_usd": actual / 1e6},
+        )
+        if done and isinstance(inference, int | float):
+            self.rt.metrics.fal_inference(float(inference))
+
+    def _lost(self, rec: JobRecord, message: str) -> None:
+        """fal no longer knows the request (or its result could not be read while fal kept it)."""
+        lifecycle.fail(
+            self.rt,
+            rec,
+            Failure("result_unavailable", message),
+            fence=self._fence(rec),
+            budget=BudgetAction.SETTLE,
+            settle_micro=lifecycle.reserved_micro(self.rt, rec),
+        )
 
 
-_trackers: dict[int, Tracker] = {}
+def output_duration_s(rt: Runtime, output: ReframeOutput) -> float | None:
+    """Seconds of the output video: the File's own ``duration`` if fal sent one, else read the header."""
+    extra = output.video.model_extra or {}
+    value = extra.get("duration")
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    return video_duration_s(
+        output.video.url,
+        fetcher=rt.fetcher,
+        timeout_s=rt.settings.probe_timeout_s,
+        max_bytes=rt.settings.probe_max_bytes,
+    )
 
 
 def start_tracker(rt: Runtime) -> Tracker:
-    """Create the process tracker on the runtime's loop and start its main loop."""
-    tracker: Tracker = rt.portal.call(_create(rt))
-    _trackers[id(rt)] = tracker
-    rt.portal.spawn(tracker.run())
-    return tracker
+    """Create the process tracker on the runtime's loop, start it, and hook it into the runtime."""
 
-
-def _create(rt: Runtime) -> Any:
     async def make() -> Tracker:
         return Tracker(rt)
 
-    return make
+    tracker: Tracker = rt.portal.call(make)
+    rt.portal.spawn(tracker.run())
 
-
-def stop_tracker(rt: Runtime) -> None:
-    """Stop the process tracker (claims lapse and other processes resume the jobs)."""
-    tracker = _trackers.pop(id(rt), None)
-    if tracker is not None:
-        with contextlib.suppress(Exception):
-            rt.portal.call(tracker.stop, timeout_s=10)
-
-
-def has_tracker(rt: Runtime) -> bool:
-    """True when this process runs a tracker for ``rt``."""
-    return id(rt) in _trackers
-
-
-def adopt(rt: Runtime, job_id: str) -> None:
-    """Follow ``job_id`` in this process right away (called after a successful submit)."""
-    tracker = _trackers.get(id(rt))
-    if tracker is not None:
+    def hand_over(job_id: str) -> None:
         rt.portal.loop.call_soon_threadsafe(tracker.adopt, job_id)
+
+    rt.track_hook = hand_over
+    return tracker
+
+
+def stop_tracker(rt: Runtime, tracker: Tracker) -> None:
+    """Stop the process tracker (claims lapse and other processes resume the jobs)."""
+    rt.track_hook = None
+    with contextlib.suppress(Exception):
+        rt.portal.call(tracker.stop, timeout_s=10)

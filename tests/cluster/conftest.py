@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from producer import Producer
+from worker.contracts.models import parse_input
+from worker.contracts.urlpolicy import UrlPolicy
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import wait_until
@@ -72,3 +74,12 @@ def submits_for(ledger: dict[str, Any], request_ids: set[str] | None = None) -> 
     """The ledger's submit entries (optionally only those of the given fal request ids)."""
     subs = list(ledger.get("submits", []))
     return [s for s in subs if request_ids is None or s.get("request_id") in request_ids]
+
+
+#: The local clusters serve media from the emulator on loopback, which they allow for fetches.
+LOOPBACK_POLICY = UrlPolicy.from_spec("127.0.0.1/32")
+
+
+def fingerprint_of(request: dict[str, Any]) -> str:
+    """The emulator ledger's fingerprint of a request (the input as fal receives it)."""
+    return parse_input(request, url_policy=LOOPBACK_POLICY).fingerprint()

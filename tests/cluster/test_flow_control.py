@@ -17,8 +17,7 @@ from producer import EnqueueRequest, JobState, Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster
 from reframe.localproc import wait_until
-from tests.cluster.conftest import ClusterFactory, upload, wait_terminal
-from worker.contracts.models import ReframeInput
+from tests.cluster.conftest import ClusterFactory, fingerprint_of, upload, wait_terminal
 from worker.flow import FlowControl
 
 pytestmark = pytest.mark.integration
@@ -30,7 +29,7 @@ def ledger(cluster: LocalCluster) -> dict[str, Any]:
 
 
 def fp(request: dict[str, Any]) -> str:
-    return ReframeInput.model_validate(request).fingerprint()
+    return fingerprint_of(request)
 
 
 def open_periods(timeline: list[tuple[float, str, float]]) -> list[float]:
@@ -326,9 +325,9 @@ def test_dead_letter_replay_brings_a_job_back_to_succeeded(
         assert "locked" in str(job.error)
         assert len([x for x in ledger(cluster)["requests"] if x["op"] == "submit"]) == 1
         r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
-        assert r.zscore("reframe:dlq", job_id) is not None
+        assert r.zscore("{reframe}:dlq", job_id) is not None
         assert p.store.replay(job_id, job.priority).ok
         replayed = p.wait(job_id, timeout_s=60)
     assert replayed.state is JobState.SUCCEEDED
-    assert r.zscore("reframe:dlq", job_id) is None
-    assert len([x for x in r.xrange("reframe:events") if x[1]["job_id"] == job_id]) == 2  # one per life
+    assert r.zscore("{reframe}:dlq", job_id) is None
+    assert len([x for x in r.xrange("{reframe}:events") if x[1]["job_id"] == job_id]) == 2  # one per life

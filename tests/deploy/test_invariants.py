@@ -273,9 +273,9 @@ def test_keda_triggers_cover_every_list_key(overlay: Rendered) -> None:
             b"reframe\x06\x163",
             b"reframe\x06\x166",
             b"reframe\x06\x169",
-            b"reframe:wait:high",
-            b"reframe:wait:normal",
-            b"reframe:wait:low",
+            b"{reframe}:wait:high",
+            b"{reframe}:wait:normal",
+            b"{reframe}:wait:low",
         ]
     )
 

@@ -10,8 +10,8 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 import redis
 
+from worker.contracts.lua import INCLUDE_DIR, load_lua
 from worker.flow import Budget, BudgetScope, micro_to_usd, usd_to_micro
-from worker.flow.budget import LUA_CIVIL
 
 # an exception inside a worker thread must fail the test, not just warn
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -122,7 +122,7 @@ def test_settle_goes_to_the_reserved_periods_after_midnight(r: redis.Redis) -> N
 
 def test_lua_calendar_matches_python(rclient: redis.Redis) -> None:
     script = rclient.register_script(
-        LUA_CIVIL + "\nlocal y, m, d = civil(tonumber(ARGV[1]))\nreturn {y, m, d}"
+        load_lua(INCLUDE_DIR / "civil.lua") + "\nlocal y, m, d = civil(tonumber(ARGV[1]))\nreturn {y, m, d}"
     )
     epoch = date(1970, 1, 1)
     days = [0, 59, 60, 365, 10956, 11016, 11017, 19782, 20604, 47541, 47540, 47482, 47483]

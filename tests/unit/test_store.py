@@ -40,7 +40,7 @@ def test_enqueue_writes_record_and_message_together(producer: Producer, rclient:
     assert len(messages) == 1
     assert messages[0]["headers"]["task"] == "reframe.submit"
     assert messages[0]["properties"]["priority"] == 0
-    assert rclient.ttl(f"reframe:job:{job_id}") == -1, "no expiry before the job is terminal"
+    assert rclient.ttl(f"{{reframe}}:job:{job_id}") == -1, "no expiry before the job is terminal"
 
 
 def test_invalid_requests_enqueue_nothing(producer: Producer, rclient: redis.Redis) -> None:
@@ -95,8 +95,8 @@ def test_transitions_never_go_backwards_or_leave_terminal(producer: Producer) ->
     assert not store.transition(job_id, "*", JobState.IN_PROGRESS).ok
     rec = store.get(job_id)
     assert rec is not None and rec["attempts"] == 1 and rec["state"] == "SUCCEEDED"
-    assert producer.r.xlen("reframe:events") == 1
-    assert 0 < producer.r.ttl(f"reframe:job:{job_id}") <= producer.settings.job_retention_s
+    assert producer.r.xlen("{reframe}:events") == 1
+    assert 0 < producer.r.ttl(f"{{reframe}}:job:{job_id}") <= producer.settings.job_retention_s
 
 
 def test_finish_races_publish_exactly_one_event(producer: Producer) -> None:
@@ -114,7 +114,7 @@ def test_finish_races_publish_exactly_one_event(producer: Producer) -> None:
     for t in threads:
         t.join()
     assert results.count(True) == 1
-    assert producer.r.xlen("reframe:events") == 1
+    assert producer.r.xlen("{reframe}:events") == 1
 
 
 def test_cancel_only_finishes_jobs_that_did_not_reach_fal(producer: Producer, rclient: redis.Redis) -> None:
@@ -139,12 +139,12 @@ def test_dead_letter_replay_requeues_a_failed_job(producer: Producer, rclient: r
         event={},
         dead_letter=True,
     )
-    assert rclient.zscore("reframe:dlq", job_id) is not None
+    assert rclient.zscore("{reframe}:dlq", job_id) is not None
     out = producer.store.replay(job_id, producer.get(job_id).priority)  # type: ignore[union-attr]
     assert out.ok
     job = producer.get(job_id)
     assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
-    assert rclient.zscore("reframe:dlq", job_id) is None and rclient.ttl(f"reframe:job:{job_id}") == -1
+    assert rclient.zscore("{reframe}:dlq", job_id) is None and rclient.ttl(f"{{reframe}}:job:{job_id}") == -1
     assert not producer.store.replay(job_id, job.priority).ok  # no longer dead-lettered
 
 
@@ -166,4 +166,4 @@ def test_incr_field_only_touches_existing_records(producer: Producer, rclient: r
     assert producer.store.incr_field(job_id, "deferred_total_ms", 500) == 2000
     assert producer.get(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
     assert producer.store.incr_field("gone", "deferred_total_ms", 5) == 0
-    assert not rclient.exists("reframe:job:gone")
+    assert not rclient.exists("{reframe}:job:gone")

@@ -1,53 +1,259 @@
-"""Gate decisions of the submit task on a real Redis (no fal call is made in these tests)."""
+"""The lifecycle's fenced verbs on a real Redis, in process (no fal call is made in these tests).
+
+Each test makes the bad order happen by hand (a duplicate gate run, a late tracker, a replay) and
+judges by what Redis holds: the record, the slot ZSET, the reservations and the outbox.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from config import Settings
 from producer import JobState, Producer
+from reframe.localproc import wait_until
+from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES
-from worker.fal import FalAmbiguousError, FalAuthError, FalTransientError
+from worker.contracts.store import Fence
+from worker.fal import FalAmbiguousError, FalAuthError, FalTransientError, SubmitReceipt
+from worker.flow.budget import BudgetRefused
+from worker.flow.slots import SlotRefused
+from worker.housekeeper import Housekeeper
+from worker.lifecycle import AT_FAL, Failure, attempt_fence, counts_against_breaker
 from worker.metrics import Metrics
 from worker.runtime import Runtime
-from worker.submit import Submitter, counts_against_breaker
+from worker.submit import Outcome, Submitter
 
 REQ = {"video_url": "https://x.test/v.mp4", "aspect_ratio": "9:16"}
+ALLOW_CB = {"callback_allow_unsigned": True}
 
 
 @pytest.fixture
 def runtime(make_settings: Callable[..., Settings], rclient: redis.Redis) -> Iterator[Runtime]:
-    from prometheus_client import CollectorRegistry
-
-    rt = Runtime.build(make_settings(), metrics=Metrics(CollectorRegistry()))
+    rt = Runtime.build(make_settings(max_concurrency=1, **ALLOW_CB), metrics=Metrics(CollectorRegistry()))
     yield rt
     rt.close()
+
+
+def enqueue(rt: Runtime, **kw: object) -> str:
+    with Producer(rt.settings, client=rt.redis) as p:
+        return p.enqueue(REQ, **kw)  # type: ignore[arg-type]
+
+
+def receipt(request_id: str) -> SubmitReceipt:
+    base = f"http://127.0.0.1:9/fal-ai/x/requests/{request_id}"
+    return SubmitReceipt(
+        request_id=request_id,
+        status_url=base + "/status",
+        response_url=base,
+        cancel_url=base + "/cancel",
+        queue_position=None,
+    )
+
+
+def at_fal(rt: Runtime, job_id: str, request_id: str) -> str:
+    """Drive a job through gate, reservation, slot and submit to IN_QUEUE; returns its attempt."""
+    gate = lifecycle.begin(rt, job_id)
+    assert gate.owner
+    key = rt.store.keys.job(job_id)
+    assert rt.flow.budget.reserve(job_id, 60_000, record_key=key, attempt=gate.attempt).ok
+    assert rt.flow.slots.acquire(job_id, "normal", record_key=key, attempt=gate.attempt).acquired
+    assert lifecycle.mark_submitting(rt, job_id, gate.attempt).ok
+    rec = rt.store.record(job_id)
+    assert rec is not None
+    assert lifecycle.accepted(rt, rec, gate.attempt, receipt(request_id)).ok
+    return gate.attempt
+
+
+def test_a_duplicate_gate_run_finds_the_gate_taken_and_touches_nothing(runtime: Runtime) -> None:
+    job_id = enqueue(runtime)
+    first = lifecycle.begin(runtime, job_id)
+    second = lifecycle.begin(runtime, job_id)
+    assert first.owner and second.busy and not second.owner
+    assert Submitter(runtime).handle(job_id) is Outcome.DUPLICATE
+    assert not runtime.flow.slots.holds(job_id) and runtime.flow.budget.reservation(job_id) is None
+
+
+def test_a_stale_attempt_can_take_no_resource_and_write_no_intent(
+    make_settings: Callable[..., Settings], runtime: Runtime, rclient: redis.Redis
+) -> None:
+    fast = Runtime.build(
+        make_settings(max_concurrency=1, gate_ttl_s=0.05, **ALLOW_CB), metrics=Metrics(CollectorRegistry())
+    )
+    try:
+        job_id = enqueue(fast)
+        old = lifecycle.begin(fast, job_id)
+        key = fast.store.keys.job(job_id)
+        gate_until = int(rclient.hget(key, "gate_until_ms"))
+        wait_until(lambda: fast.now_ms() > gate_until, timeout_s=5, what="the old gate expired")
+        new = lifecycle.begin(fast, job_id)  # the old run was stopped past its gate
+        assert old.owner and new.owner and old.attempt != new.attempt
+        with pytest.raises(BudgetRefused):
+            fast.flow.budget.reserve(job_id, 60_000, record_key=key, attempt=old.attempt)
+        with pytest.raises(SlotRefused):
+            fast.flow.slots.acquire(job_id, "normal", record_key=key, attempt=old.attempt)
+        assert not lifecycle.mark_submitting(fast, job_id, old.attempt).ok
+        assert fast.store.state(job_id) is JobState.QUEUED
+        assert rclient.zcard("{reframe}:slots") == 0 and rclient.hlen("{reframe}:fc:budget:res") == 0
+    finally:
+        fast.close()
+
+
+def test_a_late_tracker_cannot_touch_the_next_attempt(runtime: Runtime, rclient: redis.Redis) -> None:
+    """Scenario 2 of the fenced-lifecycle issue: R1 fails, R2 runs, R1's late handler loses."""
+    job_id = enqueue(runtime)
+    a1 = at_fal(runtime, job_id, "R1")
+    rec1 = runtime.store.record(job_id)
+    assert rec1 is not None
+    # The tracker that owns the claim handles R1's runner failure: a new attempt is scheduled.
+    outcome = lifecycle.retry_later(
+        runtime,
+        rec1,
+        a1,
+        reason="runner",
+        failure=Failure("fal_runner_error", "runner died"),
+        retry_after_s=None,
+        states=AT_FAL,
+        request_id="R1",
+        fields={"fal_request_id": ""},
+    )
+    assert outcome == "retrying"
+    assert not runtime.flow.slots.holds(job_id), "fal does not bill a runner failure: its slot is free"
+    rclient.zadd("{reframe}:delayed", {job_id: 0})
+    a2 = at_fal(runtime, job_id, "R2")
+    assert a2 != a1 and runtime.flow.slots.holds(job_id)
+    held = runtime.flow.budget.reservation(job_id)
+    # The late tracker, still holding rec1, handles the same failure again: it must lose.
+    late = lifecycle.retry_later(
+        runtime,
+        rec1,
+        a1,
+        reason="runner",
+        failure=Failure("fal_runner_error", "runner died"),
+        retry_after_s=None,
+        states=AT_FAL,
+        request_id="R1",
+    )
+    assert late == "stale"
+    assert not lifecycle.fail(runtime, rec1, Failure("x", "y"), fence=attempt_fence(a1, states=AT_FAL))
+    now = runtime.store.record(job_id)
+    assert now is not None and now.state is JobState.IN_QUEUE and now.fal_request_id == "R2"
+    assert runtime.flow.slots.holds(job_id) and runtime.flow.budget.reservation(job_id) == held
+
+
+def test_finish_writes_event_and_callback_snapshot_in_one_step(runtime: Runtime, rclient: redis.Redis) -> None:
+    job_id = enqueue(runtime, callback_url="https://hooks.example.com/x", metadata={"k": [1, 2.5, "é"]})
+    attempt = at_fal(runtime, job_id, "R1")
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    assert lifecycle.fail(
+        runtime, rec, Failure("fal_validation", "bad"), fence=attempt_fence(attempt, request_id="R1", states=AT_FAL)
+    )
+    assert not runtime.flow.slots.holds(job_id) and runtime.flow.budget.reservation(job_id) is None
+    event_id = f"{job_id}.1"
+    events = [f for _i, f in rclient.xrange("{reframe}:events") if f["job_id"] == job_id]
+    assert [e["event_id"] for e in events] == [event_id]
+    entry = rclient.hgetall("{reframe}:outbox:" + event_id)
+    body = json.loads(entry["body"])
+    assert body["state"] == "FAILED" and body["event_id"] == event_id and body["metadata"] == {"k": [1, 2.5, "é"]}
+    assert body["error"]["type"] == "fal_validation"
+    assert rclient.zscore("{reframe}:outbox", event_id) is not None
+    # A second finish (a duplicate, late actor) changes nothing and writes no second event.
+    assert not lifecycle.fail(runtime, rec, Failure("x", "y"), fence=Fence())
+    assert len([1 for _i, f in rclient.xrange("{reframe}:events") if f["job_id"] == job_id]) == 1
+
+
+def test_each_life_has_its_own_event_id(runtime: Runtime, rclient: redis.Redis) -> None:
+    job_id = enqueue(runtime, callback_url="https://hooks.example.com/x")
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    assert lifecycle.fail(runtime, rec, Failure("fal_rejected", "no"), fence=Fence(from_states=PRE_SUBMIT_STATES))
+    assert runtime.store.replay(job_id, rec.priority).ok
+    rec2 = runtime.store.record(job_id)
+    assert rec2 is not None and rec2.event_id == f"{job_id}.2"
+    assert lifecycle.cancel(runtime, rec2, fence=Fence(from_states=PRE_SUBMIT_STATES), message="stop")
+    ids = [f["event_id"] for _i, f in rclient.xrange("{reframe}:events") if f["job_id"] == job_id]
+    assert ids == [f"{job_id}.1", f"{job_id}.2"]
+    bodies = [json.loads(rclient.hget("{reframe}:outbox:" + i, "body")) for i in ids]
+    assert [b["state"] for b in bodies] == ["FAILED", "CANCELLED"], "each body is its life's snapshot"
+
+
+def test_replaying_a_possibly_paid_death_needs_force(runtime: Runtime) -> None:
+    job_id = enqueue(runtime)
+    gate = lifecycle.begin(runtime, job_id)
+    key = runtime.store.keys.job(job_id)
+    assert runtime.flow.budget.reserve(job_id, 60_000, record_key=key, attempt=gate.attempt).ok
+    assert runtime.flow.slots.acquire(job_id, "normal", record_key=key, attempt=gate.attempt).acquired
+    assert lifecycle.mark_submitting(runtime, job_id, gate.attempt).ok
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    assert lifecycle.ambiguous(runtime, rec, gate.attempt, reason="reset after send")
+    assert runtime.flow.slots.holds(job_id), "an ambiguous submit keeps its slot: fal may run it"
+    assert runtime.flow.budget.snapshot().day_spent == 60_000, "charged at its estimate"
+    refused = runtime.store.replay(job_id, rec.priority)
+    assert not refused.ok and refused.state == "NEEDS_FORCE:ambiguous_submit"
+    assert runtime.store.replay(job_id, rec.priority, force=True).ok
+
+
+def test_cancelling_a_waiting_job_frees_its_slot_and_reservation_at_once(runtime: Runtime) -> None:
+    holder, waiter = enqueue(runtime), enqueue(runtime)
+    at_fal(runtime, holder, "R1")
+    gate = lifecycle.begin(runtime, waiter)
+    key = runtime.store.keys.job(waiter)
+    assert runtime.flow.budget.reserve(waiter, 60_000, record_key=key, attempt=gate.attempt).ok
+    assert not runtime.flow.slots.acquire(waiter, "normal", record_key=key, attempt=gate.attempt).acquired
+    assert lifecycle.park_waiting(runtime, waiter, gate.attempt, ahead=0).ok
+    with Producer(runtime.settings, client=runtime.redis) as p:
+        assert p.cancel(waiter).value == "cancelled"
+    assert runtime.flow.budget.reservation(waiter) is None
+    assert runtime.flow.slots.waiting_depths() == {"high": 0, "normal": 0, "low": 0}
 
 
 def test_a_pause_after_the_token_sends_nothing_and_defers_until_it_ends(
     runtime: Runtime, rclient: redis.Redis
 ) -> None:
-    with Producer(runtime.settings, client=runtime.redis) as p:
-        job_id = p.enqueue(REQ)
-    assert runtime.flow.slots.acquire(job_id, "normal").acquired
-    intent = runtime.store.transition(job_id, PRE_SUBMIT_STATES, JobState.SUBMITTING, incr_attempts=1)
+    job_id = enqueue(runtime)
+    gate = lifecycle.begin(runtime, job_id)
+    key = runtime.store.keys.job(job_id)
+    assert runtime.flow.slots.acquire(job_id, "normal", record_key=key, attempt=gate.attempt).acquired
+    intent = lifecycle.mark_submitting(runtime, job_id, gate.attempt)
     pause_until = runtime.flow.rate.pause(30)  # another worker's 429 lands now
-    assert Submitter(runtime)._paused_since_token(job_id, now_ms=intent.at_ms)
-    rec = runtime.store.get(job_id)
-    assert rec is not None and rec["state"] == "DEFERRED" and rec["attempts"] == 0
-    assert rclient.zscore("reframe:delayed", job_id) >= pause_until
-    assert rclient.zscore("reframe:slots", job_id) > pause_until, "the slot is kept across the pause"
+    assert Submitter(runtime)._paused_since_token(job_id, gate.attempt, now_ms=intent.at_ms)
+    rec = runtime.store.record(job_id)
+    assert rec is not None and rec.state is JobState.DEFERRED and rec.attempts == 0
+    assert rclient.zscore("{reframe}:delayed", job_id) >= pause_until
+    assert rclient.zscore("{reframe}:slots", job_id) > pause_until, "the slot is kept across the pause"
 
 
-def test_no_pause_lets_the_submit_go(runtime: Runtime) -> None:
-    with Producer(runtime.settings, client=runtime.redis) as p:
-        job_id = p.enqueue(REQ)
-    intent = runtime.store.transition(job_id, PRE_SUBMIT_STATES, JobState.SUBMITTING, incr_attempts=1)
-    assert not Submitter(runtime)._paused_since_token(job_id, now_ms=intent.at_ms)
-    assert runtime.store.state(job_id) is JobState.SUBMITTING
+def test_the_stream_is_trimmed_only_below_the_slowest_group(runtime: Runtime, rclient: redis.Redis) -> None:
+    stream = "{reframe}:events"
+    ids = [rclient.xadd(stream, {"n": str(i)}) for i in range(30)]
+    rclient.xgroup_create(stream, "slow", id="0")
+    rclient.xgroup_create(stream, "fast", id="$")
+    read = rclient.xreadgroup("slow", "c", {stream: ">"}, count=5)
+    rclient.xack(stream, "slow", *[i for i, _f in read[0][1][:3]])  # 2 delivered, unacked
+    hk = Housekeeper(runtime)
+    below, over = hk.trim_events(keep=0)
+    assert (below, over) == (3, 0)
+    kept = [i for i, _f in rclient.xrange(stream)]
+    assert kept[0] == ids[3], "the oldest pending entry of the slow group survives"
+    assert len(kept) == 27
+    # Past the hard ceiling the unread entries go too, and that is counted.
+    tight = Housekeeper(Runtime.build(runtime.settings.model_copy(update={"results_stream_maxlen": 10}),
+                                      metrics=Metrics(CollectorRegistry())))
+    assert tight.trim_events(keep=0) == (0, 17)
+    tight.rt.close()
+
+
+def test_unrelated_fields_survive_in_the_typed_record(runtime: Runtime) -> None:
+    job_id = enqueue(runtime, metadata={"team": "a"})
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    assert rec.metadata == {"team": "a"} and rec.input["aspect_ratio"] == "9:16" and rec.life == 1
 
 
 @pytest.mark.parametrize(

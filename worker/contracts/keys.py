@@ -1,4 +1,9 @@
-"""The Redis key layout (docs/design.md). Every key we own starts with ``settings.key_prefix``."""
+"""The Redis key layout (docs/design.md).
+
+Every key we own starts with ``{prefix}`` in braces, a Redis Cluster hash tag: all of them hash to
+one slot, so any script may touch any of them (Redis Cluster, Dragonfly) and every key a script
+touches is passed in ``KEYS``.
+"""
 
 from __future__ import annotations
 
@@ -16,52 +21,91 @@ class Keys:
 
     prefix: str
 
+    @property
+    def root(self) -> str:
+        """``{prefix}``: the hash-tagged start of every key (flow control builds on it too)."""
+        return "{" + self.prefix + "}"
+
     def job(self, job_id: str) -> str:
         """The job record hash."""
-        return f"{self.prefix}:job:{job_id}"
+        return f"{self.root}:job:{job_id}"
 
     def idem(self, key: str) -> str:
         """An idempotency-key claim."""
-        return f"{self.prefix}:idem:{key}"
+        return f"{self.root}:idem:{key}"
 
     def wait(self, priority: Priority | str) -> str:
         """The FIFO of jobs of one priority waiting for a slot."""
-        return f"{self.prefix}:wait:{Priority(priority).value}"
+        return f"{self.root}:wait:{Priority(priority).value}"
+
+    @property
+    def waiting(self) -> str:
+        """SET of the ids queued in the wait lists (flow control's slot pool)."""
+        return f"{self.root}:fc:waiting"
+
+    @property
+    def reservations(self) -> str:
+        """HASH job id -> budget reservation (flow control's budget)."""
+        return f"{self.root}:fc:budget:res"
 
     @property
     def slots(self) -> str:
         """ZSET job id -> slot lease deadline (ms)."""
-        return f"{self.prefix}:slots"
+        return f"{self.root}:slots"
 
     @property
     def track(self) -> str:
-        """ZSET job id -> next due time of completion tracking (ms)."""
-        return f"{self.prefix}:track"
+        """ZSET job id -> next due time of completion tracking (ms); a claim is a due time ahead."""
+        return f"{self.root}:track"
+
+    @property
+    def track_owner(self) -> str:
+        """HASH job id -> ``process_id`` of the tracker whose claim it is."""
+        return f"{self.root}:track:owner"
 
     @property
     def delayed(self) -> str:
         """ZSET job id -> when a deferred job is dispatched again (ms)."""
-        return f"{self.prefix}:delayed"
+        return f"{self.root}:delayed"
 
     @property
     def blocked(self) -> str:
         """ZSET of jobs blocked by the budget cap."""
-        return f"{self.prefix}:blocked"
+        return f"{self.root}:blocked"
 
     @property
     def dlq(self) -> str:
         """ZSET of dead-lettered job ids."""
-        return f"{self.prefix}:dlq"
+        return f"{self.root}:dlq"
 
     @property
     def events(self) -> str:
         """The result stream of terminal events."""
-        return f"{self.prefix}:events"
+        return f"{self.root}:events"
+
+    @property
+    def outbox(self) -> str:
+        """ZSET event id -> when its callback is due (ms); a claim is a due time ahead."""
+        return f"{self.root}:outbox"
+
+    def outbox_entry(self, event_id: str) -> str:
+        """HASH of one callback delivery: url, body snapshot, attempts, first_at_ms, last_error."""
+        return f"{self.root}:outbox:{event_id}"
+
+    @property
+    def callbacks_failed(self) -> str:
+        """ZSET event id -> when its callback was given up (ms); ``reframe callbacks redeliver``."""
+        return f"{self.root}:callbacks:failed"
 
     @property
     def housekeeper_lock(self) -> str:
         """Lock held by the one process running the periodic sweeps."""
-        return f"{self.prefix}:housekeeper"
+        return f"{self.root}:housekeeper"
+
+    @property
+    def late_receipts(self) -> str:
+        """STREAM of fal requests accepted for an attempt that had already lost (audited, cancelled)."""
+        return f"{self.root}:late_receipts"
 
 
 def celery_queue_keys(queue: str) -> list[str]:

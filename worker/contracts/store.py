@@ -1,9 +1,11 @@
-"""Job records in Redis and their atomic transitions.
+"""Job records in Redis and their fenced, atomic transitions.
 
-A record is one hash per job. Every change of state is a Lua script that first checks the current
-state, so a duplicate or late message can never move a job backwards or finish it twice; finishing
-a job, publishing its result event and scheduling its expiry happen in the same script, which is why
-each job yields exactly one result event.
+A record is one hash per job. Every change of state is one Lua script (``lua/``) that first checks
+the fence: the current state, and where it matters the attempt that owns the job and its fal
+request id. A duplicate or late actor therefore only learns that it lost and changes nothing. The
+resources a transition frees (slot, budget reservation) are freed in the same script, and finishing
+a job writes its result event and its callback work (the outbox) in that script too, which is why
+each life of a job yields exactly one result event and one callback.
 """
 
 from __future__ import annotations
@@ -12,133 +14,132 @@ import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import redis
 
 from worker.contracts.keys import Keys, celery_queue_key
+from worker.contracts.lua import INCLUDE_DIR, load_lua
 from worker.contracts.models import TERMINAL_STATES, JobState, Priority
+from worker.contracts.record import JobRecord
 from worker.contracts.wire import SUBMIT_TASK, task_message
 
-EVENT_SCHEMA_VERSION = "1"
+EVENT_SCHEMA_VERSION = "2"
 
 # Fields written as JSON text in the hash.
-_JSON_FIELDS = ("input", "metadata", "result", "error")
+_JSON_FIELDS = ("input", "metadata", "result", "error", "last_error")
 
-_TRANSITION = """
--- KEYS: job.  ARGV: allowed-from (comma list, '*' = any non-terminal), to-state, field, value, ...
--- A field name starting with '+' is incremented by its value instead of set.
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {0, ''} end
-if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return {0, state} end
-if ARGV[1] ~= '*' then
-  local ok = false
-  for s in string.gmatch(ARGV[1], '([^,]+)') do if s == state then ok = true end end
-  if not ok then return {0, state} end
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'ts_' .. ARGV[2], now, 'updated_at_ms', now)
-for i = 3, #ARGV, 2 do
-  local f = ARGV[i]
-  if string.sub(f, 1, 1) == '+' then
-    redis.call('HINCRBY', KEYS[1], string.sub(f, 2), ARGV[i + 1])
-  else
-    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
-  end
-end
-return {1, tostring(now)}
-"""
 
-_FINISH = """
--- KEYS: job, events, track, delayed, blocked, dlq
--- ARGV: to-state, retention_ms, stream_maxlen, dead_letter(0|1), n_record_fields, field, value, ...,
---       event field, value, ..., then the allowed-from list as the last element ('*' = any non-terminal)
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {0, ''} end
-if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return {0, state} end
-local allowed = table.remove(ARGV)
-if allowed ~= '*' then
-  local ok = false
-  for s in string.gmatch(allowed, '([^,]+)') do if s == state then ok = true end end
-  if not ok then return {0, state} end
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local job_id = redis.call('HGET', KEYS[1], 'id')
-local nrec = tonumber(ARGV[5])
-local rec = {'state', ARGV[1], 'ts_' .. ARGV[1], now, 'updated_at_ms', now, 'finished_at_ms', now}
-for i = 6, 5 + nrec * 2 do rec[#rec + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(rec))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[3], job_id)
-redis.call('ZREM', KEYS[4], job_id)
-redis.call('ZREM', KEYS[5], job_id)
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[6], now, job_id)
-  redis.call('HSET', KEYS[1], 'dead_letter', '1')
-end
-local ev = {'v', '1', 'job_id', job_id, 'state', ARGV[1], 'finished_at_ms', tostring(now),
-            'attempts', redis.call('HGET', KEYS[1], 'attempts') or '0',
-            'priority', redis.call('HGET', KEYS[1], 'priority') or '',
-            'created_at_ms', redis.call('HGET', KEYS[1], 'created_at_ms') or '',
-            'metadata', redis.call('HGET', KEYS[1], 'metadata') or '{}'}
-for i = 6 + nrec * 2, #ARGV do ev[#ev + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ev))
-return {1, tostring(now), id}
-"""
+class SlotAction(StrEnum):
+    """What a transition does with the job's slot."""
 
-_REPLAY = """
--- KEYS: job, dlq, celery list.  ARGV: message, job_id
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {0, ''} end
-if redis.call('ZSCORE', KEYS[2], ARGV[2]) == false then return {0, 'NOT_DEAD_LETTERED'} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('PERSIST', KEYS[1])
-redis.call('HDEL', KEYS[1], 'fal_request_id', 'fal_status_url', 'fal_response_url', 'fal_cancel_url',
-  'error', 'result', 'finished_at_ms', 'dead_letter', 'dead_letter_reason', 'queue_position',
-  'cancel_requested', 'cost_actual_micro', 'ts_SUCCEEDED', 'ts_FAILED', 'ts_CANCELLED')
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'ts_QUEUED', now, 'updated_at_ms', now, 'attempts', '0')
-redis.call('HINCRBY', KEYS[1], 'replays', 1)
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('LPUSH', KEYS[3], ARGV[1])
-return {1, tostring(now)}
-"""
+    KEEP = "keep"
+    RELEASE = "release"
+    """Give it back and admit the next waiting jobs into it (they are returned to dispatch)."""
+    DROP = "drop"
+    """Give it back without admitting (for callers that do not know the cluster's capacity)."""
+    HOLD = "hold"
+    """Keep counting it for ``hold_ms`` more: fal may still run a request we cannot see."""
+
+
+class BudgetAction(StrEnum):
+    """What a transition does with the job's budget reservation."""
+
+    KEEP = "keep"
+    RELEASE = "release"
+    """Drop it without spending: fal definitely did not bill this attempt."""
+    SETTLE = "settle"
+    """Charge ``settle_micro`` and drop it."""
 
 
 @dataclass(frozen=True)
-class TransitionOutcome:
-    """Result of a transition: ``ok`` or the state that refused it ('' when the record is gone)."""
+class Fence:
+    """Who may make a transition: the owning attempt, its fal request, and the allowed states.
+
+    ``attempt`` '' and ``request_id`` None mean "any"; ``from_states`` None means any non-terminal
+    state. A caller whose fence no longer matches learns that it lost and changes nothing.
+    """
+
+    attempt: str = ""
+    request_id: str | None = None
+    from_states: Iterable[JobState] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The fence as options of the lifecycle scripts."""
+        out: dict[str, Any] = {"attempt": self.attempt}
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
+        if self.from_states is not None:
+            out["from"] = sorted(s.value for s in self.from_states)
+        return out
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """Result of :meth:`JobStore.gate`."""
+
+    owner: bool
+    """True when this run owns the job as ``attempt``."""
+    busy: bool
+    """True when another run's gate is live (a duplicate delivery)."""
+    attempt: str
+    state: str
+
+
+@dataclass(frozen=True)
+class MoveOutcome:
+    """Result of a fenced transition: ``ok`` or the state that refused it ('' = no record).
+
+    ``admitted`` are the jobs admitted into the slot this transition freed: dispatch them.
+    """
 
     ok: bool
     state: str
     at_ms: int = 0
+    admitted: tuple[str, ...] = ()
     stream_id: str | None = None
-
-
-def _now_ms_from(raw: Any) -> int:
-    return int(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class SlotParams:
+    """The slot pool's parameters the lifecycle scripts need to admit waiting jobs into a freed slot."""
+
+    capacity: int = 1
+    reserved_high: int = 0
+    lease_ms: int = 60_000
+
+
 class JobStore:
     """Reads and writes job records. Thread-safe (redis-py clients are)."""
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str, queue: str, retention_s: float, stream_maxlen: int
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        queue: str,
+        retention_s: float,
+        stream_maxlen: int,
+        dlq_retention_s: float | None = None,
+        slot_params: SlotParams | None = None,
     ):
         self.r = client
         self.keys = Keys(prefix)
         self.queue = queue
         self.retention_ms = int(retention_s * 1000)
+        self.dlq_retention_ms = int((dlq_retention_s or retention_s) * 1000)
         self.stream_maxlen = stream_maxlen
-        self._transition = client.register_script(_TRANSITION)
-        self._finish = client.register_script(_FINISH)
-        self._replay = client.register_script(_REPLAY)
+        self.slot_params = slot_params or SlotParams()
+        self._gate = client.register_script(load_lua(INCLUDE_DIR / "gate.lua"))
+        self._move = client.register_script(load_lua(INCLUDE_DIR / "move.lua"))
+        self._finish = client.register_script(load_lua(INCLUDE_DIR / "finish.lua"))
+        self._replay = client.register_script(load_lua(INCLUDE_DIR / "replay.lua"))
+        self._redeliver = client.register_script(load_lua(INCLUDE_DIR / "outbox_redeliver.lua"))
 
     # ---------------------------------------------------------------- producer side
     # Enqueueing (records, idempotency claims, messages) lives in worker/contracts/intake.py.
@@ -149,17 +150,49 @@ class JobStore:
             SUBMIT_TASK, [job_id], queue=self.queue, priority=pri
         )
 
-    def replay(self, job_id: str, priority: Priority) -> TransitionOutcome:
-        """Bring a dead-lettered job back to QUEUED with a new submit message."""
+    def replay(self, job_id: str, priority: Priority, *, force: bool = False) -> MoveOutcome:
+        """Bring a dead-lettered job back to QUEUED (a new life) with a new submit message.
+
+        Refused with state ``NEEDS_FORCE:<reason>`` when fal may hold and bill the dead attempt's
+        request (an ambiguous submit, a result we could not read) unless ``force``: a replay then
+        risks paying twice, and the caller must say so.
+        """
         list_key, message = self.submit_message(job_id, priority)
-        raw = self._replay(keys=[self.keys.job(job_id), self.keys.dlq, list_key], args=[message, job_id])
-        return TransitionOutcome(ok=int(raw[0]) == 1, state=_text(raw[1]))
+        raw = self._replay(
+            keys=[self.keys.job(job_id), self.keys.dlq, list_key],
+            args=[message, job_id, "1" if force else "0", self.retention_ms],
+        )
+        ok = int(raw[0]) == 1
+        return MoveOutcome(ok=ok, state=JobState.QUEUED.value if ok else _text(raw[1]))
+
+    def redeliver_callback(self, event_id: str) -> bool:
+        """Put a given-up callback back in the outbox, due now, with a fresh retry window."""
+        k = self.keys
+        raw = self._redeliver(keys=[k.outbox, k.outbox_entry(event_id), k.callbacks_failed], args=[event_id])
+        return int(raw) == 1
+
+    def failed_callbacks(self, limit: int = 100) -> list[dict[str, str]]:
+        """Given-up callbacks, oldest first: event id, job id, url, attempts, last error, failed_at_ms."""
+        ids = [_text(x) for x in self.r.zrange(self.keys.callbacks_failed, 0, limit - 1)]
+        pipe = self.r.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.hgetall(self.keys.outbox_entry(event_id))
+        out = []
+        for event_id, raw in zip(ids, pipe.execute(), strict=True):
+            entry = {_text(k): _text(v) for k, v in raw.items() if _text(k) != "body"}
+            out.append({"event_id": event_id, **entry})
+        return out
 
     # ---------------------------------------------------------------- reads
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record as a dict with JSON fields decoded, or None."""
         raw = self.r.hgetall(self.keys.job(job_id))
         return decode_record(raw) if raw else None
+
+    def record(self, job_id: str) -> JobRecord | None:
+        """The typed record, or None."""
+        raw = self.r.hgetall(self.keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
 
     def get_many(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Records of several jobs in one round trip."""
@@ -173,25 +206,139 @@ class JobStore:
         raw = self.r.hget(self.keys.job(job_id), "state")
         return JobState(_text(raw)) if raw else None
 
-    # ---------------------------------------------------------------- transitions
-    def transition(
-        self, job_id: str, allowed_from: Iterable[JobState] | str, to: JobState, **fields: Any
-    ) -> TransitionOutcome:
-        """Move a non-terminal job to ``to`` if it is in ``allowed_from`` ('*' = any non-terminal).
+    # ---------------------------------------------------------------- fenced transitions
+    def gate(self, job_id: str, *, gate_ttl_ms: int) -> GateOutcome:
+        """Take the job's gate as a new attempt (see ``lua/gate.lua``)."""
+        raw = self._gate(keys=[self.keys.job(job_id), self.keys.delayed], args=[job_id, gate_ttl_ms])
+        code, value = int(raw[0]), _text(raw[1])
+        if code == 1:
+            return GateOutcome(owner=True, busy=False, attempt=value, state="")
+        if code == 2:
+            return GateOutcome(owner=False, busy=True, attempt=value, state="")
+        return GateOutcome(owner=False, busy=False, attempt="", state=value)
 
-        Keyword fields are set on the record (dicts/lists as JSON); a name starting with ``incr_``
-        is incremented instead (``incr_attempts=1``).
+    def _job_keys(self, job_id: str) -> list[str]:
+        k = self.keys
+        return [
+            k.job(job_id),
+            k.slots,
+            k.waiting,
+            k.wait(Priority.HIGH),
+            k.wait(Priority.NORMAL),
+            k.wait(Priority.LOW),
+            k.reservations,
+            k.delayed,
+            k.blocked,
+            k.track,
+            k.track_owner,
+        ]
+
+    def _resource_options(
+        self, slot: SlotAction, budget: BudgetAction, settle_micro: int, hold_ms: int
+    ) -> dict[str, Any]:
+        p = self.slot_params
+        return {
+            "slot": slot.value,
+            "budget": budget.value,
+            "settle_micro": int(settle_micro),
+            "hold_ms": int(hold_ms),
+            "capacity": p.capacity,
+            "reserved": p.reserved_high,
+            "lease_ms": p.lease_ms,
+            "bprefix": self.keys.root,
+        }
+
+    def move(
+        self,
+        job_id: str,
+        to: JobState,
+        fence: Fence,
+        *,
+        slot: SlotAction = SlotAction.KEEP,
+        budget: BudgetAction = BudgetAction.KEEP,
+        settle_micro: int = 0,
+        hold_ms: int = 0,
+        park_at_ms: int | None = None,
+        blocked: bool = False,
+        track_at_ms: int | None = None,
+        track_by: str = "",
+        untrack: bool = False,
+        fields: Mapping[str, Any] | None = None,
+        incr: Mapping[str, int] | None = None,
+        delete: Sequence[str] = (),
+    ) -> MoveOutcome:
+        """One fenced transition of a live job and what it frees or parks (see ``lua/move.lua``)."""
+        if to in TERMINAL_STATES:
+            raise ValueError(f"{to} is terminal: use finish()")
+        opt: dict[str, Any] = {
+            **fence.options(),
+            **self._resource_options(slot, budget, settle_micro, hold_ms),
+            "to": to.value,
+            "blocked": blocked,
+            "untrack": untrack,
+            "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
+            "incr": dict(incr or {}) or None,
+            "del": list(delete) or None,
+        }
+        if park_at_ms is not None:
+            opt["park_at_ms"] = int(park_at_ms)
+        if track_at_ms is not None:
+            opt["track_at_ms"] = int(track_at_ms)
+            opt["track_by"] = track_by
+        raw = self._move(keys=self._job_keys(job_id), args=[job_id, _options(opt)])
+        if int(raw[0]) == 0:
+            return MoveOutcome(ok=False, state=_text(raw[1]))
+        return MoveOutcome(
+            ok=True, state=to.value, at_ms=int(raw[1]), admitted=tuple(_text(x) for x in raw[2:])
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        to: JobState,
+        fence: Fence,
+        *,
+        event_id: str,
+        slot: SlotAction = SlotAction.RELEASE,
+        budget: BudgetAction = BudgetAction.RELEASE,
+        settle_micro: int = 0,
+        hold_ms: int = 0,
+        dead_letter: bool = False,
+        fields: Mapping[str, Any] | None = None,
+        event: Mapping[str, Any] | None = None,
+        callback: Mapping[str, Any] | None = None,
+    ) -> MoveOutcome:
+        """End the job's life exactly once (see ``lua/finish.lua``).
+
+        ``event_id`` must be the record's :attr:`~worker.contracts.record.JobRecord.event_id`;
+        ``callback`` holds the members of the callback body besides those the script writes.
         """
-        allowed = allowed_from if isinstance(allowed_from, str) else ",".join(s.value for s in allowed_from)
-        argv: list[str] = [allowed, to.value]
-        for name, value in fields.items():
-            field = "+" + name.removeprefix("incr_") if name.startswith("incr_") else name
-            argv += [field, _encode(value)]
-        raw = self._transition(keys=[self.keys.job(job_id)], args=argv)
-        return TransitionOutcome(
-            ok=int(raw[0]) == 1,
-            state=_text(raw[1]) if int(raw[0]) == 0 else to.value,
-            at_ms=_now_ms_from(raw[1]) if int(raw[0]) == 1 else 0,
+        if to not in TERMINAL_STATES:
+            raise ValueError(f"{to} is not terminal")
+        tail = json.dumps(dict(callback or {}), separators=(",", ":"), sort_keys=True, allow_nan=False)
+        opt = {
+            **fence.options(),
+            **self._resource_options(slot, budget, settle_micro, hold_ms),
+            "to": to.value,
+            "event_id": event_id,
+            "retention_ms": self.retention_ms,
+            "dlq_retention_ms": self.dlq_retention_ms,
+            "dead_letter": dead_letter,
+            "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
+            "event": {k: _encode(v) for k, v in (event or {}).items()} or None,
+            "body_tail": tail[1:] if tail != "{}" else '"_":null}',
+        }
+        k = self.keys
+        keys = [*self._job_keys(job_id), k.events, k.dlq, k.outbox, k.outbox_entry(event_id)]
+        raw = self._finish(keys=keys, args=[job_id, _options(opt)])
+        if int(raw[0]) == 0:
+            return MoveOutcome(ok=False, state=_text(raw[1]))
+        return MoveOutcome(
+            ok=True,
+            state=to.value,
+            at_ms=int(raw[1]),
+            stream_id=_text(raw[2]),
+            admitted=tuple(_text(x) for x in raw[3:]),
         )
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
@@ -219,42 +366,10 @@ class JobStore:
         )
         return int(raw)
 
-    def finish(
-        self,
-        job_id: str,
-        to: JobState,
-        *,
-        record: Mapping[str, Any],
-        event: Mapping[str, Any],
-        dead_letter: bool = False,
-        allowed_from: Iterable[JobState] | str = "*",
-    ) -> TransitionOutcome:
-        """Finish a job exactly once: terminal state, expiry, result event, all in one script.
 
-        ``allowed_from`` restricts the states it may finish from ('*' = any non-terminal state).
-        """
-        if to not in TERMINAL_STATES:
-            raise ValueError(f"{to} is not terminal")
-        allowed = allowed_from if isinstance(allowed_from, str) else ",".join(s.value for s in allowed_from)
-        rec = [x for k, v in record.items() for x in (k, _encode(v))]
-        ev = [x for k, v in event.items() for x in (k, _encode(v))]
-        k = self.keys
-        raw = self._finish(
-            keys=[k.job(job_id), k.events, k.track, k.delayed, k.blocked, k.dlq],
-            args=[
-                to.value,
-                str(self.retention_ms),
-                str(self.stream_maxlen),
-                "1" if dead_letter else "0",
-                str(len(rec) // 2),
-                *rec,
-                *ev,
-                allowed,
-            ],
-        )
-        if int(raw[0]) == 0:
-            return TransitionOutcome(ok=False, state=_text(raw[1]))
-        return TransitionOutcome(ok=True, state=to.value, at_ms=_now_ms_from(raw[1]), stream_id=_text(raw[2]))
+def _options(opt: Mapping[str, Any]) -> str:
+    # None values are left out: cjson turns JSON null into a userdata the scripts would misread.
+    return json.dumps({k: v for k, v in opt.items() if v is not None}, separators=(",", ":"))
 
 
 def _encode(value: Any) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from worker.contracts.keys import Keys
 from worker.contracts.models import Priority
 from worker.flow.breaker import BreakerDecision, BreakerSnapshot, BreakerState, CircuitBreaker
 from worker.flow.budget import (
@@ -68,7 +69,7 @@ class FlowControl:
     @classmethod
     def from_settings(cls, r: redis.Redis, settings: Settings) -> FlowControl:
         """Build every primitive under ``settings.key_prefix`` with the configured limits."""
-        prefix = settings.key_prefix
+        prefix = Keys(settings.key_prefix).root  # one hash tag for every key (docs/design.md)
         return cls(
             breaker=CircuitBreaker(
                 r,
@@ -87,6 +88,7 @@ class FlowControl:
                 daily_cap_usd=settings.budget_daily_usd,
                 monthly_cap_usd=settings.budget_monthly_usd,
                 price_per_s_usd=settings.price_per_s_usd,
+                billing_unit_s=settings.billing_unit_s,
             ),
             slots=SlotPool(
                 r,

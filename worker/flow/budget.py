@@ -12,8 +12,9 @@ Money is integer micro-dollars (``_micro``). Keys:
   reservation remembers its periods, so a job reserved at 23:59:59 settles into that day. It has no
   TTL: a stale reservation is resolved by the reconciler, never expired silently.
 
-The scripts build the period key names from Redis time, so they address keys not passed in
-``KEYS``: fine on a single Redis (our deployment), not on Redis Cluster.
+The scripts (``lua/budget_*.lua``) build the period key names from Redis time, so they address
+keys not passed in ``KEYS``; every one of them shares the prefix's hash tag, so they live in the
+same slot as the keys that are passed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from enum import StrEnum
 
 import redis
 
-from worker.flow._redis import LUA_NOW, as_int, run, text
+from worker.contracts.lua import load_lua, script_path
+from worker.flow._redis import as_int, run, text
 
 MICRO_PER_USD = 1_000_000
 #: Period hashes live this long after their last write (day: 62 days, month: 400 days).
@@ -41,6 +43,16 @@ def usd_to_micro(usd: float, *, round_up: bool = False) -> int:
 def micro_to_usd(micro: int) -> float:
     """Micro-dollars as dollars (for display and metrics only; keep sums in micro-dollars)."""
     return micro / MICRO_PER_USD
+
+
+def billable_s(duration_s: float, unit_s: float) -> float:
+    """Seconds billed for ``duration_s``: whole ``unit_s`` units, rounded up (``unit_s`` 0: exact).
+
+    A micro-second of tolerance keeps a container's rounding (3.000001 s) from billing a 4th second.
+    """
+    if unit_s <= 0:
+        return duration_s
+    return math.ceil(duration_s / unit_s - 1e-6) * unit_s
 
 
 class BudgetScope(StrEnum):
@@ -84,94 +96,12 @@ class BudgetSnapshot:
         return {f"{name}_usd": micro_to_usd(getattr(self, name)) for name in self.__dataclass_fields__}
 
 
-# H. Hinnant's days since 1970-01-01 -> (y, m, d) in the proleptic Gregorian calendar; Redis Lua has
-# no os.date, and the periods must come from Redis time.
-LUA_CIVIL = """
-local function civil(days)
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-                          - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local d = doy - math.floor((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m, d
-end
-"""
+class BudgetRefused(Exception):
+    """The job's record refused the reservation: it left the pre-submit states or another attempt owns it."""
 
-# Periods of Redis time (UTC) and helpers shared by the budget scripts.
-_PRELUDE = (
-    LUA_NOW
-    + LUA_CIVIL
-    + """
-local y, m, d = civil(math.floor(now_ms / 86400000))
-local today = string.format('%04d-%02d-%02d', y, m, d)
-local this_month = string.format('%04d-%02d', y, m)
-local prefix = ARGV[1]
-local function day_key(day) return prefix .. ':fc:budget:day:' .. day end
-local function month_key(month) return prefix .. ':fc:budget:month:' .. month end
-local function field(k, f) return tonumber(redis.call('HGET', k, f)) or 0 end
-local function parse(rec)
-  local est, day, month = string.match(rec, '^(%d+)|([^|]+)|([^|]+)|')
-  return tonumber(est), day, month
-end
--- take a reservation back out of a period; never below zero (a period key may have expired)
-local function unreserve(k, est)
-  if est == 0 then return end  -- Lua would send -0, which HINCRBY refuses
-  if redis.call('HINCRBY', k, 'reserved', -est) < 0 then redis.call('HSET', k, 'reserved', 0) end
-end
-"""
-)
-
-# KEYS: 1 reservations. ARGV: 1 prefix, 2 job, 3 est, 4 day cap, 5 month cap, 6 day ttl, 7 month ttl.
-# Returns {ok, scope}.
-_RESERVE = (
-    _PRELUDE
-    + """
-local job, est = ARGV[2], tonumber(ARGV[3])
-if redis.call('HEXISTS', KEYS[1], job) == 1 then return {1, ''} end
-local dk, mk = day_key(today), month_key(this_month)
-if field(dk, 'spent') + field(dk, 'reserved') + est > tonumber(ARGV[4]) then return {0, 'day'} end
-if field(mk, 'spent') + field(mk, 'reserved') + est > tonumber(ARGV[5]) then return {0, 'month'} end
-redis.call('HINCRBY', dk, 'reserved', est)
-redis.call('HINCRBY', mk, 'reserved', est)
-redis.call('EXPIRE', dk, ARGV[6])
-redis.call('EXPIRE', mk, ARGV[7])
-local record = table.concat({ARGV[3], today, this_month, string.format('%.0f', now_ms)}, '|')
-redis.call('HSET', KEYS[1], job, record)
-return {1, ''}
-"""
-)
-
-# KEYS: 1 reservations. ARGV: 1 prefix, 2 job, 3 actual (or -1 to release). Returns 1 if settled.
-_SETTLE = (
-    _PRELUDE
-    + """
-local rec = redis.call('HGET', KEYS[1], ARGV[2])
-if not rec then return 0 end
-local est, day, month = parse(rec)
-local actual = tonumber(ARGV[3])
-for _, k in ipairs({day_key(day), month_key(month)}) do
-  unreserve(k, est)
-  if actual >= 0 then redis.call('HINCRBY', k, 'spent', actual) end
-end
-redis.call('HDEL', KEYS[1], ARGV[2])
-return 1
-"""
-)
-
-# ARGV: 1 prefix. Returns {day spent, day reserved, month spent, month reserved}.
-_SNAPSHOT = (
-    _PRELUDE
-    + """
-local dk, mk = day_key(today), month_key(this_month)
-return {field(dk, 'spent'), field(dk, 'reserved'), field(mk, 'spent'), field(mk, 'reserved')}
-"""
-)
+    def __init__(self, state: str) -> None:
+        super().__init__(f"reservation refused: job is {state or 'gone'} or owned by another attempt")
+        self.state = state
 
 
 class Budget:
@@ -200,32 +130,42 @@ class Budget:
         daily_cap_usd: float,
         monthly_cap_usd: float,
         price_per_s_usd: float,
+        billing_unit_s: float = 1.0,
     ) -> None:
-        if min(daily_cap_usd, monthly_cap_usd, price_per_s_usd) < 0:
+        if min(daily_cap_usd, monthly_cap_usd, price_per_s_usd, billing_unit_s) < 0:
             raise ValueError("caps and price must be >= 0")
         self.prefix = prefix
         # caps round down and the price up: rounding never lets spend past a cap
         self.day_cap_micro = usd_to_micro(daily_cap_usd)
         self.month_cap_micro = usd_to_micro(monthly_cap_usd)
         self.price_per_s_micro = usd_to_micro(price_per_s_usd, round_up=True)
+        self.billing_unit_s = billing_unit_s
         self.reservations_key = f"{prefix}:fc:budget:res"
         self._r = r
-        self._reserve = r.register_script(_RESERVE)
-        self._settle = r.register_script(_SETTLE)
-        self._snapshot = r.register_script(_SNAPSHOT)
+        self._reserve = r.register_script(load_lua(script_path(__file__, "budget_reserve")))
+        self._settle = r.register_script(load_lua(script_path(__file__, "budget_settle")))
+        self._snapshot = r.register_script(load_lua(script_path(__file__, "budget_snapshot")))
 
     def estimate_micro(self, duration_s: float) -> int:
-        """Cost of ``duration_s`` seconds of video: whole seconds (rounded up) times the price."""
+        """Cost of ``duration_s`` seconds of video as billed: whole billing units, rounded up.
+
+        The same rule settles a success (from the output's duration), so an estimate made from the
+        input's duration is an upper bound whenever the output is no longer than the input.
+        """
         if duration_s < 0 or math.isnan(duration_s):
             raise ValueError("duration_s must be >= 0")
-        return math.ceil(duration_s) * self.price_per_s_micro
+        return math.ceil(billable_s(duration_s, self.billing_unit_s) * self.price_per_s_micro)
 
-    def reserve(self, job_id: str, micro: int) -> BudgetDecision:
+    def reserve(
+        self, job_id: str, micro: int, *, record_key: str | None = None, attempt: str = ""
+    ) -> BudgetDecision:
         """Reserve ``micro`` for ``job_id`` in today's and this month's budget, or refuse.
 
         Refused (``ok=False``, ``scope`` = the first cap that would be exceeded) when
         ``spent + reserved + micro > cap``. A job that already holds a reservation gets ``ok``
-        without reserving twice.
+        without reserving twice. With ``record_key`` the reservation is fenced like
+        :meth:`SlotPool.acquire <worker.flow.slots.SlotPool.acquire>`: :class:`BudgetRefused` when
+        the job left the pre-submit states or ``attempt`` no longer owns it.
         """
         if micro < 0:
             raise ValueError("micro must be >= 0")
@@ -236,8 +176,11 @@ class Budget:
             self.day_cap_micro,
             self.month_cap_micro,
             *PERIOD_RETENTION_S,
+            attempt,
         ]
-        reply = run(self._reserve, [self.reservations_key], args)
+        reply = run(self._reserve, [self.reservations_key, record_key or "-"], args)
+        if as_int(reply[0]) == -1:
+            raise BudgetRefused(text(reply[1]))
         if as_int(reply[0]) == 1:
             return BudgetDecision(ok=True)
         return BudgetDecision(ok=False, scope=BudgetScope(text(reply[1])))

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
+from redis.commands.core import Script
 
+from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import Priority
-from worker.flow._redis import LUA_NOW, as_int, as_texts, run
+from worker.flow._redis import as_int, as_texts, run, text
 
 #: Priorities in admission order; the Lua scripts address them by 1-based index.
 PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
@@ -51,139 +53,16 @@ class SlotResult:
         return self.status is SlotStatus.ACQUIRED
 
 
-# Shared Lua prelude. KEYS: 1 slots, 2 waiting set, 3..5 wait lists (high, normal, low).
-# ARGV: 1 capacity, 2 reserved_high, 3 lease_ms, then script-specific arguments.
-_PRELUDE = (
-    LUA_NOW
-    + """
-local slots, waiting = KEYS[1], KEYS[2]
-local queues = {KEYS[3], KEYS[4], KEYS[5]}
-local capacity, reserved, lease_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+def _script(r: redis.Redis, name: str) -> Script:
+    return r.register_script(load_lua(script_path(__file__, name)))
 
--- high may use every slot; normal and low leave reserved_high slots free for high
-local function limit(i)
-  if i == 1 then return capacity end
-  return capacity - reserved
-end
 
--- first id of queue i that is still waiting; withdrawn ids at the head are dropped on the way so
--- they neither block admission nor make a free slot look contended
-local function live_head(i)
-  while true do
-    local head = redis.call('LINDEX', queues[i], 0)
-    if not head then return nil end
-    if redis.call('SISMEMBER', waiting, head) == 1 then return head end
-    redis.call('LPOP', queues[i])
-  end
-end
+class SlotRefused(Exception):
+    """The job's record refused the acquire: it left the pre-submit states or another attempt owns it."""
 
-local function unqueue(job)
-  if redis.call('SREM', waiting, job) == 1 then
-    for i = 1, 3 do redis.call('LREM', queues[i], 0, job) end
-    return 1
-  end
-  return 0
-end
-
--- admit waiting jobs in priority order, FIFO within a priority, while capacity allows
-local function admit_all()
-  local admitted = {}
-  for i = 1, 3 do
-    while true do
-      local head = live_head(i)
-      if not head then break end
-      -- limits only shrink from high to low, so a full level means every later level is full too
-      if redis.call('ZCARD', slots) >= limit(i) then return admitted end
-      redis.call('LPOP', queues[i])
-      redis.call('SREM', waiting, head)
-      if not redis.call('ZSCORE', slots, head) then
-        redis.call('ZADD', slots, now_ms + lease_ms, head)
-        table.insert(admitted, head)
-      end
-    end
-  end
-  return admitted
-end
-
--- queued entries that will be served before `job` (which sits in queue i, or is about to)
-local function ahead_of(job, i)
-  local n = 0
-  for k = 1, i - 1 do n = n + redis.call('LLEN', queues[k]) end
-  local pos = redis.call('LPOS', queues[i], job)
-  if pos then return n + pos end
-  return n + redis.call('LLEN', queues[i])
-end
-"""
-)
-
-# ARGV: 4 job, 5 priority index. Returns {1, 0} acquired or {0, ahead} waiting.
-_ACQUIRE = (
-    _PRELUDE
-    + """
-local job, p = ARGV[4], tonumber(ARGV[5])
-if redis.call('ZSCORE', slots, job) then
-  redis.call('ZADD', slots, now_ms + lease_ms, job)  -- idempotent: same slot, fresh lease
-  return {1, 0}
-end
-local contended = false
-for i = 1, p do
-  local head = live_head(i)
-  if head and head ~= job then contended = true end
-end
-if not contended and redis.call('ZCARD', slots) < limit(p) then
-  unqueue(job)
-  redis.call('ZADD', slots, now_ms + lease_ms, job)
-  return {1, 0}
-end
-if redis.call('SISMEMBER', waiting, job) == 1 then
-  for i = 1, 3 do
-    if redis.call('LPOS', queues[i], job) then return {0, ahead_of(job, i)} end
-  end
-end
-local ahead = ahead_of(job, p)
-redis.call('RPUSH', queues[p], job)
-redis.call('SADD', waiting, job)
-return {0, ahead}
-"""
-)
-
-# ARGV: 4 job. Returns the admitted ids.
-_RELEASE = (
-    _PRELUDE
-    + """
-redis.call('ZREM', slots, ARGV[4])
-unqueue(ARGV[4])
-return admit_all()
-"""
-)
-
-_ADMIT = _PRELUDE + "\nreturn admit_all()\n"
-
-# ARGV: 4 job. Returns 1 if the job was waiting.
-_WITHDRAW = _PRELUDE + "\nreturn unqueue(ARGV[4])\n"
-
-# KEYS: 1 slots. ARGV: 1 ttl_ms, 2.. job ids. Returns how many leases were extended.
-_RENEW = (
-    LUA_NOW
-    + """
-local n = 0
-for i = 2, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', now_ms + tonumber(ARGV[1]), ARGV[i])
-    n = n + 1
-  end
-end
-return n
-"""
-)
-
-# KEYS: 1 slots. ARGV: 1 limit. Ids whose lease deadline is in the past.
-_EXPIRED = (
-    LUA_NOW
-    + """
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-"""
-)
+    def __init__(self, state: str) -> None:
+        super().__init__(f"slot refused: job is {state or 'gone'} or owned by another attempt")
+        self.state = state
 
 
 class SlotPool:
@@ -222,12 +101,12 @@ class SlotPool:
         self.waiting_key = f"{prefix}:fc:waiting"
         self.queue_keys = tuple(f"{prefix}:wait:{p.value}" for p in PRIORITY_ORDER)
         self._r = r
-        self._acquire = r.register_script(_ACQUIRE)
-        self._release = r.register_script(_RELEASE)
-        self._admit = r.register_script(_ADMIT)
-        self._withdraw = r.register_script(_WITHDRAW)
-        self._renew = r.register_script(_RENEW)
-        self._expired = r.register_script(_EXPIRED)
+        self._acquire = _script(r, "slot_acquire")
+        self._release = _script(r, "slot_release")
+        self._admit = _script(r, "slot_admit")
+        self._withdraw = _script(r, "slot_withdraw")
+        self._renew = _script(r, "slot_renew")
+        self._expired = _script(r, "slot_expired")
 
     @property
     def _keys(self) -> list[str]:
@@ -237,14 +116,27 @@ class SlotPool:
     def _base_args(self) -> list[int]:
         return [self.capacity, self.reserved_high, self.lease_ttl_ms]
 
-    def acquire(self, job_id: str, priority: str) -> SlotResult:
+    def acquire(
+        self, job_id: str, priority: str, *, record_key: str | None = None, attempt: str = ""
+    ) -> SlotResult:
         """Take a slot for ``job_id`` now, or queue it (once) behind the jobs ahead of it.
 
         A job that already holds a slot gets ACQUIRED again with a fresh lease. A WAITING job is
         admitted later by :meth:`release` or :meth:`admit`, which return it to the caller.
+
+        With ``record_key`` the acquire is fenced in the same script: it happens only while that
+        job record is in a pre-submit state and (when ``attempt`` is given) owned by ``attempt``;
+        otherwise :class:`SlotRefused` is raised and nothing changed. A late or duplicate gate run
+        therefore cannot take a slot for a job that has moved on.
         """
         index = PRIORITY_ORDER.index(Priority(priority)) + 1
-        reply = run(self._acquire, self._keys, [*self._base_args, job_id, index])
+        reply = run(
+            self._acquire,
+            [*self._keys, record_key or "-"],
+            [*self._base_args, job_id, index, attempt],
+        )
+        if as_int(reply[0]) == -1:
+            raise SlotRefused(text(reply[1]))
         status = SlotStatus.ACQUIRED if as_int(reply[0]) == 1 else SlotStatus.WAITING
         return SlotResult(status, as_int(reply[1]))
 

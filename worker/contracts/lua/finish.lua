@@ -1,0 +1,56 @@
+-- finish: end a job's life exactly once: terminal state, resources freed, result event, callback
+-- work in the outbox and the record's expiry, all in one atomic step (the outbox pattern).
+-- KEYS: 1..11 as job_head; 12 events STREAM, 13 dlq ZSET, 14 outbox ZSET, 15 outbox entry HASH.
+-- ARGV: 1 job id, 2 options (JSON): the fence and slot/budget options of job_head, and
+--   to            SUCCEEDED | FAILED | CANCELLED
+--   event_id      "<job id>.<life>": must match the record's life (else refused as 'STALE')
+--   retention_ms  record expiry; dead_letter (bool) and dlq_retention_ms for dead letters
+--   set, del      record fields
+--   event         {field: value} extra fields of the stream event
+--   body_tail     the callback body after the fields this script writes: JSON members and the
+--                 closing brace, e.g. '"video":{...},"cost_usd":0.18,"error":null}'
+-- Returns {1, now_ms, stream id, admitted ids...} or {0, state} (nothing changed).
+-- @include job_head
+local refused = fence()
+if refused then return {0, refused} end
+local life = tonumber(redis.call('HGET', job_key, 'replays') or '0') + 1
+if opt.event_id ~= job_id .. '.' .. life then return {0, 'STALE'} end
+redis.call('HSET', job_key, 'state', opt.to, 'ts_' .. opt.to, now_ms, 'updated_at_ms', now_ms,
+  'finished_at_ms', now_ms, 'event_id', opt.event_id, 'gate_until_ms', 0)
+write_fields()
+redis.call('ZREM', delayed, job_id)
+redis.call('ZREM', blocked, job_id)
+redis.call('ZREM', track, job_id)
+redis.call('HDEL', track_owner, job_id)
+local admitted = free_resources()
+if opt.dead_letter then
+  redis.call('ZADD', KEYS[13], now_ms, job_id)
+  redis.call('HSET', job_key, 'dead_letter', '1')
+  redis.call('PEXPIRE', job_key, opt.dlq_retention_ms)
+else
+  redis.call('PEXPIRE', job_key, opt.retention_ms)
+end
+local function field(f) return redis.call('HGET', job_key, f) or '' end
+local metadata = field('metadata')
+if metadata == '' then metadata = '{}' end
+local ev = {'v', '2', 'event_id', opt.event_id, 'job_id', job_id, 'state', opt.to,
+            'finished_at_ms', tostring(now_ms), 'attempts', field('attempts'), 'attempt', field('attempt'),
+            'life', tostring(life), 'priority', field('priority'), 'created_at_ms', field('created_at_ms'),
+            'metadata', metadata}
+if opt.event then
+  for k, v in pairs(opt.event) do ev[#ev + 1] = k; ev[#ev + 1] = v end
+end
+-- no MAXLEN here: the housekeeper trims below the slowest consumer group (events_trim.lua)
+local stream_id = redis.call('XADD', KEYS[12], '*', unpack(ev))
+local url = field('callback_url')
+if url ~= '' then
+  local body = '{"v":2,"event_id":' .. cjson.encode(opt.event_id) .. ',"job_id":' .. cjson.encode(job_id)
+    .. ',"state":' .. cjson.encode(opt.to) .. ',"finished_at_ms":' .. string.format('%d', now_ms)
+    .. ',"life":' .. life .. ',"metadata":' .. metadata .. ',' .. opt.body_tail
+  redis.call('HSET', KEYS[15], 'event_id', opt.event_id, 'job_id', job_id, 'url', url, 'body', body,
+    'created_at_ms', now_ms, 'attempts', 0)
+  redis.call('ZADD', KEYS[14], now_ms, opt.event_id)
+end
+local out = {1, now_ms, stream_id}
+for _, id in ipairs(admitted) do out[#out + 1] = id end
+return out

@@ -1,0 +1,427 @@
+"""The verbs of a job's life, as plain functions of the runtime, every one fenced by attempt.
+
+``submit``, ``tracker``, ``cancel`` and ``housekeeper`` call down into this module and never into
+each other. Each verb is one fenced script in Redis (:mod:`worker.contracts.store`): it names the
+attempt (and, once known, the fal request) it acts for, and the resources it frees go in the same
+atomic step as the transition. A late or duplicate actor therefore only learns that it lost and
+touches nothing: it cannot free another attempt's slot or reservation, nor move the job.
+
+The fencing rule (docs/design.md): a slot, a reservation, a tracker claim and every transition out
+of SUBMITTING, IN_QUEUE and IN_PROGRESS belong to the attempt recorded in the job's ``attempt``
+field (and to its ``fal_request_id``); an attempt id is never reused, replays included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker.contracts.record import JobRecord
+from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
+from worker.fal import FalAmbiguousError, FalError, FalTransientError, SubmitReceipt, backoff_s
+from worker.flow import BreakerState
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Spread of re-dispatch times so a crowd of deferred jobs does not return at one instant.
+JITTER_MAX_MS = 1000
+AT_FAL = frozenset({JobState.IN_QUEUE, JobState.IN_PROGRESS})
+OUTCOME_BY_STATE = {
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a job failed, as stored in the record, the result event and the callback."""
+
+    type: str
+    message: str
+    detail: Any = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The ``error`` field of the record (and of the callback body)."""
+        out: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.detail is not None:
+            out["fal_detail"] = self.detail
+        return out
+
+
+def attempt_fence(attempt: str, *, request_id: str | None = None, states: Iterable[JobState]) -> Fence:
+    """The fence of an attempt acting from ``states`` (and for ``request_id`` once fal named it)."""
+    return Fence(attempt=attempt, request_id=request_id, from_states=frozenset(states))
+
+
+# ---------------------------------------------------------------------- provider health
+def record_breaker(rt: Runtime, success: bool, *, probe: bool, before: BreakerState | None = None) -> None:
+    """Report a provider-health outcome to the shared breaker and count any state change it causes."""
+    if before is None:
+        before = rt.flow.breaker.state().state
+    after = rt.flow.breaker.record(success, probe=probe)
+    if after != before:
+        rt.metrics.breaker_transition(before.value, after.value)
+
+
+def counts_against_breaker(err: FalError) -> bool:
+    """Provider-health failures open the breaker; 4xx and 429 (the rate limiter's job) do not."""
+    if isinstance(err, FalAmbiguousError):
+        return True
+    if isinstance(err, FalTransientError):
+        return err.status_code is None or err.status_code >= 500
+    return False
+
+
+# ---------------------------------------------------------------------- before fal
+def begin(rt: Runtime, job_id: str) -> GateOutcome:
+    """Take the job's gate as a new attempt (a duplicate delivery finds it busy and stops)."""
+    return rt.store.gate(job_id, gate_ttl_ms=int(rt.settings.gate_ttl_s * 1000))
+
+
+def _dispatch(rt: Runtime, moved: MoveOutcome) -> MoveOutcome:
+    if moved.admitted:
+        rt.dispatch(moved.admitted)
+    return moved
+
+
+def park_waiting(rt: Runtime, job_id: str, attempt: str, *, ahead: int) -> MoveOutcome:
+    """The attempt found no free slot: the job waits in its priority queue (already queued)."""
+    return rt.store.move(
+        job_id,
+        JobState.WAITING,
+        attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+        fields={"slots_ahead": ahead, "gate_until_ms": 0},
+    )
+
+
+def block(rt: Runtime, job_id: str, attempt: str, *, scope: str) -> MoveOutcome:
+    """The budget has no room: the job waits visibly in BLOCKED (retried when room appears)."""
+    moved = rt.store.move(
+        job_id,
+        JobState.BLOCKED,
+        attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+        blocked=True,
+        fields={"blocked_scope": scope, "gate_until_ms": 0},
+    )
+    if moved.ok:
+        rt.metrics.budget_rejection(scope)
+    return moved
+
+
+def defer(
+    rt: Runtime,
+    job_id: str,
+    attempt: str,
+    *,
+    until_ms: int,
+    reason: str,
+    states: Iterable[JobState] = PRE_SUBMIT_STATES,
+    request_id: str | None = None,
+    slot: SlotAction = SlotAction.KEEP,
+    budget: BudgetAction = BudgetAction.KEEP,
+    settle_micro: int = 0,
+    fields: Mapping[str, Any] | None = None,
+    incr: Mapping[str, int] | None = None,
+) -> MoveOutcome:
+    """Park the job until ``until_ms`` (+ jitter); the housekeeper dispatches it again then."""
+    until_ms += rt.rng.randint(0, JITTER_MAX_MS)
+    moved = rt.store.move(
+        job_id,
+        JobState.DEFERRED,
+        attempt_fence(attempt, request_id=request_id, states=states),
+        slot=slot,
+        budget=budget,
+        settle_micro=settle_micro,
+        park_at_ms=until_ms,
+        untrack=request_id is not None,
+        fields={
+            "deferred_reason": reason,
+            "deferred_until_ms": until_ms,
+            "gate_until_ms": 0,
+            **(fields or {}),
+        },
+        incr=incr,
+    )
+    if moved.ok:
+        rt.metrics.job_deferred(reason)
+    return _dispatch(rt, moved)
+
+
+def mark_submitting(rt: Runtime, job_id: str, attempt: str) -> MoveOutcome:
+    """Write the intent before the POST: only the attempt that owns the gate may."""
+    return rt.store.move(
+        job_id,
+        JobState.SUBMITTING,
+        attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+        fields={"submit_started_at_ms": rt.now_ms(), "submit_process": rt.process_id, "gate_until_ms": 0},
+        incr={"attempts": 1},
+    )
+
+
+def accepted(rt: Runtime, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> MoveOutcome:
+    """fal accepted the attempt's request: record the receipt and hand the job to a tracker.
+
+    When the attempt has lost the job meanwhile (declared ambiguous while this process was
+    stopped, cancelled), the receipt is not dropped: it is recorded as a late receipt and the
+    request is cancelled at fal by the caller, so nothing is paid for a request nobody follows.
+    """
+    claim_ms = int(rt.settings.tracker_claim_ttl_s * 1000)
+    mine = rt.track_hook is not None
+    moved = rt.store.move(
+        rec.id,
+        JobState.IN_QUEUE,
+        attempt_fence(attempt, states=[JobState.SUBMITTING]),
+        track_at_ms=rt.now_ms() + claim_ms if mine else rt.now_ms(),
+        track_by=rt.process_id if mine else "",
+        fields={
+            "fal_request_id": receipt.request_id,
+            "fal_status_url": receipt.status_url,
+            "fal_response_url": receipt.response_url,
+            "fal_cancel_url": receipt.cancel_url,
+            "queue_position": "" if receipt.queue_position is None else receipt.queue_position,
+        },
+    )
+    if not moved.ok:
+        late_receipt(rt, rec.id, attempt, receipt, state=moved.state)
+        return moved
+    rt.flow.slots.renew([rec.id])
+    if rt.track_hook is not None:
+        rt.track_hook(rec.id)
+    return moved
+
+
+def late_receipt(rt: Runtime, job_id: str, attempt: str, receipt: SubmitReceipt, *, state: str) -> None:
+    """Record a fal request accepted for an attempt that had already lost the job."""
+    log.warning(
+        "late submit receipt: job %s attempt %s got fal request %s while the job is %s",
+        job_id,
+        attempt,
+        receipt.request_id,
+        state or "gone",
+    )
+    rt.redis.xadd(
+        rt.store.keys.late_receipts,
+        {
+            "job_id": job_id,
+            "attempt": attempt,
+            "request_id": receipt.request_id,
+            "cancel_url": receipt.cancel_url,
+            "status_url": receipt.status_url,
+            "state": state,
+        },
+        maxlen=100_000,
+        approximate=True,
+    )
+
+
+def started(rt: Runtime, job_id: str, attempt: str, request_id: str) -> MoveOutcome:
+    """fal reports the attempt's request IN_PROGRESS."""
+    return rt.store.move(
+        job_id,
+        JobState.IN_PROGRESS,
+        attempt_fence(attempt, request_id=request_id, states=[JobState.IN_QUEUE]),
+        fields={"queue_position": ""},
+    )
+
+
+def retry_later(
+    rt: Runtime,
+    rec: JobRecord,
+    attempt: str,
+    *,
+    reason: str,
+    failure: Failure,
+    retry_after_s: float | None,
+    states: Iterable[JobState],
+    request_id: str | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> str:
+    """The attempt ended without being billed (fal refused it, or fal said the run failed).
+
+    A new attempt is scheduled with full-jitter backoff, or the job fails when attempts, the
+    deadline or the retry budget run out. Either way the attempt's slot and reservation are freed in
+    the same fenced step. Returns ``"retrying"``, ``"failed"`` or ``"stale"`` (the fence refused).
+    """
+    s = rt.settings
+    fence = attempt_fence(attempt, request_id=request_id, states=states)
+    if rec.attempts >= s.retry_max_attempts:
+        failed = Failure(
+            "retries_exhausted", f"{failure.message} (after {rec.attempts} attempts)", failure.detail
+        )
+        return "failed" if fail(rt, rec, failed, fence=fence) else "stale"
+    delay_s = backoff_s(
+        max(1, rec.attempts),
+        base_s=s.retry_base_s,
+        cap_s=s.retry_cap_s,
+        rng=rt.rng,
+        retry_after_s=min(retry_after_s, s.retry_after_max_s) if retry_after_s else None,
+    )
+    if not rt.flow.retry_budget.try_spend():
+        # Retries are over their share of traffic: park longer instead of failing.
+        delay_s = max(delay_s, s.retry_cap_s)
+        reason = "retry_budget"
+    if past_deadline(rt, rec, extra_s=delay_s):
+        failed = Failure("deadline_exceeded", failure.message, failure.detail)
+        return "failed" if fail(rt, rec, failed, fence=fence) else "stale"
+    moved = defer(
+        rt,
+        rec.id,
+        attempt,
+        until_ms=rt.now_ms() + int(delay_s * 1000),
+        reason=reason,
+        states=states,
+        request_id=request_id,
+        slot=SlotAction.RELEASE,
+        budget=BudgetAction.RELEASE,
+        fields={"last_error": {"type": failure.type, "message": failure.message}, **(fields or {})},
+    )
+    if moved.ok:
+        rt.metrics.retry(reason)
+        return "retrying"
+    return "stale"
+
+
+def past_deadline(rt: Runtime, rec: JobRecord, *, extra_s: float = 0.0) -> bool:
+    """True when the job cannot be submitted (``extra_s`` from now) before its deadline."""
+    deadline_s = rec.deadline_s or rt.settings.job_deadline_s
+    created = rec.created_at_ms
+    return bool(created) and rt.now_ms() + extra_s * 1000 > created + deadline_s * 1000
+
+
+# ---------------------------------------------------------------------- the end of a life
+def finish(
+    rt: Runtime,
+    rec: JobRecord,
+    to: JobState,
+    *,
+    fence: Fence,
+    slot: SlotAction = SlotAction.RELEASE,
+    budget: BudgetAction = BudgetAction.RELEASE,
+    settle_micro: int = 0,
+    dead_letter: bool = False,
+    failure: Failure | None = None,
+    fields: Mapping[str, Any] | None = None,
+    event: Mapping[str, Any] | None = None,
+    callback: Mapping[str, Any] | None = None,
+) -> bool:
+    """End the job's life once: state, resources, event and callback in one step. True if it did."""
+    record = dict(fields or {})
+    ev = dict(event or {})
+    cb: dict[str, Any] = {"video": None, "cost_usd": None, "error": None, **(callback or {})}
+    if failure is not None:
+        record["error"] = failure.as_record()
+        record["dead_letter_reason"] = failure.type if dead_letter else ""
+        ev.update(error_type=failure.type, error_message=failure.message)
+        cb["error"] = failure.as_record()
+    hold_ms = int(rt.settings.ambiguous_slot_hold_s * 1000)
+    moved = rt.store.finish(
+        rec.id,
+        to,
+        fence,
+        event_id=rec.event_id,
+        slot=slot,
+        budget=budget,
+        settle_micro=settle_micro,
+        hold_ms=hold_ms,
+        dead_letter=dead_letter,
+        fields=record,
+        event=ev,
+        callback=cb,
+    )
+    if not moved.ok:
+        return False
+    _dispatch(rt, moved)
+    e2e_s = max(0.0, (moved.at_ms - rec.created_at_ms) / 1000) if rec.created_at_ms else 0.0
+    label = "dead_lettered" if dead_letter else OUTCOME_BY_STATE[to]
+    rt.metrics.job_finished(label, rec.priority.value, e2e_s)
+    rt.metrics.result_published("stream", True)
+    if budget is BudgetAction.SETTLE and settle_micro > 0:
+        rt.metrics.spent(settle_micro / 1e6)
+    if dead_letter and failure is not None:
+        rt.metrics.dead_letter(failure.type)
+    return True
+
+
+def fail(
+    rt: Runtime,
+    rec: JobRecord,
+    failure: Failure,
+    *,
+    fence: Fence,
+    dead_letter: bool = True,
+    slot: SlotAction = SlotAction.RELEASE,
+    budget: BudgetAction = BudgetAction.RELEASE,
+    settle_micro: int = 0,
+) -> bool:
+    """Finish the job FAILED (by default into the dead-letter set)."""
+    return finish(
+        rt,
+        rec,
+        JobState.FAILED,
+        fence=fence,
+        slot=slot,
+        budget=budget,
+        settle_micro=settle_micro,
+        dead_letter=dead_letter,
+        failure=failure,
+        callback={"cost_usd": settle_micro / 1e6 if budget is BudgetAction.SETTLE else None},
+    )
+
+
+def cancel(rt: Runtime, rec: JobRecord, *, fence: Fence, message: str) -> bool:
+    """Finish the job CANCELLED, freeing its slot and reservation at once (fal billed nothing)."""
+    failure = Failure("cancelled", message)
+    return finish(rt, rec, JobState.CANCELLED, fence=fence, failure=failure)
+
+
+def reserved_micro(rt: Runtime, rec: JobRecord) -> int:
+    """What the job's reservation holds (or its recorded estimate): the charge of an unknown outcome."""
+    res = rt.flow.budget.reservation(rec.id)
+    return res.micro if res else int(rec.estimate_micro or 0)
+
+
+def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool:
+    """A submit whose outcome is unknown: fal may hold (and bill) the request.
+
+    The money is settled as charged (the estimate) and the slot is held for
+    ``ambiguous_slot_hold_s``: fal may be running the request we cannot see, and the cap N must
+    count it. By policy the job is dead-lettered (replay needs an explicit force) or resubmitted.
+    """
+    policy = rt.settings.ambiguous_submit_policy.value
+    rt.metrics.ambiguous_submit(policy)
+    charge = reserved_micro(rt, rec)
+    fence = attempt_fence(attempt, states=[JobState.SUBMITTING])
+    log.warning("ambiguous submit of job %s attempt %s (%s); policy=%s", rec.id, attempt, reason, policy)
+    if policy == "resubmit":
+        moved = defer(
+            rt,
+            rec.id,
+            attempt,
+            until_ms=rt.now_ms() + 1000,
+            reason="ambiguous_resubmit",
+            states=[JobState.SUBMITTING],
+            slot=SlotAction.KEEP,
+            budget=BudgetAction.SETTLE,
+            settle_micro=charge,
+            fields={"last_error": {"type": "ambiguous_submit", "message": reason}},
+            incr={"ambiguous_count": 1},
+        )
+        if moved.ok:
+            rt.metrics.spent(charge / 1e6)
+        return moved.ok
+    return fail(
+        rt,
+        rec,
+        Failure(
+            "ambiguous_submit", f"submit outcome unknown ({reason}); not resubmitted to avoid paying twice"
+        ),
+        fence=fence,
+        slot=SlotAction.HOLD,
+        budget=BudgetAction.SETTLE,
+        settle_micro=charge,
+    )

@@ -1,0 +1,48 @@
+-- events_trim: trim the result stream below what every consumer group still needs, and past a hard
+-- ceiling only if it must. A group still needs its pending (delivered, unacknowledged) entries and
+-- everything after its last-delivered id.
+-- KEYS: 1 events STREAM. ARGV: 1 hard ceiling (entries), 2 keep (entries kept even when no group
+-- needs them, for late XREAD waiters).
+-- Returns {trimmed below the groups, trimmed past the ceiling that a group had not read}.
+local stream = KEYS[1]
+if redis.call('EXISTS', stream) == 0 then return {0, 0} end
+local function less(a, b)
+  local a1, a2 = string.match(a, '^(%d+)-(%d+)$')
+  local b1, b2 = string.match(b, '^(%d+)-(%d+)$')
+  a1, a2, b1, b2 = tonumber(a1), tonumber(a2), tonumber(b1), tonumber(b2)
+  return a1 < b1 or (a1 == b1 and a2 < b2)
+end
+local min_needed = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local cut = nil
+  local pending = redis.call('XPENDING', stream, info['name'])
+  if pending[1] > 0 then
+    cut = pending[2]  -- its oldest delivered-but-unacknowledged entry
+  else
+    local after = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
+    if #after > 0 then cut = after[1][1] end  -- its first unread entry
+  end
+  if cut ~= nil and (min_needed == nil or less(cut, min_needed)) then min_needed = cut end
+end
+local keep = tonumber(ARGV[2])
+-- MINID keeps ids >= the threshold: the lower of what a group needs and the newest `keep` entries
+local threshold = min_needed
+if keep > 0 then
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', keep)
+  local floor = newest[#newest][1]
+  if threshold == nil or less(floor, threshold) then threshold = floor end
+end
+local trimmed
+if threshold == nil then
+  trimmed = redis.call('XTRIM', stream, 'MAXLEN', 0)
+else
+  trimmed = redis.call('XTRIM', stream, 'MINID', threshold)
+end
+local over = 0
+local len = redis.call('XLEN', stream)
+if len > tonumber(ARGV[1]) then
+  over = redis.call('XTRIM', stream, 'MAXLEN', ARGV[1])
+end
+return {trimmed, over}
