@@ -20,12 +20,12 @@ from worker import services
 from worker.cancel import cancel_at_fal
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 from worker.contracts.wire import CALLBACK_TASK, CANCEL_TASK, SUBMIT_TASK
-from worker.health import CONSUMER_LINK
-from worker.watchdog import EXIT_UNRECOVERABLE, TaskWatchdog, guard_kombu_restore
 from worker.fal import FalError
+from worker.health import CONSUMER_LINK
 from worker.runtime import get_runtime
 from worker.signals import install_celery_signal_handlers
 from worker.submit import Submitter
+from worker.watchdog import EXIT_UNRECOVERABLE, TaskWatchdog, guard_kombu_restore
 
 log = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ class TaskWatchdog:
         while not self._stop.wait(self._interval_s):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - the watchdog must keep watching
+            except Exception:
                 log.exception("task watchdog check failed")
 
 

@@ -131,8 +131,10 @@ def test_busy_workers_survive_a_redis_restart(tmp_path: Path, sample_video: Path
             server = start_redis(data_dir, port=server.port, appendonly=True)
             cluster.redis = server
             wait_until(
-                lambda: all(_readyz(port) == 200 for port in ports)
-                or not all(w.process.alive() for w in cluster.workers),
+                lambda: (
+                    all(_readyz(port) == 200 for port in ports)
+                    or not all(w.process.alive() for w in cluster.workers)
+                ),
                 timeout_s=60,
                 what="workers ready again",
             )
@@ -157,7 +159,8 @@ def test_busy_workers_survive_a_redis_restart(tmp_path: Path, sample_video: Path
         events_key = Keys(cluster.settings().key_prefix).events
         r = redis.Redis.from_url(server.url, decode_responses=True)
         try:
-            events = [f["job_id"] for _id, f in r.xrange(events_key) if f.get("job_id") in ids]
+            entries: list[tuple[str, dict[str, str]]] = r.xrange(events_key)  # type: ignore[assignment]
+            events = [f["job_id"] for _id, f in entries if f.get("job_id") in ids]
         finally:
             r.close()
         assert sorted(events) == sorted(ids)  # each job reached its terminal state exactly once
