@@ -7,7 +7,7 @@ The JSON is generated, never edited by hand: change this file and run
 
 Built with grafana-foundation-sdk (Grafana 11 dashboard schema). Every query filters on the
 ``$namespace`` variable; the ``$datasource`` variable picks the Prometheus data source. Metric names
-come from :mod:`worker.metrics` (per worker pod, summed here) and :mod:`worker.cluster_metrics`
+come from :mod:`worker.metrics` (per worker pod, summed here) and :mod:`reframe.exporter.collector`
 (one exporter per namespace, so ``max``/``sum`` over it is the same single value).
 
 tests/observability/test_dashboard.py checks that regenerating is byte-identical, that the JSON

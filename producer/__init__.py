@@ -3,7 +3,15 @@
 Only :mod:`config` and :mod:`worker.contracts` are imported; the worker runtime never is.
 """
 
-from producer.client import CancelOutcome, EnqueueRequest, EnqueueResult, IdempotencyConflict, Job, Producer
+from producer.client import (
+    CancelOutcome,
+    EnqueueRequest,
+    EnqueueResult,
+    IdempotencyConflict,
+    Job,
+    Producer,
+    ReplayOutcome,
+)
 from producer.results import ResultConsumer, ResultEvent
 from worker.contracts.intake import Conflict
 from worker.contracts.models import InvalidRequest, JobState, Priority, ReframeInput
@@ -20,6 +28,7 @@ __all__ = [
     "Priority",
     "Producer",
     "ReframeInput",
+    "ReplayOutcome",
     "ResultConsumer",
     "ResultEvent",
 ]

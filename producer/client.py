@@ -361,3 +361,60 @@ class Producer:
             task_message(CANCEL_TASK, [job_id], queue=self.settings.queue_name, priority=pri),
         )
         return CancelOutcome.REQUESTED
+
+    # ------------------------------------------------------------------ dead letters
+    def dead_letters(self, limit: int = 100) -> list[Job]:
+        """Dead-lettered jobs, oldest first (at most ``limit``)."""
+        ids = [_text(x) for x in self.r.zrange(self.store.keys.dlq, 0, max(1, int(limit)) - 1)]
+        return [job for job in self.get_many(ids) if job is not None]
+
+    def dead_letter_count(self) -> int:
+        """How many jobs are in the dead-letter set."""
+        return int(self.r.zcard(self.store.keys.dlq))
+
+    def replay(self, job_id: str, *, force: bool = False) -> ReplayOutcome:
+        """Send a dead-lettered job back to QUEUED as a new life (new attempts, a new event id).
+
+        A job whose death may have been paid for at fal (an ambiguous submit, a result that could
+        not be read) is refused with :attr:`ReplayOutcome.NEEDS_FORCE` unless ``force``: replaying
+        it may pay twice for the same work, and the caller must say that it accepts that.
+        """
+        job_id = check_call(JobIdCall, {"job_id": job_id}, self.limits).job_id
+        job = self.get(job_id)
+        if job is None:
+            return ReplayOutcome.NOT_FOUND
+        outcome = self.store.replay(job_id, job.priority, force=force)
+        if outcome.ok:
+            return ReplayOutcome.REPLAYED
+        if outcome.state.startswith("NEEDS_FORCE"):
+            return ReplayOutcome.NEEDS_FORCE
+        return ReplayOutcome.NOT_DEAD_LETTERED if outcome.state else ReplayOutcome.NOT_FOUND
+
+    def purge_dead_letters(self) -> int:
+        """Empty the dead-letter set (the records expire on their own); returns how many were in it."""
+        n = self.dead_letter_count()
+        self.r.delete(self.store.keys.dlq)
+        return n
+
+    # ------------------------------------------------------------------ callbacks
+    def failed_callbacks(self, limit: int = 100) -> list[dict[str, str]]:
+        """Callbacks given up after their retry window: event id, job id, url, attempts, last error."""
+        return self.store.failed_callbacks(max(1, int(limit)))
+
+    def redeliver_callback(self, event_id: str) -> bool:
+        """Put a given-up callback back in the outbox (due now, a fresh retry window)."""
+        return self.store.redeliver_callback(event_id)
+
+
+class ReplayOutcome(StrEnum):
+    """What :meth:`Producer.replay` did."""
+
+    REPLAYED = "replayed"
+    NEEDS_FORCE = "needs_force"
+    """fal may hold (and bill) the dead attempt's request: replaying may pay twice; pass force."""
+    NOT_DEAD_LETTERED = "not_dead_lettered"
+    NOT_FOUND = "not_found"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

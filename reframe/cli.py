@@ -41,6 +41,8 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Inspect and act on dead-lettered jobs.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+callbacks_app = typer.Typer(help="Inspect and redeliver callbacks that were given up.", no_args_is_help=True)
+app.add_typer(callbacks_app, name="callbacks")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -617,13 +619,6 @@ def results(
 
 
 # --------------------------------------------------------------------------------------------- dlq
-def _dlq_ids(settings: Settings, limit: int) -> list[str]:
-    from worker.contracts.keys import Keys
-
-    r = _redis_client(settings, decode=True)
-    return [str(x) for x in r.zrange(Keys(settings.key_prefix).dlq, 0, limit - 1)]
-
-
 @dlq_app.command("list")
 def dlq_list(limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100) -> None:
     """List dead-lettered jobs with their reason."""
@@ -632,10 +627,9 @@ def dlq_list(limit: Annotated[int, typer.Option(min=1, help="Show at most this m
     settings = settings_or_exit()
     table = Table("job", "reason", "attempts", "error")
     with Producer(settings) as producer:
-        for job in producer.get_many(_dlq_ids(settings, limit)):
-            if job is not None:
-                message = str((job.error or {}).get("message", ""))[:80]
-                table.add_row(job.id, job.dead_letter_reason or "", str(job.attempts), message)
+        for job in producer.dead_letters(limit):
+            message = str((job.error or {}).get("message", ""))[:80]
+            table.add_row(job.id, job.dead_letter_reason or "", str(job.attempts), message)
     console.print(table)
 
 
@@ -653,22 +647,42 @@ def dlq_replay(
         list[str] | None, typer.Argument(help="Jobs to replay (ids or unique prefixes).")
     ] = None,
     all_jobs: Annotated[bool, typer.Option("--all", help="Replay every dead-lettered job.")] = False,
+    force_pay_twice: Annotated[
+        bool,
+        typer.Option(
+            "--force-pay-twice",
+            help="Also replay jobs whose death may have been paid for at fal (an ambiguous submit, "
+            "a result that could not be read): fal may bill the same work twice.",
+        ),
+    ] = False,
 ) -> None:
-    """Send dead-lettered jobs back to QUEUED (a new series of attempts); exit 1 if one was not replayed."""
-    from producer import Producer
+    """Send dead-lettered jobs back to QUEUED (a new life); exit 1 if one was not replayed.
+
+    A job that fal may already have run and billed is refused unless --force-pay-twice is given.
+    """
+    from producer import Producer, ReplayOutcome
 
     settings = settings_or_exit()
     if not job_ids and not all_jobs:
         raise fail("job_ids: name jobs or pass --all")
     with Producer(settings) as producer:
-        ids = resolve_job_ids(settings, producer.r, job_ids) if job_ids else _dlq_ids(settings, 100_000)
+        if job_ids:
+            ids = resolve_job_ids(settings, producer.r, job_ids)
+        else:
+            ids = [job.id for job in producer.dead_letters(100_000)]
         missed = 0
         for job_id in ids:
-            job = producer.get(job_id)
-            outcome = producer.store.replay(job_id, job.priority) if job else None
-            ok = bool(outcome and outcome.ok)
-            missed += not ok
-            console.print(f"{job_id} {'replayed' if ok else 'not replayed'}")
+            outcome = producer.replay(job_id, force=force_pay_twice)
+            missed += outcome is not ReplayOutcome.REPLAYED
+            if outcome is ReplayOutcome.NEEDS_FORCE:
+                console.print(
+                    f"{job_id} not replayed: fal may already hold and bill its request "
+                    "(replaying may pay twice); pass --force-pay-twice to accept that"
+                )
+            else:
+                console.print(
+                    f"{job_id} {'replayed' if outcome is ReplayOutcome.REPLAYED else outcome.value}"
+                )
     if missed:
         raise typer.Exit(1)
 
@@ -676,15 +690,55 @@ def dlq_replay(
 @dlq_app.command("purge")
 def dlq_purge(yes: Annotated[bool, typer.Option("--yes", help="Confirm.")] = False) -> None:
     """Remove every job from the dead-letter set (records expire on their own)."""
-    from worker.contracts.keys import Keys
+    from producer import Producer
 
     if not yes:
         raise fail("purge: pass --yes to confirm")
     settings = settings_or_exit()
-    r = _redis_client(settings)
-    n = r.zcard(Keys(settings.key_prefix).dlq)
-    r.delete(Keys(settings.key_prefix).dlq)
-    console.print(f"purged {n}")
+    with Producer(settings) as producer:
+        console.print(f"purged {producer.purge_dead_letters()}")
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+@callbacks_app.command("list")
+def callbacks_list(limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100) -> None:
+    """List callbacks given up after their retry window (REFRAME_CALLBACK_RETRY_WINDOW_S)."""
+    from producer import Producer
+
+    settings = settings_or_exit()
+    table = Table("event", "job", "url", "tries", "last error")
+    with Producer(settings) as producer:
+        for entry in producer.failed_callbacks(limit):
+            table.add_row(
+                entry["event_id"],
+                entry.get("job_id", ""),
+                entry.get("url", "")[:60],
+                entry.get("attempts", ""),
+                entry.get("last_error", ""),
+            )
+    console.print(table)
+
+
+@callbacks_app.command("redeliver")
+def callbacks_redeliver(
+    event_ids: Annotated[list[str] | None, typer.Argument(help="Event ids (<job id>.<life>).")] = None,
+    all_events: Annotated[bool, typer.Option("--all", help="Redeliver every given-up callback.")] = False,
+) -> None:
+    """Put given-up callbacks back in the outbox (delivered again, with a fresh retry window)."""
+    from producer import Producer
+
+    settings = settings_or_exit()
+    if not event_ids and not all_events:
+        raise fail("event_ids: name events or pass --all")
+    with Producer(settings) as producer:
+        ids = event_ids or [e["event_id"] for e in producer.failed_callbacks(100_000)]
+        missed = 0
+        for event_id in ids:
+            ok = producer.redeliver_callback(event_id)
+            missed += not ok
+            console.print(f"{event_id} {'queued for delivery' if ok else 'unknown or expired'}")
+    if missed:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------------------------- processes

@@ -12,7 +12,7 @@ Design rules (docs/design.md "Metrics and health"; why they matter is in celery-
   recorded as ``other`` (and logged once), so a caller bug can never blow up the series count.
 * **Base units.** Seconds, US dollars, plain counts; metric names carry the unit.
 * **Cluster-wide gauges are not here.** Queue depth, slots, budget and breaker state are computed
-  from Redis at scrape time by :mod:`worker.cluster_metrics` inside ``reframe exporter`` (one
+  from Redis at scrape time by :mod:`reframe.exporter.collector` inside ``reframe exporter`` (one
   replica), so ``sum()`` over worker pods never multiplies them.
 
 The worker core calls the helper methods (``metrics.fal_request(...)``, ``metrics.job_finished(...)``);

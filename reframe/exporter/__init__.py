@@ -14,7 +14,7 @@ import threading
 from prometheus_client import CollectorRegistry
 
 from config import Settings
-from worker.cluster_metrics import ClusterCollector, exporter_redis_client
+from reframe.exporter.collector import ClusterCollector, exporter_redis_client
 from worker.health import HealthServer
 
 log = logging.getLogger(__name__)

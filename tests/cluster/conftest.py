@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from producer import Producer
-from worker.contracts.models import parse_input
-from worker.contracts.urlpolicy import UrlPolicy
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import wait_until
+from worker.contracts.models import parse_input
+from worker.contracts.urlpolicy import UrlPolicy
 
 pytestmark = pytest.mark.integration
 

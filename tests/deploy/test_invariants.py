@@ -315,9 +315,9 @@ def test_prod_scales_on_in_flight_jobs_of_its_own_namespace(rendered: dict[str, 
     assert m and m.group(1) == "reframe_slots_in_use", (
         f"in-flight = the exporter's ZCARD P:slots gauge: {query}"
     )
-    exporter_src = (ROOT / "worker" / "cluster_metrics.py").read_text()
+    exporter_src = (ROOT / "reframe" / "exporter" / "collector.py").read_text()
     assert f'"{m.group(1)}"' in exporter_src, (
-        f"the exporter (worker/cluster_metrics.py) defines no {m.group(1)}"
+        f"the exporter (reframe/exporter/collector.py) defines no {m.group(1)}"
     )
     namespace = prod.get("Deployment", "reframe-worker")["metadata"]["namespace"]
     assert f'namespace="{namespace}"' in query, f"the query must select namespace {namespace}"

@@ -1,4 +1,4 @@
-"""worker.cluster_metrics against a real redis-server: populate every key, scrape, check values."""
+"""reframe.exporter.collector against a real redis-server: populate every key, scrape, check values."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
 from config import Settings
+from reframe.exporter.collector import (
+    ClusterCollector,
+    exporter_redis_client,
+    metric_names,
+    parse_celery_message,
+)
 from reframe.localproc import free_port
-from worker.cluster_metrics import ClusterCollector, exporter_redis_client, metric_names, parse_celery_message
 from worker.contracts.keys import Keys
 from worker.contracts.wire import CALLBACK_TASK, SUBMIT_TASK, task_message
 from worker.flow import FlowControl

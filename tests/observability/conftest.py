@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from worker.cluster_metrics import metric_names as cluster_metric_names
+from reframe.exporter.collector import metric_names as cluster_metric_names
 from worker.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from config import Settings
+from reframe.exporter.collector import ClusterCollector, exporter_redis_client
 from reframe.prom import PrometheusError, PrometheusServer, render_config, start_prometheus
 from tests.observability.conftest import RULES, alert_rules, dashboard_targets, require_tool
-from worker.cluster_metrics import ClusterCollector, exporter_redis_client
 from worker.contracts.keys import Keys
 from worker.contracts.wire import SUBMIT_TASK, task_message
 from worker.flow import FlowControl

@@ -25,7 +25,7 @@ def test_from_settings_wires_every_primitive(
     )
     fc = FlowControl.from_settings(rclient, settings)
     assert fc.slots.capacity == 3 and fc.slots.reserved_high == 1 and fc.slots.lease_ttl_ms == 1500
-    assert fc.slots.slots_key == "fcx:slots"
+    assert fc.slots.slots_key == "{fcx}:slots"  # one hash tag for every key
     assert fc.rate.interval_us == 250_000 and fc.rate.burst == 2
     assert fc.budget.day_cap_micro == 1_000_000 and fc.budget.price_per_s_micro == 60_000
 
@@ -37,5 +37,5 @@ def test_from_settings_wires_every_primitive(
     fc.retry_budget.record_first_attempt()
 
     keys = set(rclient.keys("*"))
-    assert keys and all(k.startswith("fcx:") for k in keys)
+    assert keys and all(k.startswith("{fcx}:") for k in keys)
     assert {"fcx:slots", "fcx:fc:gcra", "fcx:fc:budget:res", "fcx:fc:retry_budget"} <= keys

@@ -44,7 +44,7 @@ def test_nothing_registered_or_connected_at_import() -> None:
         "from prometheus_client import REGISTRY\n"
         "from celery import signals\n"
         "before = set(REGISTRY._names_to_collectors)\n"
-        "import worker.metrics, worker.signals, worker.health, worker.cluster_metrics\n"
+        "import worker.metrics, worker.signals, worker.health, reframe.exporter.collector\n"
         "assert set(REGISTRY._names_to_collectors) == before, 'registered at import'\n"
         "assert not signals.task_prerun.receivers and not signals.task_postrun.receivers\n"
         "print('clean')\n"
