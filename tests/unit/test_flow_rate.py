@@ -11,6 +11,7 @@ import redis
 
 from reframe.localproc import wait_until
 from worker.flow import RateLimited, RateReason, SubmitRateLimiter
+from worker.flow.rate import RateDecision
 
 # an exception inside a worker thread must fail the test, not just warn
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -134,3 +135,81 @@ def test_context_manager_enters_with_a_token_or_raises(rclient: redis.Redis) -> 
     with pytest.raises(RateLimited) as info, lim.acquire():
         pytest.fail("entered without a token")
     assert info.value.decision.reason is RateReason.RATE and info.value.decision.retry_after_ms > 0
+
+
+# --- pushback edges (issue #10 item 2) ---------------------------------------------------------
+
+
+def _first_allowed(lim: SubmitRateLimiter, *, timeout_s: float = 5) -> RateDecision:
+    """Poll (briefly sleeping as told) until a token comes; every denial is kept for the caller."""
+    got: list[RateDecision] = []
+
+    def take() -> bool:
+        d = lim.try_acquire()
+        got.append(d)
+        return d.allowed
+
+    wait_until(take, timeout_s=timeout_s, interval_s=0.002, what="a token")
+    return got[-1]
+
+
+def test_nothing_before_the_deadline_and_the_first_after_it_is_a_lone_probe(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=1000, burst=20)
+    until_ms = lim.pause(0.2)
+    probe = _first_allowed(lim)
+    assert probe.probe and probe.at_us >= until_ms * 1000
+    # while the probe is out, everyone else is held (reported as a pause), however full the bucket
+    held = [lim.try_acquire() for _ in range(5)]
+    assert all(not d.allowed and d.reason is RateReason.PAUSED and 0 < d.retry_after_ms <= 1000 for d in held)
+    assert lim.probe_done(probe, ok=True)
+    nxt = _first_allowed(lim)
+    assert not nxt.probe
+
+
+def test_after_a_pause_the_bucket_restarts_empty(rclient: redis.Redis) -> None:
+    rate, burst = 20.0, 10
+    lim = limiter(rclient, rate_per_s=rate, burst=burst)
+    interval_us = lim.interval_us
+    until_ms = lim.pause(0.1)
+    probe = _first_allowed(lim)
+    assert lim.probe_done(probe, ok=True)
+    times = [probe.at_us] + [_first_allowed(lim).at_us for _ in range(4)]
+    # the k-th token after the deadline comes no earlier than deadline + k intervals: no burst
+    for k, at_us in enumerate(times):
+        assert at_us >= until_ms * 1000 + k * interval_us, (k, at_us - until_ms * 1000)
+
+
+def test_a_probe_without_an_answer_holds_the_others_for_the_spacing_only(rclient: redis.Redis) -> None:
+    lim = SubmitRateLimiter(rclient, prefix=PREFIX, rate_per_s=1000, burst=5, probe_spacing_ms=150)
+    lim.pause(0.05)
+    probe = _first_allowed(lim)
+    assert probe.probe
+    assert not lim.probe_done(probe, ok=False)  # a failed probe keeps the others waiting
+    nxt = _first_allowed(lim)
+    assert not nxt.probe and nxt.at_us >= probe.at_us + 150_000
+
+
+def test_a_probe_answered_with_pushback_re_arms_the_pause_and_the_probe(rclient: redis.Redis) -> None:
+    lim = limiter(rclient, rate_per_s=1000, burst=5)
+    lim.pause(0.05)
+    probe = _first_allowed(lim)
+    second_until = lim.pause(0.1)  # the probe got another 429 with Retry-After
+    assert not lim.probe_done(probe, ok=True)  # its mark was replaced by the new pause's
+    d = lim.try_acquire()
+    assert not d.allowed and d.reason is RateReason.PAUSED
+    again = _first_allowed(lim)
+    assert again.probe and again.at_us >= second_until * 1000
+
+
+def test_a_stale_probe_report_never_releases_a_newer_probe(rclient: redis.Redis) -> None:
+    lim = SubmitRateLimiter(rclient, prefix=PREFIX, rate_per_s=1000, burst=5, probe_spacing_ms=60_000)
+    lim.pause(0.02)
+    first = _first_allowed(lim)
+    rclient.delete(lim.probe_key)  # as if its spacing had run out
+    lim.pause(0.02)
+    second = _first_allowed(lim)
+    assert first.probe and second.probe and first.at_us != second.at_us
+    assert not lim.probe_done(first, ok=True)
+    assert not lim.try_acquire().allowed  # still held by the second probe
+    assert lim.probe_done(second, ok=True)
+    assert not lim.probe_done(lim.try_acquire(), ok=True)  # not a probe: a no-op

@@ -6,8 +6,17 @@ GCRA (the algorithm of redis-cell and throttled) keeps one number, the theoretic
 windows it never lets 2x the rate through at a window edge, and since ``now`` is Redis ``TIME`` a
 skewed worker clock changes nothing (flow-control notes §4).
 
+Pushback (a 429/503 with ``Retry-After``, issue #10): :meth:`SubmitRateLimiter.pause` holds every
+worker until the deadline; the first token after it is a lone **probe** (the others wait until the
+submitter reports its answer with :meth:`SubmitRateLimiter.probe_done`, or at most
+``probe_spacing_ms``); and the bucket restarts *empty* at the deadline (TAT = deadline + tolerance),
+so the burst allowance can never send a volley straight into a fresh pushback. Each decision is one
+script in ``worker/flow/lua/`` (``rate_acquire``, ``rate_pause``, ``rate_probe_done``,
+``rate_paused_until``).
+
 Keys: ``{prefix}:fc:gcra`` (STRING, TAT in integer **microseconds** of Redis time, so that rates
-that do not divide a millisecond stay exact) and ``{prefix}:fc:pause_until`` (STRING, ms).
+that do not divide a millisecond stay exact), ``{prefix}:fc:pause_until`` (STRING, ms) and
+``{prefix}:fc:rate_probe`` (STRING: ``due`` after a pause, ``inflight:<us>`` while the probe is out).
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ from enum import StrEnum
 
 import redis
 
-from worker.flow._redis import LUA_NOW, as_int, run, text
+from worker.contracts.lua import load_lua, script_path
+from worker.flow._redis import as_int, run, text
+
+#: Longest the probe after a pause holds the other submits when its answer is never reported.
+DEFAULT_PROBE_SPACING_MS = 1000
 
 
 class RateReason(StrEnum):
@@ -37,12 +50,16 @@ class RateDecision:
 
     ``retry_after_ms`` is 0 when allowed; otherwise the earliest time (from now) a retry can succeed
     (a later caller may still take that token first). ``at_us`` is the Redis time of the decision.
+    ``probe`` is True for the first token after a pause: the caller should report the submit's
+    answer with :meth:`SubmitRateLimiter.probe_done` (until then, or ``probe_spacing_ms``, every
+    other caller is told ``PAUSED``).
     """
 
     allowed: bool
     retry_after_ms: int
     reason: RateReason
     at_us: int = 0
+    probe: bool = False
 
 
 class RateLimited(Exception):
@@ -53,65 +70,32 @@ class RateLimited(Exception):
         self.decision = decision
 
 
-# KEYS: 1 gcra, 2 pause_until. ARGV: 1 interval_us, 2 tolerance_us.
-# Returns {allowed, retry_after_ms, reason, now_us}.
-_TRY_ACQUIRE = (
-    LUA_NOW
-    + """
-local pause = tonumber(redis.call('GET', KEYS[2]))
-if pause and pause > now_ms then
-  return {0, pause - now_ms, 'paused', string.format('%.0f', now_us)}
-end
-local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now_us
-if tat < now_us then tat = now_us end
-if tat - now_us > tolerance then
-  return {0, math.ceil((tat - now_us - tolerance) / 1000), 'rate', string.format('%.0f', now_us)}
-end
-local new_tat = tat + interval
--- once TAT is in the past the key means nothing, so let it expire then
-local ttl_ms = math.ceil((new_tat - now_us) / 1000) + 1
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
-return {1, 0, 'ok', string.format('%.0f', now_us)}
-"""
-)
-
-# KEYS: 1 pause_until. ARGV: 1 pause_ms. Returns the pause deadline (ms).
-_PAUSE = (
-    LUA_NOW
-    + """
-local until_ms = now_ms + tonumber(ARGV[1])
-local existing = tonumber(redis.call('GET', KEYS[1]))
-if existing and existing > until_ms then until_ms = existing end
-redis.call('SET', KEYS[1], string.format('%.0f', until_ms), 'PXAT', string.format('%.0f', until_ms))
-return until_ms
-"""
-)
-
-# KEYS: 1 pause_until. Returns the deadline if still in the future, else -1.
-_PAUSED_UNTIL = (
-    LUA_NOW
-    + """
-local existing = tonumber(redis.call('GET', KEYS[1]))
-if existing and existing > now_ms then return existing end
-return -1
-"""
-)
-
-
 class SubmitRateLimiter:
     """Cluster-wide GCRA limiter for fal submits, with a shared pause (429/503 Retry-After).
 
     Guarantees: in every sliding window of length ``W`` (Redis time), at most
     ``rate_per_s * W + burst`` calls are allowed, across all workers; up to ``burst`` calls are
-    allowed back to back after an idle period; while a pause is in force nobody is allowed.
+    allowed back to back after an idle period; while a pause is in force nobody is allowed; the
+    first call after a pause is allowed alone (the probe), and the ``k``-th call after the pause's
+    deadline comes no earlier than ``deadline + (k - 1) / rate_per_s`` (no burst after a pause).
     """
 
-    def __init__(self, r: redis.Redis, *, prefix: str, rate_per_s: float, burst: int) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        *,
+        prefix: str,
+        rate_per_s: float,
+        burst: int,
+        probe_spacing_ms: int = DEFAULT_PROBE_SPACING_MS,
+    ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate_per_s must be > 0")
         if burst < 1:
             raise ValueError("burst must be >= 1")
+        if probe_spacing_ms < 1:
+            raise ValueError("probe_spacing_ms must be >= 1")
+        self.probe_spacing_ms = probe_spacing_ms
         self.rate_per_s = rate_per_s
         self.burst = burst
         # rounded up, so the effective rate can only be a hair below the configured one
@@ -119,19 +103,36 @@ class SubmitRateLimiter:
         self.tolerance_us = self.interval_us * (burst - 1)
         self.gcra_key = f"{prefix}:fc:gcra"
         self.pause_key = f"{prefix}:fc:pause_until"
-        self._try = r.register_script(_TRY_ACQUIRE)
-        self._pause = r.register_script(_PAUSE)
-        self._paused_until = r.register_script(_PAUSED_UNTIL)
+        self.probe_key = f"{prefix}:fc:rate_probe"
+        self._keys = [self.gcra_key, self.pause_key, self.probe_key]
+        self._try = r.register_script(load_lua(script_path(__file__, "rate_acquire")))
+        self._pause = r.register_script(load_lua(script_path(__file__, "rate_pause")))
+        self._probe_done = r.register_script(load_lua(script_path(__file__, "rate_probe_done")))
+        self._paused_until = r.register_script(load_lua(script_path(__file__, "rate_paused_until")))
 
     def try_acquire(self) -> RateDecision:
-        """Take one submit token if the rate and any pause allow it; never waits."""
-        reply = run(self._try, [self.gcra_key, self.pause_key], [self.interval_us, self.tolerance_us])
+        """Take one submit token if the rate, any pause and any probe in flight allow it; never waits."""
+        reply = run(self._try, self._keys, [self.interval_us, self.tolerance_us, self.probe_spacing_ms])
         return RateDecision(
             allowed=as_int(reply[0]) == 1,
             retry_after_ms=as_int(reply[1]),
             reason=RateReason(text(reply[2])),
             at_us=as_int(reply[3]),
+            probe=as_int(reply[4]) == 1,
         )
+
+    def probe_done(self, decision: RateDecision, ok: bool) -> bool:
+        """Report the answer to the submit that ``decision`` (a probe) paced; True if others may go now.
+
+        ``ok`` = fal accepted the submit: the other workers may submit at once (at the rate, from an
+        empty bucket). Not ok without a new pause (e.g. a 5xx, a timeout): they wait out the probe
+        spacing. A 429/503 with ``Retry-After`` calls :meth:`pause` instead (it re-arms the probe).
+        A no-op for a decision that was not a probe, or whose probe mark is gone already.
+        """
+        if not decision.probe:
+            return False
+        mark = f"inflight:{decision.at_us}"
+        return as_int(run(self._probe_done, [self.probe_key], [mark, 1 if ok else 0])) == 1
 
     @contextmanager
     def acquire(self) -> Iterator[RateDecision]:
@@ -148,11 +149,13 @@ class SubmitRateLimiter:
     def pause(self, seconds: float) -> int:
         """Stop every worker's submits for ``seconds`` from now (Redis time); returns the deadline ms.
 
-        Atomic ``max``: a pause never shortens a longer one already in force.
+        Atomic ``max``: a pause never shortens a longer one already in force. The bucket restarts
+        empty at the deadline and the first submit after it is a probe (see :class:`RateDecision`).
         """
         if seconds < 0:
             raise ValueError("seconds must be >= 0")
-        return as_int(run(self._pause, [self.pause_key], [math.ceil(seconds * 1000)]))
+        args = [math.ceil(seconds * 1000), self.tolerance_us]
+        return as_int(run(self._pause, [self.pause_key, self.gcra_key, self.probe_key], args))
 
     def paused_until_ms(self) -> int | None:
         """The pause deadline (ms, Redis time) if a pause is in force, else None."""
