@@ -51,6 +51,9 @@ class AmbiguousSubmitPolicy(StrEnum):
 DEFAULT_METRICS_PORT = 17300
 #: Largest spend cap: 1e9 USD = 1e15 micro-dollars, exact in a double.
 MAX_BUDGET_USD = 1e9
+#: Least gap between the task time limit (worker/watchdog.py ends the process then) and the
+#: visibility timeout, so a hung task's process is gone before Redis redelivers its message.
+TASK_DEADLINE_MARGIN_S = 5.0
 
 _ALLOW_HOST = re.compile(r"(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
 
@@ -129,8 +132,11 @@ class Settings(BaseSettings):
     slot_lease_ttl_s: PosFloat = Field(
         default=60.0, description="A slot lease; renewed while fal reports the request alive."
     )
-    submit_rate_per_s: PosFloat = Field(default=5.0, description="Cluster-wide submit rate (GCRA).")
-    submit_burst: PosInt = Field(default=5, description="Submits allowed back to back (GCRA burst).")
+    # fal documents no submit rate limit for model APIs, only the concurrency cap: the rate only
+    # smooths bursts (50/s refills 40 slots in under a second); the burst is small because the
+    # first pushback finds at most `burst` submits on the wire (the bucket restarts empty after it).
+    submit_rate_per_s: PosFloat = Field(default=50.0, description="Cluster-wide submit rate (GCRA).")
+    submit_burst: PosInt = Field(default=10, description="Submits allowed back to back (GCRA burst).")
     max_rate_wait_s: NonNegFloat = Field(
         default=2.0, description="Wait in-task for a rate token up to this; longer waits are deferred."
     )
@@ -329,6 +335,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REFRAME_VISIBILITY_TIMEOUT_S must exceed "
                 "REFRAME_TASK_TIME_LIMIT_S + REFRAME_TRACKER_CLAIM_TTL_S"
+            )
+        if self.visibility_timeout_s <= self.task_time_limit_s + TASK_DEADLINE_MARGIN_S:
+            raise ValueError(
+                "REFRAME_VISIBILITY_TIMEOUT_S must exceed REFRAME_TASK_TIME_LIMIT_S + "
+                f"{TASK_DEADLINE_MARGIN_S:g} s (the task watchdog ends a hung worker at the limit; "
+                "its message must not return before)"
             )
         if self.reserved_high_slots >= self.max_concurrency:
             raise ValueError("REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY")
