@@ -12,8 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from worker import health as health_mod
-from worker.health import HealthServer
+from worker.health import ConsumerLink, HealthServer
 from worker.metrics import Metrics
+from worker.watchdog import TaskWatchdog
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -152,3 +153,35 @@ def test_concurrent_scrapes_do_not_block_probes(make_server: Callable[..., Healt
     assert time.monotonic() - started < 1
     gate.set()
     scrape.join(5)
+
+
+# --- process health: the task watchdog (worker/watchdog.py) and the consumer link --------------
+
+
+def test_watchdog_acts_only_on_runs_past_the_limit() -> None:
+    now = [100.0]
+    acted: list[list[str]] = []
+    dog = TaskWatchdog(
+        5.0, clock=lambda: now[0], on_overrun=lambda late: acted.append([t.task_id for t in late])
+    )
+    dog.started("a", "reframe.submit", thread_id=1)
+    now[0] = 103.0
+    dog.started("b", "reframe.submit", thread_id=2)
+    now[0] = 105.0
+    assert not dog.check() and acted == []  # exactly at the limit is still in time
+    now[0] = 106.0
+    assert dog.check() and acted == [["a"]]
+    dog.finished("a", thread_id=1)
+    now[0] = 108.5
+    assert dog.check() and acted[-1] == ["b"]
+    dog.finished("b", thread_id=2)
+    assert dog.running() == [] and not dog.check()
+
+
+def test_consumer_link_starts_down() -> None:
+    link = ConsumerLink()
+    assert not link.is_up()
+    link.set(True)
+    assert link.is_up()
+    link.set(False)
+    assert not link.is_up()
