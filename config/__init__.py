@@ -1,5 +1,11 @@
 """Configuration shared by every Reframe Cluster component (the base of the import graph)."""
 
-from config.settings import AmbiguousSubmitPolicy, Settings, SettingsError, load_settings
+from config.settings import (
+    AmbiguousSubmitPolicy,
+    Settings,
+    SettingsError,
+    UnknownDurationPolicy,
+    load_settings,
+)
 
-__all__ = ["AmbiguousSubmitPolicy", "Settings", "SettingsError", "load_settings"]
+__all__ = ["AmbiguousSubmitPolicy", "Settings", "SettingsError", "UnknownDurationPolicy", "load_settings"]

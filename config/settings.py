@@ -60,6 +60,15 @@ _ALLOW_HOST = re.compile(r"(\*\.)?[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
 REAL_FAL_HOST_SUFFIXES = ("fal.run", "fal.ai", "fal.media", "falrun.com")
 
 
+class UnknownDurationPolicy(StrEnum):
+    """What to do with an input whose duration cannot be read before the submit."""
+
+    REFUSE = "refuse"
+    """Fail the job before any fal call: without a duration no reservation is an upper bound."""
+    RESERVE_MAX = "reserve_max"
+    """Reserve ``REFRAME_MAX_VIDEO_DURATION_S`` (an upper bound only if the model refuses longer inputs)."""
+
+
 class Settings(BaseSettings):
     """Validated configuration. Build it with :func:`load_settings`, not directly from the env."""
 
@@ -189,6 +198,16 @@ class Settings(BaseSettings):
         default=AmbiguousSubmitPolicy.DEAD_LETTER,
         description="`dead_letter` (never pay twice) or `resubmit` (accept the risk, counted).",
     )
+    unknown_duration_policy: UnknownDurationPolicy = Field(
+        default=UnknownDurationPolicy.REFUSE,
+        description="`refuse` an input whose duration cannot be read (never under-reserve), or "
+        "`reserve_max` to reserve the maximum duration instead.",
+    )
+    estimate_margin_s: Annotated[float, Field(ge=0, le=60)] = Field(
+        default=0.5,
+        description="Seconds added to the input's duration when reserving: an output slightly longer "
+        "than its input must still fit its reservation.",
+    )
 
     # --- results -----------------------------------------------------------------------------
     results_stream_maxlen: PosInt = Field(
@@ -279,10 +298,12 @@ class Settings(BaseSettings):
         default=DEFAULT_METRICS_PORT, description="Port of /metrics, /livez, /readyz (0 disables)."
     )
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = Field(
-        default=2000, description="How often a worker process publishes its presence (limits + beat)."
+        default=1000, description="How often a worker process publishes its presence (limits + beat)."
     )
     heartbeat_ttl_ms: Annotated[int, Field(ge=300, le=600_000)] = Field(
-        default=10_000, description="A process with no beat for this long counts as dead."
+        default=5000,
+        description="A process with no beat for this long counts as dead: its tracker claims and "
+        "in-flight submits are taken over (still checked against fal before any slot is freed).",
     )
     log_level: str = Field(default="INFO", description="Python log level.")
     log_json: bool = Field(default=False, description="Log one JSON object per line.")

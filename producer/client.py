@@ -338,6 +338,7 @@ class Producer:
             JobState.CANCELLED,
             Fence(from_states=PRE_SUBMIT_STATES),
             event_id=rec.event_id,
+            idempotency_key=rec.idempotency_key,
             slot=SlotAction.DROP,
             budget=BudgetAction.RELEASE,
             fields={"error": {"type": "cancelled", "message": "cancelled before submission"}},

@@ -11,6 +11,8 @@ another holder's; and every action a sweep takes is a fenced lifecycle step anyw
   so a crashed worker neither frees a slot while fal still runs its job nor leaks it;
 * resolves jobs stuck in SUBMITTING (their submitter died mid-call) by the ambiguous-submit policy;
 * re-admits waiting jobs if capacity appeared, and retries budget-blocked jobs;
+* takes over the tracker claims and in-flight submits of processes whose heartbeat stopped
+  (``REFRAME_HEARTBEAT_TTL_MS``), so a dead worker's jobs are followed again within seconds;
 * trims the result stream below the slowest consumer group, drops dead-letter entries whose record
   expired, and reconciles budget reservations whose job has ended (nothing grows without bound).
 """
@@ -27,6 +29,7 @@ from worker.contracts.models import PRE_SUBMIT_STATES
 from worker.contracts.record import JobRecord, text
 from worker.fal import FalError, FalNotFoundError
 from worker.outbox import STREAM_KEEP
+from worker.presence import Presence
 from worker.runtime import Runtime
 from worker.submit import Submitter
 from worker.tracker import receipt_from_record
@@ -52,6 +55,8 @@ class Housekeeper:
         self._release = rt.redis.register_script(load_lua(script_path(__file__, "lock_release")))
         self._due = rt.redis.register_script(load_lua(script_path(__file__, "delayed_due")))
         self._trim = rt.redis.register_script(load_lua(script_path(__file__, "events_trim")))
+        self._takeover = rt.redis.register_script(load_lua(script_path(__file__, "track_takeover")))
+        self.presence = Presence.from_settings(rt.redis, rt.settings)
         self._stop = threading.Event()
         self._holding = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reframe-housekeeper", daemon=True)
@@ -120,6 +125,7 @@ class Housekeeper:
         """One pass of every duty that is due (each step first checks the lock is still ours)."""
         duties = (
             ("due", 0.0, self.dispatch_due),
+            ("takeover", 1.0, self.take_over_dead),
             ("leases", 1.0, self.check_expired_leases),
             ("admit", 2.0, lambda: self.rt.dispatch(self.rt.flow.slots.admit())),
             ("blocked", 5.0, self.retry_blocked),
@@ -132,6 +138,33 @@ class Housekeeper:
                 return
             if self._every(name, period_s):
                 duty()
+
+    def take_over_dead(self) -> int:
+        """Release the tracker claims of dead processes and resolve their in-flight submits.
+
+        A process is dead when its heartbeat is older than ``REFRAME_HEARTBEAT_TTL_MS``. Its claims
+        become due now (a live tracker resumes each request from its fal request id, so nothing is
+        submitted again); a job it left in SUBMITTING is resolved by the ambiguous-submit policy at
+        once instead of after the submit timeout. Returns how many claims were released.
+        """
+        alive = set(self.presence.alive_ids())
+        owners = {text(k): text(v) for k, v in self.rt.redis.hgetall(self.keys.track_owner).items()}
+        pairs = [x for job, owner in owners.items() if owner not in alive for x in (job, owner)]
+        released = (
+            int(self._takeover(keys=[self.keys.track, self.keys.track_owner], args=pairs)) if pairs else 0
+        )
+        if released:
+            log.info("took over %d tracker claims of dead processes", released)
+        for job_id in (text(x) for x in self.rt.redis.zrange(self.keys.slots, 0, -1)):
+            rec = self.rt.store.record(job_id)
+            if (
+                rec is not None
+                and rec.state.value == "SUBMITTING"
+                and rec.submit_process
+                and rec.submit_process not in alive
+            ):
+                self.submitter.resolve_unknown(rec, submitter_dead=True)
+        return released
 
     def dispatch_due(self) -> list[str]:
         """Send deferred jobs whose time has come back through the submit task."""

@@ -332,6 +332,7 @@ def finish(
         fields=record,
         event=ev,
         callback=cb,
+        idempotency_key=rec.idempotency_key,
     )
     if not moved.ok:
         return False

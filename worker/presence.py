@@ -31,6 +31,7 @@ import redis
 from redis.commands.core import Script
 
 from config import Settings
+from worker.contracts.keys import Keys
 from worker.contracts.lua import load_lua, script_path
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Presence:
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: Settings) -> Presence:
         """A presence over ``client`` with the prefix and TTL of ``settings``."""
-        return cls(client, settings.key_prefix, ttl_ms=settings.heartbeat_ttl_ms)
+        return cls(client, Keys(settings.key_prefix).root, ttl_ms=settings.heartbeat_ttl_ms)
 
     def info_key(self, process_id: str) -> str:
         """The key of one process's published info."""

@@ -81,12 +81,8 @@ def start_background() -> None:
     rt = _state.runtime
     if rt is None:
         return
-    _state.tracker = start_tracker(rt)
-    hk = Housekeeper(rt)
-    hk.start()
-    _state.housekeeper = hk
-    _state.outbox = Outbox(rt)
-    _state.outbox.start()
+    # Presence first: a process must be seen alive before it claims anything, or another
+    # housekeeper would take its fresh claims over as a dead process's.
     if _state.presence is None:  # publish limits + heartbeat (worker/presence.py)
         _state.presence = PresenceBeat(
             Presence.from_settings(rt.redis, rt.settings),
@@ -95,6 +91,12 @@ def start_background() -> None:
             interval_ms=rt.settings.heartbeat_interval_ms,
         )
         _state.presence.start()
+    _state.tracker = start_tracker(rt)
+    hk = Housekeeper(rt)
+    hk.start()
+    _state.housekeeper = hk
+    _state.outbox = Outbox(rt)
+    _state.outbox.start()
     _state.ready = True
     log.info("worker ready: tracker, housekeeper and outbox running")
 

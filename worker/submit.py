@@ -28,6 +28,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from enum import StrEnum
 
+from config import UnknownDurationPolicy
 from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.record import JobRecord
@@ -39,7 +40,7 @@ from worker.fal import (
     FalTransientError,
     SubmitReceipt,
 )
-from worker.flow import BreakerState
+from worker.flow import BreakerState, RateDecision
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
 from worker.lifecycle import Failure, attempt_fence, record_breaker
@@ -133,11 +134,9 @@ class Submitter:
             return Outcome.DEFERRED
         probe = decision.probe
         estimate = self._estimate_micro(rec)
-        if estimate is None:
+        if isinstance(estimate, Failure):
             self._give_back_probe(probe)
-            limit = self.s.max_video_duration_s
-            failure = Failure("input_too_long", f"video_url: the video is longer than {limit:g}s")
-            lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
+            lifecycle.fail(self.rt, rec, estimate, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
             return Outcome.FAILED
         try:
             budget = self.flow.budget.reserve(job_id, estimate, record_key=record_key, attempt=attempt)
@@ -153,12 +152,16 @@ class Submitter:
             self._give_back_probe(probe)
             lifecycle.park_waiting(self.rt, job_id, attempt, ahead=slot.ahead)
             return Outcome.WAITING
-        if not self._take_rate_token(job_id, attempt):
+        token = self._take_rate_token(job_id, attempt)
+        if token is None:
             self._give_back_probe(probe)
             return Outcome.DEFERRED
-        return self._submit(rec, attempt, probe=probe, breaker_state=decision.state)
+        outcome = self._submit(rec, attempt, probe=probe, breaker_state=decision.state)
+        # After a pushback the first token is a lone probe: its outcome lets the others go.
+        self.flow.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST))
+        return outcome
 
-    def _take_rate_token(self, job_id: str, attempt: str) -> bool:
+    def _take_rate_token(self, job_id: str, attempt: str) -> RateDecision | None:
         """Wait briefly for a submit token; defer (keeping slot and reservation) if it is far off."""
         started = time.monotonic()
         max_wait_ms = int(self.s.max_rate_wait_s * 1000)
@@ -168,7 +171,7 @@ class Submitter:
                 waited = time.monotonic() - started
                 if waited > 0:
                     self.rt.metrics.rate_limit_waited(waited)
-                return True
+                return decision
             if decision.retry_after_ms > max_wait_ms:
                 until = self.rt.now_ms() + decision.retry_after_ms
                 # Keep the slot alive across the deferral: nobody can submit before then anyway.
@@ -176,17 +179,20 @@ class Submitter:
                     [job_id], ttl_ms=decision.retry_after_ms + int(self.s.slot_lease_ttl_s * 1000)
                 )
                 lifecycle.defer(self.rt, job_id, attempt, until_ms=until, reason=str(decision.reason))
-                return False
+                return None
             time.sleep(decision.retry_after_ms / 1000)
 
-    def _estimate_micro(self, rec: JobRecord) -> int | None:
-        """Budget estimate: the input's duration if cheap to read, else the configured maximum.
+    def _estimate_micro(self, rec: JobRecord) -> int | Failure:
+        """Budget estimate from the input's duration (plus a margin), read through the guarded fetcher.
 
-        None when the input is longer than ``max_video_duration_s`` (it must not be submitted).
+        A failure (nothing was sent to fal) when the input is longer than ``max_video_duration_s``,
+        or when its duration cannot be read and ``unknown_duration_policy`` is ``refuse``: without
+        a duration no reservation is an upper bound, and the budget must never be under-reserved.
         """
         if rec.estimate_micro:
             return rec.estimate_micro
         url = str(rec.input.get("video_url", ""))
+        limit = self.s.max_video_duration_s
         duration = (
             video_duration_s(
                 url,
@@ -197,11 +203,19 @@ class Submitter:
             if url
             else None
         )
-        if duration is not None and duration > self.s.max_video_duration_s:
-            return None
+        if duration is not None and duration > limit:
+            return Failure("input_too_long", f"video_url: the video is longer than {limit:g}s")
         if duration is None or duration <= 0:
-            duration = self.s.max_video_duration_s
-        micro = self.flow.budget.estimate_micro(duration)
+            if self.s.unknown_duration_policy is not UnknownDurationPolicy.RESERVE_MAX:
+                return Failure(
+                    "duration_unknown",
+                    "video_url: the input's duration could not be read, so no reservation is an upper "
+                    "bound (REFRAME_UNKNOWN_DURATION_POLICY=reserve_max reserves the maximum instead)",
+                )
+            duration = limit
+            micro = self.flow.budget.estimate_micro(duration)
+        else:
+            micro = self.flow.budget.estimate_micro(duration + self.s.estimate_margin_s)
         self.rt.store.set_fields(rec.id, estimate_micro=micro, input_duration_s=f"{duration:.3f}")
         return micro
 
@@ -334,10 +348,15 @@ class Submitter:
         )
 
     # ------------------------------------------------------------------ unknown outcomes
-    def resolve_unknown(self, rec: JobRecord) -> Outcome:
-        """A job found in SUBMITTING with no fal request id: its submitter died or timed out mid-call."""
-        if self.rt.now_ms() - rec.submit_started_at_ms < (submit_timeout_s(self.rt) + 5) * 1000:
-            return Outcome.DUPLICATE  # the first submitter may still be waiting for fal's answer
+    def resolve_unknown(self, rec: JobRecord, *, submitter_dead: bool = False) -> Outcome:
+        """A job found in SUBMITTING with no fal request id: its submitter died or timed out mid-call.
+
+        Unless its process is known dead (no heartbeat), the submitter gets the whole submit
+        timeout first: it may still be waiting for fal's answer.
+        """
+        in_time = self.rt.now_ms() - rec.submit_started_at_ms < (submit_timeout_s(self.rt) + 5) * 1000
+        if in_time and not submitter_dead:
+            return Outcome.DUPLICATE
         done = lifecycle.ambiguous(self.rt, rec, rec.attempt, reason="worker lost during submit")
         return Outcome.AMBIGUOUS if done else Outcome.LOST
 

@@ -69,7 +69,7 @@ def seed(url: str) -> str:
     client = redis.Redis.from_url(url)
     for suffix in ("1" * 25, "2" * 25):
         job_id = AMBIGUOUS + suffix
-        client.hset(f"reframe:job:{job_id}", mapping={"id": job_id, "state": "FAILED"})
+        client.hset(f"{{reframe}}:job:{job_id}", mapping={"id": job_id, "state": "FAILED"})
     client.close()
     settings = load_settings({"REFRAME_REDIS_URL": url, "REFRAME_FAL_QUEUE_URL": CLOSED})
     with Producer(settings) as producer:

@@ -185,7 +185,7 @@ def test_populated_cluster(rclient: redis.Redis, settings: Settings) -> None:
 def test_breaker_past_deadline_shows_half_open(rclient: redis.Redis, settings: Settings) -> None:
     # The hash as the breaker leaves it when its OPEN period ran out with no caller since.
     rclient.hset(
-        f"{settings.key_prefix}:fc:breaker",
+        f"{Keys(settings.key_prefix).root}:fc:breaker",
         mapping={"state": "open", "open_until": redis_now_ms(rclient) - 1},
     )
     reg = scrape(ClusterCollector(rclient, settings))

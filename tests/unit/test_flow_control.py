@@ -38,4 +38,4 @@ def test_from_settings_wires_every_primitive(
 
     keys = set(rclient.keys("*"))
     assert keys and all(k.startswith("{fcx}:") for k in keys)
-    assert {"fcx:slots", "fcx:fc:gcra", "fcx:fc:budget:res", "fcx:fc:retry_budget"} <= keys
+    assert {"{fcx}:slots", "{fcx}:fc:gcra", "{fcx}:fc:budget:res", "{fcx}:fc:retry_budget"} <= keys

@@ -246,10 +246,9 @@ def test_negative_durations_are_clamped(reg: CollectorRegistry, m: Metrics) -> N
 
 
 def test_get_metrics_is_a_lazy_singleton(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prometheus_client
 
     fresh = CollectorRegistry()
-    monkeypatch.setattr(prometheus_client, "REGISTRY", fresh)
+    monkeypatch.setattr(metrics_mod, "REGISTRY", fresh)
     monkeypatch.setattr(metrics_mod, "_instance", None)
     first = get_metrics()
     assert first is get_metrics()

@@ -25,9 +25,9 @@ def test_beat_publishes_limits_and_liveness(
         ("a", 7, "h1"),
         ("b", 7, "h2"),
     ]
-    assert 0 < rclient.pttl("reframe:proc:a") <= 60_000
+    assert 0 < rclient.pttl("{reframe}:proc:a") <= 60_000
     presence.remove("a")
-    assert presence.alive_ids() == ["b"] and rclient.exists("reframe:proc:a") == 0
+    assert presence.alive_ids() == ["b"] and rclient.exists("{reframe}:proc:a") == 0
 
 
 def test_dead_processes_drop_out_and_are_swept(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 from pydantic import SecretStr
 
 from config import Settings
-from producer import IdempotencyConflict, InvalidRequest, JobState, Producer
+from producer import IdempotencyConflict, InvalidRequest, JobState, Producer, ReplayOutcome
 from worker.contracts.keys import celery_queue_keys
 from worker.contracts.models import PRE_SUBMIT_STATES
+from worker.contracts.store import Fence
 
 REQ = {"video_url": "https://x.test/v.mp4", "aspect_ratio": "9:16"}
 
@@ -80,19 +82,41 @@ def test_concurrent_idempotent_enqueues_create_one_job(producer: Producer, rclie
     assert len(set(ids)) == 1 and len(queued_messages(rclient)) == 1
 
 
+def finish(producer: Producer, job_id: str, state: JobState, fence: Fence | None = None, **kw: Any) -> Any:
+    """End a job through the store's fenced finish script (its event id from the record)."""
+    rec = producer.store.record(job_id)
+    event_id = rec.event_id if rec else f"{job_id}.1"
+    return producer.store.finish(job_id, state, fence or Fence(), event_id=event_id, **kw)
+
+
 def test_transitions_never_go_backwards_or_leave_terminal(producer: Producer) -> None:
     store = producer.store
     job_id = producer.enqueue(REQ)
-    assert store.transition(job_id, PRE_SUBMIT_STATES, JobState.SUBMITTING, incr_attempts=1).ok
+    gate = store.gate(job_id, gate_ttl_ms=30_000)
+    pre = Fence(attempt=gate.attempt, from_states=PRE_SUBMIT_STATES)
+    assert store.move(job_id, JobState.SUBMITTING, pre, incr={"attempts": 1}).ok
     # A late duplicate cannot move it back to WAITING.
-    late = store.transition(job_id, PRE_SUBMIT_STATES, JobState.WAITING)
+    late = store.move(job_id, JobState.WAITING, pre)
     assert not late.ok and late.state == "SUBMITTING"
-    assert store.transition(job_id, [JobState.SUBMITTING], JobState.IN_QUEUE, fal_request_id="r1").ok
-    done = store.finish(job_id, JobState.SUCCEEDED, record={"cost_actual_micro": 1}, event={"video_url": "u"})
+    # Nor can another attempt move it on.
+    other = Fence(attempt="999", from_states=[JobState.SUBMITTING])
+    assert not store.move(job_id, JobState.IN_QUEUE, other, fields={"fal_request_id": "r0"}).ok
+    mine = Fence(attempt=gate.attempt, from_states=[JobState.SUBMITTING])
+    assert store.move(job_id, JobState.IN_QUEUE, mine, fields={"fal_request_id": "r1"}).ok
+    wrong_request = Fence(attempt=gate.attempt, request_id="r0")
+    assert not finish(producer, job_id, JobState.FAILED, wrong_request).ok
+    done = finish(
+        producer,
+        job_id,
+        JobState.SUCCEEDED,
+        Fence(attempt=gate.attempt, request_id="r1"),
+        fields={"cost_actual_micro": 1},
+        event={"video_url": "u"},
+    )
     assert done.ok and done.stream_id
-    again = store.finish(job_id, JobState.FAILED, record={}, event={})
+    again = finish(producer, job_id, JobState.FAILED)
     assert not again.ok and again.state == "SUCCEEDED"
-    assert not store.transition(job_id, "*", JobState.IN_PROGRESS).ok
+    assert not store.move(job_id, JobState.IN_PROGRESS, Fence()).ok
     rec = store.get(job_id)
     assert rec is not None and rec["attempts"] == 1 and rec["state"] == "SUCCEEDED"
     assert producer.r.xlen("{reframe}:events") == 1
@@ -104,7 +128,7 @@ def test_finish_races_publish_exactly_one_event(producer: Producer) -> None:
     results: list[bool] = []
 
     def finisher(state: JobState) -> None:
-        results.append(producer.store.finish(job_id, state, record={}, event={}).ok)
+        results.append(finish(producer, job_id, state).ok)
 
     threads = [
         threading.Thread(target=finisher, args=(s,)) for s in [JobState.SUCCEEDED, JobState.FAILED] * 10
@@ -123,7 +147,7 @@ def test_cancel_only_finishes_jobs_that_did_not_reach_fal(producer: Producer, rc
     assert producer.cancel(queued).value == "already_finished"
     assert producer.cancel("nope").value == "not_found"
     at_fal = producer.enqueue({**REQ, "aspect_ratio": "1:1"})
-    producer.store.transition(at_fal, "*", JobState.IN_PROGRESS, fal_request_id="r")
+    producer.store.move(at_fal, JobState.IN_PROGRESS, Fence(), fields={"fal_request_id": "r"})
     assert producer.cancel(at_fal).value == "cancel_requested"
     assert producer.get(at_fal).state is JobState.IN_PROGRESS  # type: ignore[union-attr]
     tasks = [m["headers"]["task"] for m in queued_messages(rclient)]
@@ -132,27 +156,24 @@ def test_cancel_only_finishes_jobs_that_did_not_reach_fal(producer: Producer, rc
 
 def test_dead_letter_replay_requeues_a_failed_job(producer: Producer, rclient: redis.Redis) -> None:
     job_id = producer.enqueue(REQ)
-    producer.store.finish(
+    finish(
+        producer,
         job_id,
         JobState.FAILED,
-        record={"dead_letter_reason": "retries_exhausted"},
-        event={},
+        fields={"dead_letter_reason": "retries_exhausted"},
         dead_letter=True,
     )
     assert rclient.zscore("{reframe}:dlq", job_id) is not None
-    out = producer.store.replay(job_id, producer.get(job_id).priority)  # type: ignore[union-attr]
-    assert out.ok
+    assert producer.replay(job_id) is ReplayOutcome.REPLAYED
     job = producer.get(job_id)
     assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
     assert rclient.zscore("{reframe}:dlq", job_id) is None and rclient.ttl(f"{{reframe}}:job:{job_id}") == -1
-    assert not producer.store.replay(job_id, job.priority).ok  # no longer dead-lettered
+    assert producer.replay(job_id) is ReplayOutcome.NOT_DEAD_LETTERED
 
 
 def test_wait_wakes_on_the_terminal_event(producer: Producer) -> None:
     job_id = producer.enqueue(REQ)
-    timer = threading.Timer(
-        0.3, lambda: producer.store.finish(job_id, JobState.SUCCEEDED, record={}, event={})
-    )
+    timer = threading.Timer(0.3, lambda: finish(producer, job_id, JobState.SUCCEEDED))
     timer.start()
     job = producer.wait(job_id, timeout_s=10, poll_interval_s=5)
     assert job.state is JobState.SUCCEEDED

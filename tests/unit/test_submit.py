@@ -145,13 +145,18 @@ def test_a_late_tracker_cannot_touch_the_next_attempt(runtime: Runtime, rclient:
     assert runtime.flow.slots.holds(job_id) and runtime.flow.budget.reservation(job_id) == held
 
 
-def test_finish_writes_event_and_callback_snapshot_in_one_step(runtime: Runtime, rclient: redis.Redis) -> None:
+def test_finish_writes_event_and_callback_snapshot_in_one_step(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
     job_id = enqueue(runtime, callback_url="https://hooks.example.com/x", metadata={"k": [1, 2.5, "é"]})
     attempt = at_fal(runtime, job_id, "R1")
     rec = runtime.store.record(job_id)
     assert rec is not None
     assert lifecycle.fail(
-        runtime, rec, Failure("fal_validation", "bad"), fence=attempt_fence(attempt, request_id="R1", states=AT_FAL)
+        runtime,
+        rec,
+        Failure("fal_validation", "bad"),
+        fence=attempt_fence(attempt, request_id="R1", states=AT_FAL),
     )
     assert not runtime.flow.slots.holds(job_id) and runtime.flow.budget.reservation(job_id) is None
     event_id = f"{job_id}.1"
@@ -159,7 +164,11 @@ def test_finish_writes_event_and_callback_snapshot_in_one_step(runtime: Runtime,
     assert [e["event_id"] for e in events] == [event_id]
     entry = rclient.hgetall("{reframe}:outbox:" + event_id)
     body = json.loads(entry["body"])
-    assert body["state"] == "FAILED" and body["event_id"] == event_id and body["metadata"] == {"k": [1, 2.5, "é"]}
+    assert (
+        body["state"] == "FAILED"
+        and body["event_id"] == event_id
+        and body["metadata"] == {"k": [1, 2.5, "é"]}
+    )
     assert body["error"]["type"] == "fal_validation"
     assert rclient.zscore("{reframe}:outbox", event_id) is not None
     # A second finish (a duplicate, late actor) changes nothing and writes no second event.
@@ -171,7 +180,9 @@ def test_each_life_has_its_own_event_id(runtime: Runtime, rclient: redis.Redis) 
     job_id = enqueue(runtime, callback_url="https://hooks.example.com/x")
     rec = runtime.store.record(job_id)
     assert rec is not None
-    assert lifecycle.fail(runtime, rec, Failure("fal_rejected", "no"), fence=Fence(from_states=PRE_SUBMIT_STATES))
+    assert lifecycle.fail(
+        runtime, rec, Failure("fal_rejected", "no"), fence=Fence(from_states=PRE_SUBMIT_STATES)
+    )
     assert runtime.store.replay(job_id, rec.priority).ok
     rec2 = runtime.store.record(job_id)
     assert rec2 is not None and rec2.event_id == f"{job_id}.2"
@@ -243,8 +254,12 @@ def test_the_stream_is_trimmed_only_below_the_slowest_group(runtime: Runtime, rc
     assert kept[0] == ids[3], "the oldest pending entry of the slow group survives"
     assert len(kept) == 27
     # Past the hard ceiling the unread entries go too, and that is counted.
-    tight = Housekeeper(Runtime.build(runtime.settings.model_copy(update={"results_stream_maxlen": 10}),
-                                      metrics=Metrics(CollectorRegistry())))
+    tight = Housekeeper(
+        Runtime.build(
+            runtime.settings.model_copy(update={"results_stream_maxlen": 10}),
+            metrics=Metrics(CollectorRegistry()),
+        )
+    )
     assert tight.trim_events(keep=0) == (0, 17)
     tight.rt.close()
 
@@ -269,3 +284,20 @@ def test_unrelated_fields_survive_in_the_typed_record(runtime: Runtime) -> None:
 )
 def test_only_provider_health_failures_count_against_the_breaker(error: Exception, counts: bool) -> None:
     assert counts_against_breaker(error) is counts  # type: ignore[arg-type]
+
+
+def test_an_idempotency_claim_lives_exactly_as_long_as_its_record(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
+    job_id = enqueue(runtime, idempotency_key="order-17")
+    claim, record = "{reframe}:idem:order-17", "{reframe}:job:" + job_id
+    assert rclient.pttl(claim) == -1 and rclient.pttl(record) == -1, "a live job and its claim never expire"
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    assert lifecycle.fail(
+        runtime, rec, Failure("fal_rejected", "no"), fence=Fence(from_states=PRE_SUBMIT_STATES)
+    )
+    assert abs(rclient.pttl(claim) - rclient.pttl(record)) < 1000
+    assert rclient.pttl(record) > runtime.settings.job_retention_s * 1000, "dead letters live longer"
+    assert runtime.store.replay(job_id, rec.priority).ok
+    assert rclient.pttl(claim) == -1 and rclient.pttl(record) == -1

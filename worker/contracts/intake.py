@@ -444,7 +444,7 @@ class Intake:
 
         store, keys_of = self.store, self.store.keys
         keys: list[str] = []
-        argv: list[str] = [str(store.retention_ms), str(len(unique))]
+        argv: list[str] = ["0", str(len(unique))]
         for i in unique:
             call = calls[i]
             job_id = uuid.uuid4().hex

@@ -158,8 +158,9 @@ class JobStore:
         risks paying twice, and the caller must say so.
         """
         list_key, message = self.submit_message(job_id, priority)
+        idem = _text(self.r.hget(self.keys.job(job_id), "idempotency_key") or "")
         raw = self._replay(
-            keys=[self.keys.job(job_id), self.keys.dlq, list_key],
+            keys=[self.keys.job(job_id), self.keys.dlq, list_key, self.keys.idem(idem or "-")],
             args=[message, job_id, "1" if force else "0", self.retention_ms],
         )
         ok = int(raw[0]) == 1
@@ -307,6 +308,7 @@ class JobStore:
         fields: Mapping[str, Any] | None = None,
         event: Mapping[str, Any] | None = None,
         callback: Mapping[str, Any] | None = None,
+        idempotency_key: str = "",
     ) -> MoveOutcome:
         """End the job's life exactly once (see ``lua/finish.lua``).
 
@@ -329,7 +331,14 @@ class JobStore:
             "body_tail": tail[1:] if tail != "{}" else '"_":null}',
         }
         k = self.keys
-        keys = [*self._job_keys(job_id), k.events, k.dlq, k.outbox, k.outbox_entry(event_id)]
+        keys = [
+            *self._job_keys(job_id),
+            k.events,
+            k.dlq,
+            k.outbox,
+            k.outbox_entry(event_id),
+            k.idem(idempotency_key or "-"),
+        ]
         raw = self._finish(keys=keys, args=[job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state=_text(raw[1]))

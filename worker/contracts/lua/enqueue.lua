@@ -3,7 +3,8 @@
 -- cannot hold Redis for long, and removes duplicate idempotency keys from the batch first.
 -- KEYS: three per item i (1-based): KEYS[3i-2] job record hash, KEYS[3i-1] idempotency claim (the
 --       literal '-' when the item has no key), KEYS[3i] the Celery list of the item's priority.
--- ARGV: [1] claim TTL in ms, [2] item count n, then per item: job_id, fingerprint, message, field
+-- ARGV: [1] unused (claims live as long as their record: finish.lua gives both the record's TTL),
+--       [2] item count n, then per item: job_id, fingerprint, message, field
 --       count f, then f field/value pairs of the initial record.
 -- Returns {0, i, job_id, i, job_id, ...} when an item's key is already claimed with another fingerprint
 --   (job_id = the claiming job), or its new job id already exists (job_id = ''); nothing is written.
@@ -12,7 +13,6 @@
 -- Raises an error (nothing written) if one idempotency key appears twice in the batch.
 -- @include now
 
-local ttl_ms = ARGV[1]
 local n = tonumber(ARGV[2])
 local items = {}
 local pos = 3
@@ -61,7 +61,7 @@ for i = 1, n do
       unpack(ARGV, it.first, it.last))
     redis.call('LPUSH', KEYS[3 * i], it.msg)
     if KEYS[3 * i - 1] ~= '-' then
-      redis.call('SET', KEYS[3 * i - 1], cjson.encode({job_id = it.id, fingerprint = it.fp}), 'PX', ttl_ms)
+      redis.call('SET', KEYS[3 * i - 1], cjson.encode({job_id = it.id, fingerprint = it.fp}))
     end
     reply[#reply + 1] = 1
     reply[#reply + 1] = it.id

@@ -1,6 +1,7 @@
 -- finish: end a job's life exactly once: terminal state, resources freed, result event, callback
 -- work in the outbox and the record's expiry, all in one atomic step (the outbox pattern).
--- KEYS: 1..11 as job_head; 12 events STREAM, 13 dlq ZSET, 14 outbox ZSET, 15 outbox entry HASH.
+-- KEYS: 1..11 as job_head; 12 events STREAM, 13 dlq ZSET, 14 outbox ZSET, 15 outbox entry HASH,
+--       16 the job's idempotency claim (any key when it has none): it expires with the record.
 -- ARGV: 1 job id, 2 options (JSON): the fence and slot/budget options of job_head, and
 --   to            SUCCEEDED | FAILED | CANCELLED
 --   event_id      "<job id>.<life>": must match the record's life (else refused as 'STALE')
@@ -23,13 +24,15 @@ redis.call('ZREM', blocked, job_id)
 redis.call('ZREM', track, job_id)
 redis.call('HDEL', track_owner, job_id)
 local admitted = free_resources()
+local ttl_ms = opt.retention_ms
 if opt.dead_letter then
   redis.call('ZADD', KEYS[13], now_ms, job_id)
   redis.call('HSET', job_key, 'dead_letter', '1')
-  redis.call('PEXPIRE', job_key, opt.dlq_retention_ms)
-else
-  redis.call('PEXPIRE', job_key, opt.retention_ms)
+  ttl_ms = opt.dlq_retention_ms
 end
+redis.call('PEXPIRE', job_key, ttl_ms)
+-- an idempotency claim answers retries exactly as long as the record it points to exists
+if (redis.call('HGET', job_key, 'idempotency_key') or '') ~= '' then redis.call('PEXPIRE', KEYS[16], ttl_ms) end
 local function field(f) return redis.call('HGET', job_key, f) or '' end
 local metadata = field('metadata')
 if metadata == '' then metadata = '{}' end

@@ -1,5 +1,6 @@
 -- replay: bring a dead-lettered job back to QUEUED as a new life with a new submit message.
--- KEYS: 1 job record, 2 dlq ZSET, 3 the Celery list of the message.
+-- KEYS: 1 job record, 2 dlq ZSET, 3 the Celery list of the message, 4 the job's idempotency claim
+--       (any key when it has none): a live job's record and claim do not expire.
 -- ARGV: 1 message, 2 job id, 3 force ('1' = replay even when the death may have been paid for),
 --       4 record retention ms (a live job does not expire; kept for symmetry with finish).
 -- Returns {1, now_ms} replayed; {0, reason}: '' no record, 'NOT_DEAD_LETTERED', or
@@ -13,6 +14,7 @@ if ARGV[3] ~= '1' and (reason == 'ambiguous_submit' or reason == 'result_unavail
   return {0, 'NEEDS_FORCE:' .. reason}
 end
 redis.call('PERSIST', KEYS[1])
+if (redis.call('HGET', KEYS[1], 'idempotency_key') or '') ~= '' then redis.call('PERSIST', KEYS[4]) end
 redis.call('HDEL', KEYS[1], 'fal_request_id', 'fal_status_url', 'fal_response_url', 'fal_cancel_url',
   'error', 'result', 'finished_at_ms', 'dead_letter', 'dead_letter_reason', 'queue_position',
   'cancel_requested', 'cost_actual_micro', 'ts_SUCCEEDED', 'ts_FAILED', 'ts_CANCELLED', 'event_id',
