@@ -271,4 +271,4 @@ class Housekeeper:
         else:
             # Completed (or unknown to fal): make sure a tracker finalises it soon.
             self.rt.flow.slots.renew([rec.id], ttl_ms=30_000)
-        self.rt.redis.zadd(self.keys.track, {rec.id: self.rt.now_ms()}, nx=True)
+        self.rt.store.ensure_tracked(rec.id)

@@ -274,7 +274,7 @@ class Submitter:
             deferred_ms = fresh.deferred_total_ms if fresh else 0
             wait_s = max(0.0, (moved.at_ms - rec.created_at_ms - deferred_ms) / 1000)
             self.rt.metrics.job_queue_wait(rec.priority.value, wait_s)
-        if self.rt.redis.hget(self.rt.store.keys.job(rec.id), "cancel_requested") in (b"1", "1"):
+        if self.rt.store.cancel_requested(rec.id):
             self._cancel_at_fal(receipt)
         return Outcome.SUBMITTED
 

@@ -444,13 +444,14 @@ class Intake:
 
         store, keys_of = self.store, self.store.keys
         keys: list[str] = []
-        argv: list[str] = ["0", str(len(unique))]
+        # an empty idempotency key is refused by the contract, so this key can never be a claim
+        argv: list[str] = [store.keys.idem(""), str(len(unique))]
         for i in unique:
             call = calls[i]
             job_id = uuid.uuid4().hex
             priority = call.priority_enum
             list_key, message = store.submit_message(job_id, priority)
-            idem = keys_of.idem(call.idempotency_key) if call.idempotency_key else "-"
+            idem = keys_of.idem(call.idempotency_key) if call.idempotency_key else keys_of.idem("")
             keys += [keys_of.job(job_id), idem, list_key]
             fields = record_fields(job_id, call, call.input, default_deadline_s=self.default_deadline_s)
             argv += [job_id, call.input.fingerprint(), message, str(len(fields) // 2), *fields]

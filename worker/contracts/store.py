@@ -160,7 +160,7 @@ class JobStore:
         list_key, message = self.submit_message(job_id, priority)
         idem = _text(self.r.hget(self.keys.job(job_id), "idempotency_key") or "")
         raw = self._replay(
-            keys=[self.keys.job(job_id), self.keys.dlq, list_key, self.keys.idem(idem or "-")],
+            keys=[self.keys.job(job_id), self.keys.dlq, list_key, self.keys.idem(idem)],
             args=[message, job_id, "1" if force else "0", self.retention_ms],
         )
         ok = int(raw[0]) == 1
@@ -201,6 +201,15 @@ class JobStore:
         for job_id in job_ids:
             pipe.hgetall(self.keys.job(job_id))
         return [decode_record(raw) if raw else None for raw in pipe.execute()]
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when a cancel was asked for while the job was (maybe) at fal."""
+        return _text(self.r.hget(self.keys.job(job_id), "cancel_requested") or "") == "1"
+
+    def ensure_tracked(self, job_id: str) -> bool:
+        """Make sure a tracker follows the job soon (due now unless already tracked); True if added."""
+        now_s, now_us = self.r.time()
+        return bool(self.r.zadd(self.keys.track, {job_id: int(now_s) * 1000 + int(now_us) // 1000}, nx=True))
 
     def state(self, job_id: str) -> JobState | None:
         """The current state only."""
@@ -337,7 +346,7 @@ class JobStore:
             k.dlq,
             k.outbox,
             k.outbox_entry(event_id),
-            k.idem(idempotency_key or "-"),
+            k.idem(idempotency_key),
         ]
         raw = self._finish(keys=keys, args=[job_id, _options(opt)])
         if int(raw[0]) == 0:

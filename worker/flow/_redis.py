@@ -1,8 +1,9 @@
 """Small helpers shared by the flow-control primitives (not public).
 
-Every primitive keeps its state in Redis and makes each decision in one Lua script, so all workers
-see the same state and no decision can interleave with another. Scripts read the clock with Redis
-``TIME``: worker clocks may be skewed, the Redis clock is the one clock the cluster shares.
+Every primitive keeps its state in Redis and makes each decision in one Lua script (``lua/``), so
+all workers see the same state and no decision can interleave with another. Scripts read the clock
+with Redis ``TIME`` (``-- @include now``): worker clocks may be skewed, the Redis clock is the one
+clock the cluster shares.
 """
 
 from __future__ import annotations
@@ -11,14 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.commands.core import Script
-
-#: Lua helper prepended to scripts that need the time: Redis ``TIME`` as integer milliseconds and
-#: microseconds. Doubles hold integers exactly up to 2^53 (about year 2255 in microseconds).
-LUA_NOW = """
-local __t = redis.call('TIME')
-local now_us = tonumber(__t[1]) * 1000000 + tonumber(__t[2])
-local now_ms = math.floor(now_us / 1000)
-"""
 
 
 def text(value: Any) -> str:

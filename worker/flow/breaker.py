@@ -18,7 +18,8 @@ from enum import StrEnum
 
 import redis
 
-from worker.flow._redis import LUA_NOW, as_int, run, text
+from worker.contracts.lua import load_lua, script_path
+from worker.flow._redis import as_int, run, text
 
 #: Time buckets across the window. More buckets follow the window more closely, at more fields.
 BUCKETS = 10
@@ -56,160 +57,6 @@ class BreakerSnapshot:
     trips: int
     calls: int
     failures: int
-
-
-# Hash fields: state, open_until, trips, probes (tokens left), probe_deadline, successes,
-# n:{i} / c:{i} / f:{i} = bucket number / calls / failures of ring slot i.
-_PRELUDE = (
-    LUA_NOW
-    + """
-local key = KEYS[1]
-local bucket_ms, nbuckets = tonumber(ARGV[1]), tonumber(ARGV[2])
-local probes_max, probe_lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-local function num(field, default)
-  return tonumber(redis.call('HGET', key, field)) or default
-end
-local function fmt(x) return string.format('%.0f', x) end
-local state = redis.call('HGET', key, 'state') or 'closed'
-local open_until = num('open_until', 0)
-
-local function window()
-  local current = math.floor(now_ms / bucket_ms)
-  local calls, failures = 0, 0
-  for i = 0, nbuckets - 1 do
-    local n = num('n:' .. i, -1)
-    if n > current - nbuckets and n <= current then
-      calls = calls + num('c:' .. i, 0)
-      failures = failures + num('f:' .. i, 0)
-    end
-  end
-  return calls, failures
-end
-
-local function count(failed)
-  local current = math.floor(now_ms / bucket_ms)
-  local i = current % nbuckets
-  if num('n:' .. i, -1) ~= current then
-    redis.call('HSET', key, 'n:' .. i, fmt(current), 'c:' .. i, 0, 'f:' .. i, 0)
-  end
-  redis.call('HINCRBY', key, 'c:' .. i, 1)
-  if failed then redis.call('HINCRBY', key, 'f:' .. i, 1) end
-end
-
-local function half_open()
-  state = 'half_open'
-  redis.call('HSET', key, 'state', state, 'probes', probes_max, 'successes', 0,
-             'probe_deadline', fmt(now_ms + probe_lease_ms))
-end
-
--- OPEN ends by itself at open_until: the first caller after it moves the breaker to HALF_OPEN
-local function settle_time()
-  if state == 'open' and now_ms >= open_until then half_open() end
-  -- probes whose holders vanished (crash) without reporting are given back after their lease
-  if state == 'half_open' and num('probes', 0) < probes_max and now_ms >= num('probe_deadline', 0) then
-    redis.call('HSET', key, 'probes', probes_max, 'probe_deadline', fmt(now_ms + probe_lease_ms))
-  end
-end
-"""
-)
-
-# ARGV 5: retry hint (ms) for callers turned away in HALF_OPEN. Returns {allowed, probe, state, retry_at}.
-_ALLOW = (
-    _PRELUDE
-    + """
-settle_time()
-if state == 'closed' then return {1, 0, state, 0} end
-if state == 'open' then return {0, 0, state, fmt(open_until)} end
-if num('probes', 0) > 0 then
-  redis.call('HINCRBY', key, 'probes', -1)
-  redis.call('HSET', key, 'probe_deadline', fmt(now_ms + probe_lease_ms))
-  return {1, 1, state, 0}
-end
-return {0, 0, state, fmt(math.min(now_ms + tonumber(ARGV[5]), num('probe_deadline', now_ms)))}
-"""
-)
-
-# ARGV 5 success(1/0), 6 probe(1/0), 7 min_calls, 8 failure_ratio, 9 open_base_ms, 10 open_cap_ms,
-# 11 jitter fraction [0,1), 12 jitter ratio, 13 close_after, 14 floor_ms (Retry-After; 0 none).
-# Returns the state after the call.
-_RECORD = (
-    _PRELUDE
-    + """
-local success, probe = ARGV[5] == '1', ARGV[6] == '1'
-local min_calls, ratio = tonumber(ARGV[7]), tonumber(ARGV[8])
-local base_ms, cap_ms = tonumber(ARGV[9]), tonumber(ARGV[10])
-local jitter_u, jitter_ratio = tonumber(ARGV[11]), tonumber(ARGV[12])
-local close_after, floor_ms = tonumber(ARGV[13]), tonumber(ARGV[14])
-
-local function trip()
-  local trips = num('trips', 0)
-  local period = math.min(cap_ms, base_ms * 2 ^ trips)
-  local until_ms = now_ms + math.floor(period + jitter_u * jitter_ratio * period)
-  -- never shorter than the provider's own Retry-After
-  if now_ms + floor_ms > until_ms then until_ms = now_ms + floor_ms end
-  state = 'open'
-  redis.call('HSET', key, 'state', state, 'open_until', fmt(until_ms), 'trips', trips + 1, 'probes', 0)
-end
-
-settle_time()
-count(not success)
-if state == 'closed' and not success then
-  local calls, failures = window()
-  if calls >= min_calls and failures >= ratio * calls then trip() end
-elseif state == 'half_open' and probe then
-  if not success then
-    trip()
-  else
-    local successes = redis.call('HINCRBY', key, 'successes', 1)
-    if successes >= close_after then
-      -- a clean slate: failures from before the outage must not re-trip it at once
-      redis.call('DEL', key)
-      state = 'closed'
-    elseif num('probes', 0) < probes_max then
-      redis.call('HINCRBY', key, 'probes', 1)  -- the token goes back for the next probe
-    end
-  end
-elseif state == 'open' and not success and floor_ms > 0 and now_ms + floor_ms > open_until then
-  redis.call('HSET', key, 'open_until', fmt(now_ms + floor_ms))
-end
-return state
-"""
-)
-
-_RELEASE_PROBE = (
-    _PRELUDE
-    + """
-settle_time()
-if state == 'half_open' and num('probes', 0) < probes_max then
-  redis.call('HINCRBY', key, 'probes', 1)
-end
-return state
-"""
-)
-
-# ARGV 5: open until (ms). Opens without counting a trip; extends, never shortens.
-_FORCE_OPEN = (
-    _PRELUDE
-    + """
-local until_ms = tonumber(ARGV[5])
-if state == 'open' and open_until > until_ms then until_ms = open_until end
-if until_ms > now_ms then
-  redis.call('HSET', key, 'state', 'open', 'open_until', fmt(until_ms), 'probes', 0)
-end
-return fmt(until_ms)
-"""
-)
-
-# Returns {state, open_until, trips, calls, failures}; read-only.
-_SNAPSHOT = (
-    _PRELUDE
-    + """
-local shown = state
-if state == 'open' and now_ms >= open_until then shown = 'half_open' end
-local calls, failures = window()
-return {shown, fmt(open_until), num('trips', 0), calls, failures}
-"""
-)
 
 
 class CircuitBreaker:
@@ -268,11 +115,11 @@ class CircuitBreaker:
             math.ceil(probe_lease_s * 1000),
         ]
         self._rng = rng or random.Random()
-        self._allow = r.register_script(_ALLOW)
-        self._record = r.register_script(_RECORD)
-        self._release_probe = r.register_script(_RELEASE_PROBE)
-        self._force_open = r.register_script(_FORCE_OPEN)
-        self._snapshot = r.register_script(_SNAPSHOT)
+        self._allow = r.register_script(load_lua(script_path(__file__, "breaker_allow")))
+        self._record = r.register_script(load_lua(script_path(__file__, "breaker_record")))
+        self._release_probe = r.register_script(load_lua(script_path(__file__, "breaker_release_probe")))
+        self._force_open = r.register_script(load_lua(script_path(__file__, "breaker_force_open")))
+        self._snapshot = r.register_script(load_lua(script_path(__file__, "breaker_snapshot")))
 
     def allow(self) -> BreakerDecision:
         """May the caller submit now? In HALF_OPEN a ``True`` may come with a probe token."""

@@ -177,8 +177,9 @@ class Budget:
             self.month_cap_micro,
             *PERIOD_RETENTION_S,
             attempt,
+            "1" if record_key else "0",
         ]
-        reply = run(self._reserve, [self.reservations_key, record_key or "-"], args)
+        reply = run(self._reserve, [self.reservations_key, record_key or self.reservations_key], args)
         if as_int(reply[0]) == -1:
             raise BudgetRefused(text(reply[1]))
         if as_int(reply[0]) == 1:

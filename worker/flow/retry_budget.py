@@ -15,20 +15,10 @@ import math
 
 import redis
 
+from worker.contracts.lua import load_lua, script_path
 from worker.flow._redis import as_int, run
 
 _MILLI = 1000
-
-# KEYS: 1 bucket. ARGV: 1 delta (milli, may be negative), 2 initial, 3 max, 4 idle ttl ms,
-# 5 require (milli tokens needed before applying a negative delta). Returns {applied, tokens}.
-_APPLY = """
-local tokens = tonumber(redis.call('GET', KEYS[1])) or tonumber(ARGV[2])
-local delta, need = tonumber(ARGV[1]), tonumber(ARGV[5])
-if tokens < need then return {0, tokens} end
-tokens = math.min(tonumber(ARGV[3]), tokens + delta)
-redis.call('SET', KEYS[1], string.format('%.0f', tokens), 'PX', ARGV[4])
-return {1, tokens}
-"""
 
 
 class RetryBudget:
@@ -61,7 +51,7 @@ class RetryBudget:
         self.max_milli = math.floor(top * _MILLI)
         self.idle_reset_ms = math.ceil(idle_reset_s * 1000)
         self._r = r
-        self._apply = r.register_script(_APPLY)
+        self._apply = r.register_script(load_lua(script_path(__file__, "retry_budget_apply")))
 
     def _run(self, delta: int, need: int) -> tuple[bool, int]:
         reply = run(

@@ -132,8 +132,8 @@ class SlotPool:
         index = PRIORITY_ORDER.index(Priority(priority)) + 1
         reply = run(
             self._acquire,
-            [*self._keys, record_key or "-"],
-            [*self._base_args, job_id, index, attempt],
+            [*self._keys, record_key or self.slots_key],
+            [*self._base_args, job_id, index, attempt, "1" if record_key else "0"],
         )
         if as_int(reply[0]) == -1:
             raise SlotRefused(text(reply[1]))

@@ -2,8 +2,9 @@
 -- Used for one job too (a batch of one). The caller bounds n (REFRAME_ENQUEUE_MAX_BATCH) so one call
 -- cannot hold Redis for long, and removes duplicate idempotency keys from the batch first.
 -- KEYS: three per item i (1-based): KEYS[3i-2] job record hash, KEYS[3i-1] idempotency claim (the
---       literal '-' when the item has no key), KEYS[3i] the Celery list of the item's priority.
--- ARGV: [1] unused (claims live as long as their record: finish.lua gives both the record's TTL),
+--       sentinel ARGV[1] when the item has no key), KEYS[3i] the Celery list of the item's priority.
+-- ARGV: [1] the no-key sentinel (a key of the prefix no claim can have; claims live as long as
+--       their record: finish.lua gives both the record's TTL),
 --       [2] item count n, then per item: job_id, fingerprint, message, field
 --       count f, then f field/value pairs of the initial record.
 -- Returns {0, i, job_id, i, job_id, ...} when an item's key is already claimed with another fingerprint
@@ -28,7 +29,7 @@ local existing = {}
 local seen = {}
 for i = 1, n do
   local idem = KEYS[3 * i - 1]
-  if idem ~= '-' then
+  if idem ~= ARGV[1] then
     if seen[idem] then return redis.error_reply('duplicate idempotency key in one batch') end
     seen[idem] = true
     local raw = redis.call('GET', idem)
@@ -60,7 +61,7 @@ for i = 1, n do
     redis.call('HSET', KEYS[3 * i - 2], 'created_at_ms', now_ms, 'updated_at_ms', now_ms, 'ts_QUEUED', now_ms,
       unpack(ARGV, it.first, it.last))
     redis.call('LPUSH', KEYS[3 * i], it.msg)
-    if KEYS[3 * i - 1] ~= '-' then
+    if KEYS[3 * i - 1] ~= ARGV[1] then
       redis.call('SET', KEYS[3 * i - 1], cjson.encode({job_id = it.id, fingerprint = it.fp}))
     end
     reply[#reply + 1] = 1

@@ -1,14 +1,14 @@
 -- budget_reserve: reserve a job's estimate in today's and this month's budget, or refuse.
--- KEYS: 1 reservations HASH, 2 the job's record (or '-' for no fence).
+-- KEYS: 1 reservations HASH, 2 the job's record (any key of the prefix when ARGV 9 is '0').
 -- ARGV: 1 prefix, 2 job, 3 estimate micro, 4 day cap, 5 month cap, 6 day ttl s, 7 month ttl s,
---       8 the attempt that asks ('' = no attempt fence).
+--       8 the attempt that asks ('' = any attempt), 9 '1' to fence on the record, '0' for none.
 -- Returns {1, ''} reserved (or already held), {0, 'day'|'month'} refused by a cap,
 --         {-1, state} refused by the fence: the job left the pre-submit states or another attempt owns it.
 -- @include now
 local bprefix, reservations = ARGV[1], KEYS[1]
 -- @include budget_lib
 local job, est = ARGV[2], tonumber(ARGV[3])
-if KEYS[2] ~= '-' then
+if ARGV[9] == '1' then
   local state = redis.call('HGET', KEYS[2], 'state') or ''
   local owner = redis.call('HGET', KEYS[2], 'attempt') or ''
   local pre = state == 'QUEUED' or state == 'WAITING' or state == 'BLOCKED' or state == 'DEFERRED'

@@ -1,11 +1,12 @@
 -- slot_acquire: take a slot for a job now, or queue it (once) behind the jobs ahead of it.
--- KEYS: 1..5 as slots_head; 6 the job's record (or '-' for no fence).
+-- KEYS: 1..5 as slots_head; 6 the job's record (any key of the prefix when ARGV 7 is '0').
 -- ARGV: 1..3 as slots_head; 4 job id, 5 priority index (1 high, 2 normal, 3 low),
---       6 the attempt that asks (fence: the record's `attempt` must equal it; '' = no fence).
+--       6 the attempt that asks (the record's `attempt` must equal it; '' = any attempt),
+--       7 '1' to fence on the record (it must be pre-submit), '0' for no fence.
 -- Returns {1, 0} acquired, {0, ahead} waiting, {-1, state} refused by the fence (nothing changed).
 -- @include slots_head
 local job, p = ARGV[4], tonumber(ARGV[5])
-if KEYS[6] ~= '-' then
+if ARGV[7] == '1' then
   local state = redis.call('HGET', KEYS[6], 'state') or ''
   local owner = redis.call('HGET', KEYS[6], 'attempt') or ''
   local pre = state == 'QUEUED' or state == 'WAITING' or state == 'BLOCKED' or state == 'DEFERRED'
