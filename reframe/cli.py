@@ -299,9 +299,8 @@ def enqueue(
             path = Path(source)
             check_local_video(settings, path)
             request["video_url"] = _upload(settings, path)
-        before_ms = _redis_now_ms(producer.r) if idempotency_key else 0
         try:
-            job_id = producer.enqueue(
+            result = producer.enqueue_result(
                 request,
                 idempotency_key=idempotency_key,
                 priority=priority,
@@ -310,25 +309,16 @@ def enqueue(
             )
         except (InvalidRequest, IdempotencyConflict) as exc:
             raise fail(str(exc)) from None
+        job_id = result.job_id
         console.print(job_id, highlight=False)
-        if idempotency_key:
-            job = producer.get(job_id)
-            if job is not None and job.created_at_ms < before_ms:
-                note(
-                    f"idempotency_key {idempotency_key!r} returned the existing job {job_id} "
-                    f"(state {job.state.value}); nothing was enqueued"
-                )
+        if result.existing:
+            note(f"idempotency_key {idempotency_key!r} {result.describe()}; nothing was enqueued")
         if wait:
             _follow_jobs(producer, [job_id], timeout_s=timeout_s)
             job = producer.get(job_id)
             _print_outcomes([job_id], [job])
             if job is None or job.state.value != "SUCCEEDED":
                 raise typer.Exit(1)
-
-
-def _redis_now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None:
