@@ -340,7 +340,7 @@ def finish(
     e2e_s = max(0.0, (moved.at_ms - rec.created_at_ms) / 1000) if rec.created_at_ms else 0.0
     label = "dead_lettered" if dead_letter else OUTCOME_BY_STATE[to]
     rt.metrics.job_finished(label, rec.priority.value, e2e_s)
-    rt.metrics.result_published("stream", True)
+    rt.metrics.result_published()
     if budget is BudgetAction.SETTLE and settle_micro > 0:
         rt.metrics.spent(settle_micro / 1e6)
     if dead_letter and failure is not None:

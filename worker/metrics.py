@@ -46,16 +46,16 @@ OTHER: Final = "other"
 PRIORITIES: Final = ("high", "normal", "low")
 JOB_OUTCOMES: Final = ("succeeded", "failed", "cancelled", "dead_lettered")
 FAL_OPS: Final = ("submit", "status", "stream", "result", "cancel", "upload", "token")
-STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network", "error")
+STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network")
 """``error`` is "no usable response" when the caller cannot tell a timeout from a network error."""
-AMBIGUOUS_ACTIONS: Final = ("dead_letter", "resubmit", "resolved")
-"""The ``ambiguous_submit_policy`` that was applied, or ``resolved`` (found out after all)."""
+AMBIGUOUS_ACTIONS: Final = ("dead_letter", "resubmit")
+"""The ``ambiguous_submit_policy`` that was applied."""
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 BUDGET_PERIODS: Final = ("day", "month")
-RESULT_SINKS: Final = ("stream", "record")
-PUBLISH_OUTCOMES: Final = ("ok", "error")
-CALLBACK_OUTCOMES: Final = ("delivered", "failed", "rejected", "gave_up")
-TRACKER_POLL_OUTCOMES: Final = ("ok", "pending", "completed", "error")
+RESULT_SINKS: Final = ("stream",)
+PUBLISH_OUTCOMES: Final = ("ok",)
+CALLBACK_OUTCOMES: Final = ("delivered", "failed", "gave_up")
+TRACKER_POLL_OUTCOMES: Final = ("ok",)
 CELERY_TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "rejected", "ignored", "revoked", OTHER)
 
 #: Distinct values kept per reason label (retry, deferral, dead letter).
@@ -238,8 +238,7 @@ class Metrics:
         self.ambiguous_submits = Counter(
             f"{p}_ambiguous_submits_total",
             "Submits whose outcome was unknown (timeout or dropped connection after sending), by the "
-            "policy applied: dead_letter (never pay twice), resubmit (risk of a double charge), or "
-            "resolved (later found out whether fal had it).",
+            "policy applied: dead_letter (never pay twice) or resubmit (risk of a double charge).",
             ["action"],
             registry=registry,
         )
@@ -296,15 +295,15 @@ class Metrics:
         )
         self.results_published = Counter(
             f"{p}_results_published_total",
-            "Terminal results written, by sink (stream = the result stream, record = the job "
-            "record) and outcome (ok, error).",
+            "Terminal result events written to the result stream (sink=stream, outcome=ok), each in "
+            "the same atomic step as the job's end and its callback work.",
             ["sink", "outcome"],
             registry=registry,
         )
         self.callback_deliveries = Counter(
             f"{p}_callback_deliveries_total",
-            "Per-job callback POST attempts by outcome: delivered (2xx), failed (retried while attempts "
-            "remain), rejected (permanent 4xx), gave_up (attempts exhausted).",
+            "Callback POST attempts by outcome: delivered (2xx), failed (any other answer or none; "
+            "retried from the outbox), gave_up (retry window over, or a 410/blocked target).",
             ["outcome"],
             registry=registry,
         )
@@ -333,8 +332,7 @@ class Metrics:
         )
         self.tracker_polls = Counter(
             f"{p}_tracker_status_polls_total",
-            "Status polls (fallback when the stream is unavailable), by outcome: ok, pending, completed, "
-            "error.",
+            "Status polls (fallback when the stream is unavailable) answered, by outcome (ok).",
             ["outcome"],
             registry=registry,
         )
@@ -451,7 +449,7 @@ class Metrics:
         self.retries.labels(reason=self._guard.reason("retry_reason", reason)).inc()
 
     def ambiguous_submit(self, action: str) -> None:
-        """Count an ambiguous submit by the policy applied (dead_letter, resubmit) or ``resolved``."""
+        """Count an ambiguous submit by the policy applied (dead_letter, resubmit)."""
         self.ambiguous_submits.labels(action=self._guard.closed("action", action, AMBIGUOUS_ACTIONS)).inc()
 
     def spent(self, usd: float) -> None:
@@ -486,17 +484,16 @@ class Metrics:
 
     # --- results -----------------------------------------------------------------------------------
 
-    def result_published(self, sink: str, ok: bool) -> None:
-        """Count a terminal result written to ``stream`` or ``record``."""
-        s = self._guard.closed("sink", sink, RESULT_SINKS)
-        self.results_published.labels(sink=s, outcome="ok" if ok else "error").inc()
+    def result_published(self) -> None:
+        """Count a terminal result event written to the result stream."""
+        self.results_published.labels(sink="stream", outcome="ok").inc()
 
     def stream_trimmed_unread(self, entries: int) -> None:
         """Count result events trimmed past the hard ceiling that a consumer group had not read."""
         self.stream_trimmed_unread_events.inc(max(0, entries))
 
     def callback_delivery(self, outcome: str, duration_s: float | None = None) -> None:
-        """Count a callback attempt (delivered, failed, rejected, gave_up) and its duration."""
+        """Count a callback attempt (delivered, failed, gave_up) and its duration."""
         out = self._guard.closed("callback_outcome", outcome, CALLBACK_OUTCOMES)
         self.callback_deliveries.labels(outcome=out).inc()
         if duration_s is not None:
@@ -515,7 +512,7 @@ class Metrics:
         self.tracker_stream_reconnects.inc()
 
     def tracker_poll(self, outcome: str) -> None:
-        """Count a status poll by outcome (ok, pending, completed, error)."""
+        """Count an answered status poll (outcome ``ok``)."""
         out = self._guard.closed("poll_outcome", outcome, TRACKER_POLL_OUTCOMES)
         self.tracker_polls.labels(outcome=out).inc()
 

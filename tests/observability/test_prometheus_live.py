@@ -79,7 +79,7 @@ def feed(m: Metrics, stop: threading.Event) -> None:
         m.rate_limit_paused(5.0)
         m.breaker_transition("closed", "open")
         m.budget_rejection("day")
-        m.result_published("stream", True)
+        m.result_published()
         m.callback_delivery("delivered", 0.1)
         m.tracker_load(3, capacity=2000)
         m.tracker_stream_reconnect()
