@@ -182,7 +182,7 @@ BREAKER_MAPPINGS: list[dashboard.ValueMapping] = [
 
 
 def overview(d: Dashboard) -> Dashboard:
-    """Headline numbers (celery-ops §10.2 item 1)."""
+    """Headline numbers (docs/celery-operations.md §10.2 item 1)."""
     d = d.with_row(Row("Overview"))
     finished = "reframe_jobs_finished_total"
     stats = [

@@ -162,7 +162,7 @@ class PrometheusServer:
     def wait_targets_up(self, timeout_s: float = 30.0) -> None:
         """Wait until every configured target was scraped successfully.
 
-        The target list is empty for a few seconds after start (tooling.md §5), so this polls.
+        The target list is empty for a few seconds after start (docs/tooling-notes.md §5), so this polls.
         Raises ``TimeoutError`` naming the targets that are not up and their last errors.
         """
 

@@ -1,6 +1,6 @@
 """The per-process HTTP endpoint: ``/metrics``, ``/livez`` (alias ``/healthz``) and ``/readyz``.
 
-Probe semantics follow celery-ops.md §3.2, which collects what goes wrong with the usual
+Probe semantics follow docs/celery-operations.md §3.2, which collects what goes wrong with the usual
 ``celery inspect ping`` probes:
 
 * **Liveness** means "the main loop still turns": the worker core calls :meth:`HealthServer.beat`

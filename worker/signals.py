@@ -4,7 +4,7 @@ Nothing is connected at import time: the worker calls :func:`install_celery_sign
 while it starts (tests call it and :func:`uninstall_celery_signal_handlers` around a run).
 
 Why signals and not Celery events: events go through a separate exporter process that loses them on
-every restart and cannot count failure runtimes (celery-ops.md §1). Signals fire in the worker
+every restart and cannot count failure runtimes (docs/celery-operations.md §1). Signals fire in the worker
 process itself, in the thread that runs the task (threads pool), so the normal registry sees them.
 
 Handlers never raise: a metrics bug must not fail a task. Celery's dispatcher already logs receiver

@@ -1,6 +1,6 @@
 """Cluster-wide gauges computed from Redis at scrape time, for ``reframe exporter`` only.
 
-Why a scrape-time collector and one exporter replica (celery-ops.md §1, §10.1):
+Why a scrape-time collector and one exporter replica (docs/celery-operations.md §1, §10.1):
 
 * Queue depth, slots, budget and breaker state are properties of the cluster, not of a worker pod.
   If every worker exported them, ``sum()`` over pods would multiply them; so exactly one process

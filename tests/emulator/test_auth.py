@@ -1,4 +1,4 @@
-"""Auth: fal's 401 and 403 bodies (fal-protocol.md §3.1)."""
+"""Auth: fal's 401 and 403 bodies (docs/fal-wire-protocol.md §3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Queue API shape: submit, status (poll and stream), result, URL layout and headers (fal-protocol.md §1, §9)."""
+"""Queue API shape: submit, status (poll and stream), result, URL layout and headers (docs/fal-wire-protocol.md §1, §9)."""
 
 from __future__ import annotations
 

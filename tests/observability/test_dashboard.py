@@ -50,7 +50,7 @@ def test_validates_against_grafana_schema() -> None:
 
 
 def test_schema_is_a_real_validator() -> None:
-    # The SDK's own model accepts gridPos="nope" (tooling.md §8); the schema must not.
+    # The SDK's own model accepts gridPos="nope" (docs/tooling-notes.md §8); the schema must not.
     schema = json.loads(SCHEMA.read_text())
     broken = dashboard()
     broken["panels"][1]["gridPos"] = "nope"  # type: ignore[index]

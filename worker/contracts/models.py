@@ -1,7 +1,7 @@
 """Request and state models shared by producer and worker.
 
 :class:`ReframeInput` is exactly fal's input schema for ``fal-ai/luma-dream-machine/ray-2-flash/reframe``
-(``fal-protocol.md`` §8): unknown fields are rejected and unset optionals are omitted when serialised.
+(docs/fal-wire-protocol.md §8): unknown fields are rejected and unset optionals are omitted when serialised.
 """
 
 from __future__ import annotations

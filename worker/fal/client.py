@@ -276,7 +276,7 @@ class FalClient:
         return self._receipt_from(response)
 
     def receipt_for(self, request_id: str) -> SubmitReceipt:
-        """A receipt for a known request id, URLs built by the owner/app rule (fal-protocol §1.3)."""
+        """A receipt for a known request id, URLs built by the owner/app rule (docs/fal-wire-protocol.md §1.3)."""
         status_url, response_url, cancel_url = request_urls(self._queue_url, self._model_id, request_id)
         return SubmitReceipt(
             request_id=request_id, status_url=status_url, response_url=response_url, cancel_url=cancel_url
@@ -339,7 +339,7 @@ class FalClient:
     async def upload_file(self, path: str | os.PathLike[str]) -> str:
         """Upload a local file to fal's CDN; return its public URL.
 
-        Uses the CDN token flow (fal-protocol §5) and, when any step of it fails, the
+        Uses the CDN token flow (docs/fal-wire-protocol.md §5) and, when any step of it fails, the
         initiate + PUT flow, as fal-client does.
         """
         file = Path(path)

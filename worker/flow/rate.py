@@ -4,7 +4,7 @@ GCRA (the algorithm of redis-cell and throttled) keeps one number, the theoretic
 (TAT). With emission interval ``T = 1/rate`` and tolerance ``tau = T * (burst - 1)``, a request at
 ``now`` is allowed when ``max(TAT, now) - now <= tau`` and then moves TAT on by ``T``. Unlike fixed
 windows it never lets 2x the rate through at a window edge, and since ``now`` is Redis ``TIME`` a
-skewed worker clock changes nothing (flow-control notes §4).
+skewed worker clock changes nothing (docs/flow-control-notes.md §4).
 
 Pushback (a 429/503 with ``Retry-After``, issue #10): :meth:`SubmitRateLimiter.pause` holds every
 worker until the deadline; the first token after it is a lone **probe** (the others wait until the

@@ -5,7 +5,7 @@ reports the request terminal (or definitely never accepted it). The slot belongs
 not to the worker process, so an expired lease does *not* free it: expired leases are reported by
 :meth:`SlotPool.expired` and keep counting against the capacity until the caller has checked fal and
 calls :meth:`SlotPool.release`. Otherwise a crashed worker would let the cluster go over capacity
-while its fal request is still running (flow-control notes §3).
+while its fal request is still running (docs/flow-control-notes.md §3).
 
 Redis keys (design.md): ``{prefix}:slots`` (ZSET job id -> lease deadline ms),
 ``{prefix}:wait:{high|normal|low}`` (LIST, FIFO per priority) and ``{prefix}:fc:waiting`` (SET of the
