@@ -1,6 +1,7 @@
 """Every Prometheus metric a Reframe worker process exposes, and typed helpers to record them.
 
-Design rules (docs/design.md "Metrics and health"; why they matter is in docs/celery-operations.md §1.6 and §5):
+Design rules (docs/design.md "Metrics and health"; why they matter: docs/celery-operations.md
+§1.6 and §5):
 
 * **One registry per process, no multiprocess mode.** Workers run Celery's *threads* pool, so a
   single process serves every task and the plain ``prometheus_client`` registry is correct.

@@ -276,7 +276,10 @@ class FalClient:
         return self._receipt_from(response)
 
     def receipt_for(self, request_id: str) -> SubmitReceipt:
-        """A receipt for a known request id, URLs built by the owner/app rule (docs/fal-wire-protocol.md §1.3)."""
+        """A receipt for a known request id, URLs built by the owner/app rule.
+
+        The rule: docs/fal-wire-protocol.md §1.3.
+        """
         status_url, response_url, cancel_url = request_urls(self._queue_url, self._model_id, request_id)
         return SubmitReceipt(
             request_id=request_id, status_url=status_url, response_url=response_url, cancel_url=cancel_url

@@ -83,7 +83,9 @@ _NAMESPACES = frozenset({"workflows", "comfy"})
 
 
 def app_path(model_id: str) -> str:
-    """The ``[namespace/]owner/alias`` part of ``model_id``, endpoint path dropped (docs/fal-wire-protocol.md §1.3).
+    """The ``[namespace/]owner/alias`` part of ``model_id``, endpoint path dropped.
+
+    The rule: docs/fal-wire-protocol.md §1.3.
 
     ``fal-ai/luma-dream-machine/ray-2-flash/reframe`` → ``fal-ai/luma-dream-machine``. Mirrors
     ``AppId.from_endpoint_id`` of fal-client; raises ``ValueError`` for an id it cannot parse.

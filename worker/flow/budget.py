@@ -1,7 +1,8 @@
 """Spend caps per UTC day and month: reserve before the submit, settle with the billed amount.
 
 Checking spend *after* the call lets N concurrent jobs through on a stale total (LiteLLM's
-overspend reports); reserving the estimate first in one atomic script does not (docs/flow-control-notes.md §8).
+overspend reports); reserving the estimate first in one atomic script does not
+(docs/flow-control-notes.md §8).
 
 Money is integer micro-dollars (``_micro``). Keys:
 
