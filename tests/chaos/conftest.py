@@ -60,7 +60,10 @@ BASE_ENV = {
 def whole_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3 s clip without audio: the budget estimate (whole seconds) equals fal's bill exactly."""
     return make_sample_video(
-        tmp_path_factory.mktemp("chaos-media") / "three-seconds.mp4", duration_s=3, size="320x180", audio=False
+        tmp_path_factory.mktemp("chaos-media") / "three-seconds.mp4",
+        duration_s=3,
+        size="320x180",
+        audio=False,
     )
 
 
@@ -219,7 +222,7 @@ class Receiver:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 delivery = Delivery(time.time(), {k.lower(): v for k, v in self.headers.items()}, body)
@@ -269,7 +272,9 @@ def describe(cluster: LocalCluster, job_ids: list[str]) -> str:
         keep = {k: v for k, v in sorted(rec.items()) if k not in skip}
         lines.append(f"job {job_id}: {keep}")
     lines.append(f"slots: {r.zrange(KEYS.slots, 0, -1, withscores=True)}")
-    lines.append(f"track: {r.zrange(KEYS.track, 0, -1, withscores=True)} owners {r.hgetall(KEYS.track_owner)}")
+    lines.append(
+        f"track: {r.zrange(KEYS.track, 0, -1, withscores=True)} owners {r.hgetall(KEYS.track_owner)}"
+    )
     lines.append(f"delayed: {r.zrange(KEYS.delayed, 0, -1, withscores=True)}")
     lines.append(f"reservations: {r.hgetall(KEYS.reservations)} budget(spent, reserved): {budget_day(r)}")
     lines.append(f"housekeeper: {r.get(KEYS.housekeeper_lock)} redis time: {r.time()}")
@@ -286,7 +291,9 @@ def describe(cluster: LocalCluster, job_ids: list[str]) -> str:
             )
         )
     for proc in cluster.workers:
-        lines.append(f"--- {proc.process.name} (pid {proc.process.pid}) log tail:\n{proc.process.log_tail(30)}")
+        lines.append(
+            f"--- {proc.process.name} (pid {proc.process.pid}) log tail:\n{proc.process.log_tail(30)}"
+        )
     return "\n".join(lines)
 
 
