@@ -131,6 +131,7 @@ class Housekeeper:
             ("blocked", 5.0, self.retry_blocked),
             ("stream", 10.0, self.trim_events),
             ("dlq", 60.0, self.sweep_dead_letters),
+            ("callbacks", 60.0, self.sweep_failed_callbacks),
             ("reservations", 30.0, self.reconcile_reservations),
         )
         for name, period_s, duty in duties:
@@ -216,6 +217,19 @@ class Housekeeper:
             self.rt.redis.zrem(self.keys.dlq, *gone)
         return len(gone)
 
+    def sweep_failed_callbacks(self, batch: int = 500) -> int:
+        """Drop given-up callback ids whose entry has expired (``dlq_retention_s``); returns how many."""
+        ids = [text(x) for x in self.rt.redis.zrange(self.keys.callbacks_failed, 0, batch - 1)]
+        if not ids:
+            return 0
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.exists(self.keys.outbox_entry(event_id))
+        gone = [e for e, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+        if gone:
+            self.rt.redis.zrem(self.keys.callbacks_failed, *gone)
+        return len(gone)
+
     def reconcile_reservations(self) -> int:
         """Settle or release reservations whose job has ended or vanished (a crash mid-clean-up)."""
         fixed = 0
@@ -242,8 +256,11 @@ class Housekeeper:
 
     def _resolve_lease(self, job_id: str) -> None:
         rec = self.rt.store.record(job_id)
-        if rec is None or rec.state.terminal:
-            # Finished (an ambiguous submit's hold has run out) or gone: the slot is free.
+        if rec is None:
+            self.rt.dispatch(self.rt.store.forget(job_id).admitted)
+            return
+        if rec.state.terminal:
+            # Finished (an ambiguous submit's hold has run out): the slot is free.
             self.rt.dispatch(self.rt.flow.slots.release(job_id))
             return
         if rec.fal_request_id:

@@ -56,7 +56,8 @@ class Outbox:
     def stop(self) -> None:
         """Stop claiming; deliveries under way finish (their leases cover a crash)."""
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> None:

@@ -85,6 +85,9 @@ class Submitter:
         """Drive ``job_id`` one step: submit it, park it, or recognise a duplicate delivery."""
         rec = self.rt.store.record(job_id)
         if rec is None:
+            # Its record expired or was lost: forget it everywhere, so nothing re-dispatches it.
+            forgotten = self.rt.store.forget(job_id)
+            self.rt.dispatch(forgotten.admitted)
             return Outcome.MISSING
         if rec.state.terminal:
             return Outcome.DUPLICATE

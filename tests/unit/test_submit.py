@@ -17,6 +17,7 @@ from config import Settings
 from producer import JobState, Producer
 from reframe.localproc import wait_until
 from worker import lifecycle
+from worker.contracts.keys import celery_queue_keys
 from worker.contracts.models import PRE_SUBMIT_STATES
 from worker.contracts.store import Fence
 from worker.fal import FalAmbiguousError, FalAuthError, FalTransientError, SubmitReceipt
@@ -25,6 +26,7 @@ from worker.flow.slots import SlotRefused
 from worker.housekeeper import Housekeeper
 from worker.lifecycle import AT_FAL, Failure, attempt_fence, counts_against_breaker
 from worker.metrics import Metrics
+from worker.outbox import Outbox
 from worker.runtime import Runtime
 from worker.submit import Outcome, Submitter
 
@@ -301,3 +303,92 @@ def test_an_idempotency_claim_lives_exactly_as_long_as_its_record(
     assert rclient.pttl(record) > runtime.settings.job_retention_s * 1000, "dead letters live longer"
     assert runtime.store.replay(job_id, rec.priority).ok
     assert rclient.pttl(claim) == -1 and rclient.pttl(record) == -1
+
+
+def test_nothing_we_own_rots_once_the_records_expire(
+    make_settings: Callable[..., Settings], rclient: redis.Redis
+) -> None:
+    """Every structure that names a job forgets it when the record expires (or is swept)."""
+    rt = Runtime.build(
+        make_settings(job_retention_s=0.5, dlq_retention_s=0.5, **ALLOW_CB),
+        metrics=Metrics(CollectorRegistry()),
+    )
+    try:
+        ids = [
+            # job 2's record is deleted by hand below: it has no claim (a live job's claim never expires)
+            enqueue(
+                rt, idempotency_key=f"k{i}" if i != 2 else None, callback_url="https://hooks.example.com/x"
+            )
+            for i in range(4)
+        ]
+        recs = [rt.store.record(j) for j in ids]
+        assert all(recs)
+        pre = Fence(from_states=PRE_SUBMIT_STATES)
+        lifecycle.fail(rt, recs[0], Failure("fal_rejected", "no"), fence=pre)  # type: ignore[arg-type]
+        lifecycle.cancel(rt, recs[1], fence=pre, message="stop")  # type: ignore[arg-type]
+        gate = lifecycle.begin(rt, ids[2])
+        key = rt.store.keys.job(ids[2])
+        assert rt.flow.budget.reserve(ids[2], 60_000, record_key=key, attempt=gate.attempt).ok
+        assert lifecycle.block(rt, ids[2], gate.attempt, scope="day").ok
+        rclient.delete(key)  # a record lost without its clean-up (the worst case)
+        at_fal(rt, ids[3], "R1")
+        rec3 = rt.store.record(ids[3])
+        assert rec3 is not None
+        lifecycle.fail(
+            rt, rec3, Failure("fal_validation", "bad"), fence=attempt_fence(rec3.attempt, states=AT_FAL)
+        )
+        # One callback given up for good (its entry then lives dlq_retention_s).
+        from_outbox = rclient.zrange("{reframe}:outbox", 0, 0)[0]
+        outbox = Outbox(rt)
+        outbox._settle_try(from_outbox, from_outbox.split(".")[0], "failed", "http_500")
+        outbox.stop()
+        assert rclient.zscore("{reframe}:callbacks:failed", from_outbox) is not None
+        hk = Housekeeper(rt)
+        wait_until(
+            lambda: not any(rclient.exists(rt.store.keys.job(j)) for j in ids),
+            timeout_s=10,
+            what="every record expired",
+        )
+        wait_until(
+            lambda: not rclient.exists("{reframe}:outbox:" + from_outbox),
+            timeout_s=10,
+            what="failed entry expired",
+        )
+        assert rclient.zscore("{reframe}:blocked", ids[2]) is not None
+        hk.retry_blocked()  # dispatches the blocked job; its submit run finds no record and forgets it
+        assert Submitter(rt).handle(ids[2]) is Outcome.MISSING
+        hk.sweep_dead_letters()
+        hk.sweep_failed_callbacks()
+        hk.reconcile_reservations()
+        hk.trim_events(keep=0)
+        # Live work is not rot: pending callback deliveries (the outbox thread is not running here)
+        # and the Celery messages no worker consumed.
+        for event_id in rclient.zrange("{reframe}:outbox", 0, -1):
+            rclient.delete("{reframe}:outbox:" + event_id)
+        rclient.delete("{reframe}:outbox", *celery_queue_keys(rt.settings.queue_name))
+        leftovers = {}
+        for k in rclient.scan_iter("*"):
+            if rclient.pttl(k) > 0:
+                continue  # expires by itself
+            kind = rclient.type(k)
+            size = {
+                "zset": rclient.zcard,
+                "set": rclient.scard,
+                "list": rclient.llen,
+                "hash": rclient.hlen,
+            }.get(kind, lambda _k: 1)(k)
+            if size:
+                leftovers[k] = kind
+        allowed = {
+            "{reframe}:fc:gcra",
+            "{reframe}:fc:retry_budget",
+            "{reframe}:events",
+            "{reframe}:fc:breaker",
+        }
+        assert set(leftovers) <= allowed, leftovers
+        assert rclient.xlen("{reframe}:events") == 0
+        assert not any(
+            k.startswith("{reframe}:idem:") for k in rclient.scan_iter("*") if rclient.pttl(k) == -1
+        )
+    finally:
+        rt.close()

@@ -140,6 +140,7 @@ class JobStore:
         self._finish = client.register_script(load_lua(INCLUDE_DIR / "finish.lua"))
         self._replay = client.register_script(load_lua(INCLUDE_DIR / "replay.lua"))
         self._redeliver = client.register_script(load_lua(INCLUDE_DIR / "outbox_redeliver.lua"))
+        self._forget = client.register_script(load_lua(INCLUDE_DIR / "forget.lua"))
 
     # ---------------------------------------------------------------- producer side
     # Enqueueing (records, idempotency claims, messages) lives in worker/contracts/intake.py.
@@ -358,6 +359,18 @@ class JobStore:
             stream_id=_text(raw[2]),
             admitted=tuple(_text(x) for x in raw[3:]),
         )
+
+    def forget(self, job_id: str) -> MoveOutcome:
+        """Take a job whose record is gone out of every index and free what it held.
+
+        ``ok`` False when the record exists (nothing changed). ``admitted``: jobs admitted into the
+        freed slot, to dispatch.
+        """
+        opt = self._resource_options(SlotAction.RELEASE, BudgetAction.RELEASE, 0, 0)
+        raw = self._forget(keys=self._job_keys(job_id), args=[job_id, _options(opt)])
+        if int(raw[0]) == 0:
+            return MoveOutcome(ok=False, state="exists")
+        return MoveOutcome(ok=True, state="", admitted=tuple(_text(x) for x in raw[1:]))
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Set informational fields (no state change) on an existing record."""
