@@ -374,3 +374,40 @@ def test_the_stream_ceiling_counts_every_unread_event_it_trims(
     assert 0 < len(got) <= ceiling
     assert {e["job_id"] for e in got} <= set(ids)
     assert len({e["job_id"] for e in got}) == len(got)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: events_trim.lua counts every entry trimmed past the ceiling as unread, even "
+    "when every consumer group has read it (a false 'consumer too slow' alarm)",
+)
+def test_the_stream_ceiling_counts_nothing_when_every_group_has_read(
+    chaos_cluster: ClusterFactory, whole_clip: Path
+) -> None:
+    """The other side of the ceiling metric: a group that keeps up loses nothing, so nothing trimmed
+    past the ceiling may be counted as unread."""
+    n_jobs, ceiling = 60, 20
+    cluster = chaos_cluster(
+        workers=2,
+        emulator_concurrency=8,
+        emulator_processing_time_s=0.0,
+        env={"REFRAME_MAX_CONCURRENCY": "8", "REFRAME_RESULTS_STREAM_MAXLEN": str(ceiling), **MONEY_ENV},
+    )
+    r = redis_of(cluster)
+    url = upload(cluster.settings(), whole_clip)
+    group = new_tag("keeping-up")
+    r.xgroup_create(KEYS.events, group, id="$", mkstream=True)
+    ids: list[str] = []
+    got: list[dict[str, str]] = []
+    with Producer(cluster.settings()) as p, explained(cluster, ids):
+        ids.extend(p.enqueue_many([{"video_url": url, "aspect_ratio": "4:3"}] * n_jobs))
+
+        def caught_up() -> bool:
+            got.extend(_read_group(r, group))
+            return len(got) == n_jobs
+
+        wait_until(caught_up, timeout_s=90, interval_s=0.2, what="the group read every event")
+        wait_until(lambda: r.xlen(KEYS.events) <= ceiling, timeout_s=30, what="stream trimmed to the ceiling")
+        counted = sum(scrape_counter(w, TRIMMED_UNREAD) for w in cluster.workers)
+    assert sorted(e["job_id"] for e in got) == sorted(ids)
+    assert counted == 0, f"{counted} events counted as trimmed unread, but the only group had read all"
