@@ -212,14 +212,19 @@ def test_breaker_opens_on_5xx_lets_only_p_probes_through_and_recovers(
 def test_budget_cap_admits_exactly_k_of_200_and_spend_matches_fal_billing(
     make_cluster: ClusterFactory, tmp_path: Path
 ) -> None:
-    # A whole-second clip without audio: the estimate (ceil of seconds) equals the bill exactly.
+    # A whole-second clip without audio, billed 3 s. Its reservation is one second more (the
+    # estimate margin, REFRAME_ESTIMATE_MARGIN_S, rounded up to the billing unit): a cap of
+    # (k-1) bills + one reservation admits exactly k jobs, however they interleave.
     clip = make_sample_video(tmp_path / "three-seconds.mp4", duration_s=3, size="320x180", audio=False)
-    k, per_job = 7, 3 * 0.06
+    k, per_job, reserved = 7, 3 * 0.06, 4 * 0.06
     cluster = make_cluster(
         workers=3,
         emulator_concurrency=4,
         emulator_processing_time_s=0.2,
-        env={"REFRAME_MAX_CONCURRENCY": "4", "REFRAME_BUDGET_DAILY_USD": f"{k * per_job:.2f}"},
+        env={
+            "REFRAME_MAX_CONCURRENCY": "4",
+            "REFRAME_BUDGET_DAILY_USD": f"{(k - 1) * per_job + reserved:.2f}",
+        },
     )
     url = upload(cluster.settings(), clip)
     with Producer(cluster.settings()) as p:

@@ -111,18 +111,50 @@ def test_enqueue_to_succeeded_with_a_real_reframed_video(
     assert '"case"' in events[0]["metadata"]
 
 
-def test_fal_validation_error_fails_once_with_fals_message(
+def test_an_input_of_unreadable_duration_fails_before_any_fal_call(
     cluster: LocalCluster, producer: Producer, video_url: str
 ) -> None:
-    # Passes our validation (a well-formed URL) but fal's runner cannot fetch it: a 422 from fal.
+    # A well-formed URL whose video cannot be read: no reservation would be an upper bound, so the
+    # job fails before fal is asked (REFRAME_UNKNOWN_DURATION_POLICY=refuse, the default).
     base = video_url.split("/files/", 1)[0]
     request = unique_input(f"{base}/files/{uuid.uuid4().hex}/no-such-file.mp4")
     job_id = producer.enqueue(request)
     job = producer.wait(job_id, timeout_s=60)
     assert job.state is JobState.FAILED
-    assert job.error is not None and job.error["type"] == "fal_validation"
+    assert job.error is not None and job.error["type"] == "duration_unknown"
     assert "video_url" in job.error["message"]
-    assert job.error.get("fal_detail"), "fal's own detail array is kept"
+    assert submissions(cluster, request) == 0
+    assert [e["state"] for e in events_for(cluster, job_id)] == ["FAILED"]
+
+
+def test_fal_validation_error_fails_once_with_fals_message(
+    cluster: LocalCluster, producer: Producer, video_url: str
+) -> None:
+    # fal accepts the request and its runner rejects the input: the request ends COMPLETED with an
+    # error and the result replays fal's 422. What fal *said*: permanent, one submit, no retry.
+    assert cluster.emulator_control is not None
+    cluster.emulator_control.set_faults(
+        [
+            {
+                "op": "submit",
+                "kind": "runner_error",
+                "error_type": "validation_error",
+                "status": 422,
+                "text": "video_url: the video could not be decoded",
+                "times": 1,
+            }
+        ]
+    )
+    try:
+        request = unique_input(video_url)
+        job_id = producer.enqueue(request)
+        job = producer.wait(job_id, timeout_s=60)
+    finally:
+        cluster.emulator_control.clear_faults()
+    assert job.state is JobState.FAILED
+    assert job.error is not None and job.error["type"] == "fal_validation", job.error
+    assert "video_url" in job.error["message"]
+    assert job.error.get("fal_detail"), "fal's own detail is kept"
     assert job.dead_letter_reason == "fal_validation"
     assert submissions(cluster, request) == 1
     assert [e["state"] for e in events_for(cluster, job_id)] == ["FAILED"]
