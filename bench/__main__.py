@@ -1,7 +1,7 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -21,6 +21,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from bench.recovery import bench_recovery
 from producer import JobState, Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
@@ -255,6 +256,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "e2e": ("End to end against the emulator", bench_e2e),
     "inflight": ("Completion tracking: 1,000 jobs in flight in one worker process", bench_inflight),
     "flow": ("Flow control under backlog (3 workers)", bench_flow),
+    "recovery": ("Recovery: worker kills, takeover, N = 40 at defaults (bench/recovery.py)", bench_recovery),
 }
 
 

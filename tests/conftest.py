@@ -13,6 +13,24 @@ from config import Settings, load_settings
 from reframe.localproc import RedisServer, start_redis
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-long",
+        action="store_true",
+        default=False,
+        help="run the long randomized soak (tests marked soak_long; not in CI)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak-long"):
+        return
+    skip = pytest.mark.skip(reason="long soak: pass --soak-long (REFRAME_SOAK_JOBS sets its size)")
+    for item in items:
+        if "soak_long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A private redis-server on a free loopback port for the whole session."""
