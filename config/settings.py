@@ -247,6 +247,11 @@ class Settings(BaseSettings):
     callback_backoff_cap_s: PosFloat = Field(
         default=600.0, description="Longest wait between callback tries."
     )
+    callback_lease_s: PosFloat = Field(
+        default=60.0,
+        description="How long one claimed callback delivery may take before another worker tries it "
+        "(a worker that died mid-delivery hands it back after this).",
+    )
     callback_signing_key: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key for per-job callbacks; callbacks are unsigned without."
     )

@@ -28,8 +28,6 @@ from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-#: How long one claimed delivery may take before another process may try it.
-DELIVERY_LEASE_MS = 60_000
 #: Result-stream entries kept even when no consumer group needs them (late XREAD waiters).
 STREAM_KEEP = 10_000
 
@@ -70,7 +68,8 @@ class Outbox:
 
     def run_once(self, limit: int = 32) -> list[str]:
         """Claim due deliveries and hand them to the delivery threads; returns the claimed ids."""
-        raw = self._claim(keys=[self.keys.outbox], args=[limit, DELIVERY_LEASE_MS])
+        lease_ms = int(self.rt.settings.callback_lease_s * 1000)
+        raw = self._claim(keys=[self.keys.outbox], args=[limit, lease_ms])
         ids = [text(x) for x in raw]
         for event_id in ids:
             self._slots.acquire()

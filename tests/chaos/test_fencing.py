@@ -376,11 +376,6 @@ def test_the_stream_ceiling_counts_every_unread_event_it_trims(
     assert len({e["job_id"] for e in got}) == len(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: events_trim.lua counts every entry trimmed past the ceiling as unread, even "
-    "when every consumer group has read it (a false 'consumer too slow' alarm)",
-)
 def test_the_stream_ceiling_counts_nothing_when_every_group_has_read(
     chaos_cluster: ClusterFactory, whole_clip: Path
 ) -> None:

@@ -26,7 +26,6 @@ from tests.chaos.conftest import (
 )
 from tests.cluster.conftest import upload
 from worker.callbacks import verify
-from worker.outbox import DELIVERY_LEASE_MS
 
 pytestmark = pytest.mark.integration
 
@@ -122,9 +121,13 @@ def test_a_worker_killed_mid_delivery_loses_no_callback(
     chaos_cluster: ClusterFactory, whole_clip: Path
 ) -> None:
     """The only worker is SIGKILLed while its POST of the callback is held open by the receiver; a
-    new worker delivers it once the delivery lease (DELIVERY_LEASE_MS) has passed."""
+    new worker delivers it once the delivery lease (REFRAME_CALLBACK_LEASE_S) has passed."""
+    lease_s = 5
     cluster = chaos_cluster(
-        workers=1, emulator_concurrency=4, emulator_processing_time_s=0.2, env=CALLBACK_ENV
+        workers=1,
+        emulator_concurrency=4,
+        emulator_processing_time_s=0.2,
+        env={**CALLBACK_ENV, "REFRAME_CALLBACK_LEASE_S": str(lease_s)},
     )
     r = redis_of(cluster)
     url = upload(cluster.settings(), whole_clip)
@@ -133,7 +136,7 @@ def test_a_worker_killed_mid_delivery_loses_no_callback(
 
     def answer(index: int, _d: Delivery) -> int:
         if index == 0:
-            release.wait(DELIVERY_LEASE_MS / 1000 + 60)  # hold the first try open: the sender dies
+            release.wait(lease_s + 60)  # hold the first try open: the sender dies
         return 200
 
     ids: list[str] = []
@@ -158,7 +161,7 @@ def test_a_worker_killed_mid_delivery_loses_no_callback(
             cluster.start_worker(name="successor")
             wait_until(
                 lambda: len(receiver.seen()) >= 2,
-                timeout_s=DELIVERY_LEASE_MS / 1000 + 30,
+                timeout_s=lease_s + 30,
                 interval_s=0.5,
                 what="the successor delivered the callback after the lease",
             )

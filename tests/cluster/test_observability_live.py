@@ -139,7 +139,7 @@ def test_every_dashboard_query_evaluates_and_key_panels_have_data(
     assert total(f"sum(reframe_dead_letter_jobs{{{ns}}})") == 1
     assert total(f'max(reframe_breaker_state{{state="closed", {ns}}})') == 1
     # The exporter is its own scrape target: wait for a scrape of it after the last settlement too.
-    expected_usd = succeeded * 2.5 * 0.06
+    expected_usd = succeeded * 3 * 0.06  # 2.5 s clips, billed in whole seconds
     wait_until(
         lambda: (
             total(f'sum(reframe_budget_spent_usd{{period="day", {ns}}})')

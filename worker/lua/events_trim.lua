@@ -3,7 +3,8 @@
 -- everything after its last-delivered id.
 -- KEYS: 1 events STREAM. ARGV: 1 hard ceiling (entries), 2 keep (entries kept even when no group
 -- needs them, for late XREAD waiters).
--- Returns {trimmed below the groups, trimmed past the ceiling that a group had not read}.
+-- Returns {entries trimmed below the groups, entries trimmed past the ceiling that a group had not
+-- read yet}.
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then return {0, 0} end
 local function less(a, b)
@@ -40,9 +41,17 @@ if threshold == nil then
 else
   trimmed = redis.call('XTRIM', stream, 'MINID', threshold)
 end
+-- past the hard ceiling the oldest entries go whatever the groups need; count only those some group
+-- had not read yet (at or after min_needed), which is what the alert is about
 local over = 0
 local len = redis.call('XLEN', stream)
-if len > tonumber(ARGV[1]) then
-  over = redis.call('XTRIM', stream, 'MAXLEN', ARGV[1])
+local ceiling = tonumber(ARGV[1])
+if len > ceiling then
+  local cut = len - ceiling
+  if min_needed ~= nil then
+    local before = redis.call('XRANGE', stream, '-', '(' .. min_needed, 'COUNT', cut)
+    over = cut - #before
+  end
+  redis.call('XTRIM', stream, 'MAXLEN', ceiling)
 end
 return {trimmed, over}
