@@ -10,6 +10,7 @@ do), and pass the object down. This module is the only place that reads the proc
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -135,6 +136,36 @@ class Settings(BaseSettings):
     )
     use_status_stream: bool = Field(default=True, description="Follow fal's SSE status stream.")
 
+    # --- fal webhooks (issue #12): the completion path when a public URL is set ------------------
+    public_url: str | None = Field(
+        default=None,
+        description="Public base URL of `reframe serve` (e.g. https://reframe.example.com). When set, every "
+        "submit asks fal to POST its completion webhook to <public url>/v1/fal/webhook?t=<attempt token>.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of the attempt tokens in webhook URLs (required with REFRAME_PUBLIC_URL).",
+    )
+    fal_jwks_url: str = Field(
+        default="https://rest.alpha.fal.ai/.well-known/jwks.json",
+        description="Where fal publishes the Ed25519 keys that sign its webhooks.",
+    )
+    webhook_jwks_cache_s: Annotated[float, Field(gt=0, le=86400)] = Field(
+        default=3600.0, description="How long fal's JWKS is cached (fal: at most 24 h; keys rotate)."
+    )
+    webhook_tolerance_s: PosFloat = Field(
+        default=300.0, description="Webhooks whose X-Fal-Webhook-Timestamp is further from now are refused."
+    )
+    webhook_dedup_ttl_s: PosFloat = Field(
+        default=86400.0,
+        description="How long a received fal request id is remembered (fal retries deliveries for ~2 h).",
+    )
+    webhook_grace_s: PosFloat = Field(
+        default=300.0,
+        description="With webhooks on, a job at fal is first checked by a tracker only after this long: "
+        "a lost webhook costs this much latency, never the job.",
+    )
+
     # --- flow control ------------------------------------------------------------------------
     max_concurrency: PosInt = Field(default=2, description="Cluster-wide cap of fal requests in flight.")
     reserved_high_slots: NonNegInt = Field(default=0, description="Slots only high-priority jobs may take.")
@@ -255,6 +286,12 @@ class Settings(BaseSettings):
     callback_signing_key: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key for per-job callbacks; callbacks are unsigned without."
     )
+    callback_secrets: SecretStr | None = Field(
+        default=None,
+        description="Standard Webhooks signing secrets (`whsec_<base64>`), space or comma separated: the "
+        "current one first, then previous ones during a rotation; every callback carries one `v1,` "
+        "signature per secret.",
+    )
     callback_timeout_s: PosFloat = Field(default=10.0, description="Timeout of one callback POST.")
     callback_max_attempts: PosInt = Field(default=8, description="Callback deliveries before giving up.")
     callback_allow_unsigned: bool = Field(
@@ -313,6 +350,35 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Python log level.")
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
 
+    # --- HTTP API (issue #12: `reframe serve`, reframe/api/) -------------------------------------
+    api_host: str = Field(default="0.0.0.0", description="Bind address of `reframe serve`.")
+    api_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=8080, description="Port of `reframe serve`."
+    )
+    api_workers: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="uvicorn processes of `reframe serve` (each has its own /metrics)."
+    )
+    api_max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = Field(
+        default=10 * 1024 * 1024,
+        description="Largest JSON request body (413 past it); uploads use REFRAME_MAX_UPLOAD_BYTES.",
+    )
+    api_rate_per_s: PosFloat = Field(
+        default=20.0,
+        description="Requests per second per API key (GCRA in Redis) unless the key sets its own.",
+    )
+    api_rate_burst: PosInt = Field(
+        default=40, description="Requests an API key may make back to back unless the key sets its own."
+    )
+    api_sse_poll_interval_s: Annotated[float, Field(ge=0.05, le=30)] = Field(
+        default=0.5, description="How often a job's event stream (SSE) re-reads the job record."
+    )
+    api_sse_heartbeat_s: Annotated[float, Field(ge=1, le=300)] = Field(
+        default=15.0, description="Idle seconds before an SSE stream sends a keep-alive comment."
+    )
+    api_sse_max_s: Annotated[float, Field(ge=1, le=86400)] = Field(
+        default=3600.0, description="Longest one SSE stream stays open (the client reconnects after)."
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
@@ -330,6 +396,32 @@ class Settings(BaseSettings):
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError("must be an http(s):// URL with a host")
         return value.rstrip("/")
+
+    @field_validator("public_url", "fal_jwks_url")
+    @classmethod
+    def _check_optional_http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http(s):// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("callback_secrets")
+    @classmethod
+    def _check_callback_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        for secret in re.split(r"[\s,]+", value.get_secret_value().strip()):
+            body = secret.removeprefix("whsec_")
+            try:
+                if secret == body or not base64.b64decode(body, validate=True):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    "every secret must be whsec_ followed by base64 (Standard Webhooks)"
+                ) from None
+        return value
 
     @field_validator("fetch_allow")
     @classmethod
@@ -374,6 +466,10 @@ class Settings(BaseSettings):
             raise ValueError("REFRAME_BREAKER_OPEN_CAP_S must be >= REFRAME_BREAKER_OPEN_BASE_S")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("REFRAME_RETRY_CAP_S must be >= REFRAME_RETRY_BASE_S")
+        if self.public_url and self.webhook_secret is None:
+            raise ValueError(
+                "REFRAME_WEBHOOK_SECRET is required with REFRAME_PUBLIC_URL (webhook URL tokens)"
+            )
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("REFRAME_HEARTBEAT_TTL_MS must be at least 2 x REFRAME_HEARTBEAT_INTERVAL_MS")
         return self
@@ -383,6 +479,18 @@ class Settings(BaseSettings):
         """True when the queue URL is one of fal's own hosts (a key is then mandatory)."""
         host = urlsplit(self.fal_queue_url).hostname or ""
         return any(host == s or host.endswith("." + s) for s in REAL_FAL_HOST_SUFFIXES)
+
+    @property
+    def webhooks_on(self) -> bool:
+        """True when submits ask fal for completion webhooks (``REFRAME_PUBLIC_URL`` is set)."""
+        return bool(self.public_url)
+
+    @property
+    def callback_secret_list(self) -> list[str]:
+        """The Standard Webhooks secrets, current first ('' entries dropped)."""
+        if self.callback_secrets is None:
+            return []
+        return [x for x in re.split(r"[\s,]+", self.callback_secrets.get_secret_value().strip()) if x]
 
     @property
     def fal_key_value(self) -> str:

@@ -43,6 +43,8 @@ dlq_app = typer.Typer(help="Inspect and act on dead-lettered jobs.", no_args_is_
 app.add_typer(dlq_app, name="dlq")
 callbacks_app = typer.Typer(help="Inspect and redeliver callbacks that were given up.", no_args_is_help=True)
 app.add_typer(callbacks_app, name="callbacks")
+keys_app = typer.Typer(help="Create, list and revoke API keys of `reframe serve`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -792,6 +794,106 @@ def exporter(
     check_port_free(settings.metrics_host, settings.metrics_port)
     setup_logging(settings)
     run_exporter(settings)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default REFRAME_API_HOST).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default REFRAME_API_PORT).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=64, help="uvicorn processes (default REFRAME_API_WORKERS).")
+    ] = None,
+) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn): jobs, dead letters, quotes, uploads, /metrics."""
+    from reframe.api.server import serve as serve_api
+    from reframe.logs import setup_logging
+
+    settings = settings_or_exit()
+    bind_host = host or settings.api_host
+    bind_port = port or settings.api_port
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, bind_port))
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            raise fail(f"REFRAME_API_PORT: {bind_host}:{bind_port} cannot be bound ({why})") from None
+    check_redis(settings)
+    setup_logging(settings)
+    serve_api(settings, host=bind_host, port=bind_port, workers=workers or settings.api_workers)
+
+
+def _key_store(settings: Settings) -> Any:
+    from reframe.api.keys import KeyStore
+
+    return KeyStore(_redis_client(settings), prefix=settings.key_prefix)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for (a-z, 0-9, _ and -).")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="enqueue, read or admin; repeatable.")
+    ],
+    label: Annotated[str, typer.Option(help="A note shown by `reframe keys list`.")] = "",
+    rate_per_s: Annotated[
+        float | None, typer.Option(help="Requests per second (default REFRAME_API_RATE_PER_S).")
+    ] = None,
+    burst: Annotated[
+        int | None, typer.Option(min=1, help="Back-to-back requests (default REFRAME_API_RATE_BURST).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (id, token, tenant, scopes).")] = False,
+) -> None:
+    """Create an API key; its token is printed once and cannot be shown again."""
+    settings = settings_or_exit()
+    try:
+        token, info = _key_store(settings).create(
+            tenant, scope, label=label, rate_per_s=rate_per_s, burst=burst
+        )
+    except ValueError as exc:
+        message = str(exc).replace("is not a valid Scope", "is not a scope (enqueue, read, admin)")
+        raise fail(message) from None
+    if as_json:
+        print(json.dumps({**info.as_dict(), "token": token}))
+        return
+    console.print(f"key {info.key_id} for tenant {info.tenant} ({', '.join(info.scopes)})", highlight=False)
+    console.print("token (shown once, store it now):", highlight=False)
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
+    """Every API key (never the tokens): id, tenant, scopes, created, revoked."""
+    settings = settings_or_exit()
+    infos = _key_store(settings).list()
+    if as_json:
+        for info in infos:
+            print(json.dumps(info.as_dict()))
+        return
+    table = Table("id", "tenant", "scopes", "created", "revoked", "label")
+    for info in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_at_ms / 1000))
+        revoked = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.revoked_at_ms / 1000))
+            if info.revoked_at_ms
+            else ""
+        )
+        table.add_row(info.key_id, info.tenant, ",".join(info.scopes), created, revoked, escape(info.label))
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id (from `reframe keys list`).")],
+) -> None:
+    """Revoke an API key: it is refused from the next request on."""
+    settings = settings_or_exit()
+    if not _key_store(settings).revoke(key_id.strip()):
+        raise fail(f"key_id: no key {key_id}")
+    console.print(f"revoked key {key_id.strip()}", highlight=False)
 
 
 @app.command(

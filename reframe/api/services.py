@@ -1,0 +1,142 @@
+"""What the API's routes share: settings, Redis clients, the producer, keys, tenants, limits.
+
+One :class:`Services` per app, built by :func:`reframe.api.app.create_app` and kept on
+``app.state.services`` (routers of other modules, e.g. ``reframe/api/fal_webhook.py``, find it
+there). Authentication and the per-key rate limit are FastAPI dependencies made by
+:func:`require`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from config import Settings
+from producer import Producer
+from reframe.api.keys import KeyStore, Principal, Scope
+from reframe.api.problems import ProblemError
+from reframe.api.tenancy import TenantIndex
+from worker.contracts.keys import Keys
+from worker.flow import FlowControl
+from worker.flow.rate import SubmitRateLimiter
+from worker.netguard import GuardedFetcher
+
+#: Limiters kept per process (one per key seen); beyond this the cache starts over.
+MAX_CACHED_LIMITERS = 10_000
+
+
+@dataclass
+class Services:
+    """Everything a request may need, built once per process."""
+
+    settings: Settings
+    r: redis.Redis
+    ar: aioredis.Redis
+    producer: Producer
+    keys: KeyStore
+    tenants: TenantIndex
+    flow: FlowControl
+    fetcher: GuardedFetcher
+    _limiters: dict[tuple[str, float, int], SubmitRateLimiter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Clients and helpers for ``settings`` (connections open lazily, on first use)."""
+        r = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout_s,
+            health_check_interval=25,
+            max_connections=256,
+        )
+        ar = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s)
+        return cls(
+            settings=settings,
+            r=r,
+            ar=ar,
+            producer=Producer(settings, client=r),
+            keys=KeyStore(r, prefix=settings.key_prefix),
+            tenants=TenantIndex(r, settings),
+            flow=FlowControl.from_settings(r, settings),
+            fetcher=GuardedFetcher.from_settings(settings),
+        )
+
+    async def aclose(self) -> None:
+        """Close the Redis pools."""
+        self.r.close()
+        self.fetcher.close()
+        await self.ar.aclose()
+
+    def limiter(self, principal: Principal) -> SubmitRateLimiter:
+        """The GCRA limiter of one key (its own rate, or the configured default)."""
+        rate = principal.rate_per_s or self.settings.api_rate_per_s
+        burst = principal.burst or self.settings.api_rate_burst
+        cache_key = (principal.key_id, rate, burst)
+        with self._lock:
+            found = self._limiters.get(cache_key)
+            if found is None:
+                if len(self._limiters) >= MAX_CACHED_LIMITERS:
+                    self._limiters.clear()
+                # worker/flow/rate.py's GCRA under a per-key prefix: P:api:rl:<key id>:fc:gcra
+                prefix = f"{Keys(self.settings.key_prefix).root}:api:rl:{principal.key_id}"
+                found = SubmitRateLimiter(self.r, prefix=prefix, rate_per_s=rate, burst=burst)
+                self._limiters[cache_key] = found
+        return found
+
+
+def services(request: Request) -> Services:
+    """The app's :class:`Services`."""
+    found: Services = request.app.state.services
+    return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rfk_...`.")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _unauthorized(detail: str) -> ProblemError:
+    return ProblemError(
+        401, "unauthorized", "Unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="reframe"'}
+    )
+
+
+def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller's principal, after the per-key rate limit; raises 401 or 429 problems."""
+    svc = services(request)
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _unauthorized("send an API key: Authorization: Bearer <token>")
+    principal = svc.keys.authenticate(credentials.credentials)
+    if principal is None:
+        raise _unauthorized("the API key is unknown or revoked")
+    request.state.principal = principal  # for the access log (key id and tenant, never the token)
+    decision = svc.limiter(principal).try_acquire()
+    if not decision.allowed:
+        retry_after_s = max(1, math.ceil(decision.retry_after_ms / 1000))
+        raise ProblemError(
+            429,
+            "rate-limited",
+            "Too many requests",
+            f"this API key's request rate is exhausted; retry in {retry_after_s} s",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    return principal
+
+
+def require(scope: Scope) -> Callable[..., Principal]:
+    """A dependency: the caller must hold ``scope`` (admin holds every scope)."""
+
+    def dependency(request: Request, credentials: Bearer) -> Principal:
+        principal = authenticate(request, credentials)
+        if not principal.allows(scope):
+            raise ProblemError(403, "forbidden", "Forbidden", f"this API key lacks the {scope.value!r} scope")
+        return principal
+
+    return dependency
