@@ -14,7 +14,15 @@ Kinds and when they are consumed:
 * ``expire_result``: consumed by the next result GET of a completed request; that result (and later GETs)
   answer 404 as if fal's retention had passed.
 
-``op`` is one of submit, status, stream, result, cancel, upload (token, upload and file calls) or any.
+Webhook deliveries (``op: webhook``; never matched by ``any``), consumed by the next request that ends
+with a ``fal_webhook`` URL:
+
+* ``drop``: the webhook is never sent (a lost webhook; the ledger records it with error ``dropped``);
+* ``slow``: the first delivery attempt waits ``delay_s``;
+* ``duplicate``: the delivery is made twice, the second (freshly signed) ``delay_s`` after the first.
+
+``op`` is one of submit, status, stream, result, cancel, upload (token, upload and file calls), webhook
+or any.
 ``times`` is how many matches consume the spec; -1 keeps it until cleared.
 """
 
@@ -23,8 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = frozenset({"http", "drop", "slow", "runner_error", "expire_result"})
-OPS = frozenset({"submit", "status", "stream", "result", "cancel", "upload", "any"})
+KINDS = frozenset({"http", "drop", "slow", "runner_error", "expire_result", "duplicate"})
+OPS = frozenset({"submit", "status", "stream", "result", "cancel", "upload", "webhook", "any"})
+#: Fault kinds applied to webhook deliveries.
+WEBHOOK_KINDS = frozenset({"drop", "slow", "duplicate"})
 #: Ledger ops that the fault op ``upload`` covers (all of storage).
 _UPLOAD_OPS = frozenset({"upload", "token", "file"})
 #: Fault kinds applied around an HTTP call by the fault middleware.
@@ -90,6 +100,10 @@ class Fault:
             raise ValueError(f"fault kind must be one of {sorted(KINDS)}")
         if fault.op not in OPS:
             raise ValueError(f"fault op must be one of {sorted(OPS)}")
+        if fault.op == "webhook" and fault.kind not in WEBHOOK_KINDS:
+            raise ValueError("op webhook takes the kinds drop, slow and duplicate")
+        if fault.kind == "duplicate" and fault.op != "webhook":
+            raise ValueError("a duplicate fault needs op webhook")
         if fault.kind == "http" and fault.status is None:
             raise ValueError("an http fault needs a status")
         if fault.times == 0 or fault.times < -1:
@@ -100,7 +114,8 @@ class Fault:
     def matches(self, op: str) -> bool:
         """True if this fault applies to a call of ledger op ``op``."""
         if self.op == "any":
-            return op not in {"other", "jwks"}  # never break the control API or key discovery
+            # never break the control API or key discovery; webhook faults are asked for by name
+            return op not in {"other", "jwks", "webhook"}
         if self.op == "upload":
             return op in _UPLOAD_OPS
         return self.op == op

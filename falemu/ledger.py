@@ -70,9 +70,19 @@ class Ledger:
         self.cancels.append({"t": time.time(), "request_id": request_id, "status": outcome, "code": code})
 
     def record_webhook(
-        self, request_id: str, url: str, attempt: int, status: int | None, error: str | None
+        self,
+        request_id: str,
+        url: str,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
     ) -> None:
-        """One webhook delivery attempt (``status`` None = transport error)."""
+        """One webhook delivery attempt (``status`` None = transport error; attempt 0 = dropped by a fault).
+
+        The signed headers and the raw body are kept so tests can replay a genuine delivery.
+        """
         self.webhooks.append(
             {
                 "t": time.time(),
@@ -81,6 +91,8 @@ class Ledger:
                 "attempt": attempt,
                 "status": status,
                 "error": error,
+                "headers": dict(headers or {}),
+                "body": body.decode("utf-8", "replace"),
             }
         )
 

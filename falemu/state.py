@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from falemu.config import EmulatorConfig
-from falemu.faults import Fault, FaultBook
+from falemu.faults import WEBHOOK_KINDS, Fault, FaultBook
 from falemu.fetch import FetchError, fetch_input
 from falemu.ledger import Ledger, fingerprint
 from falemu.render import RenderCache, RenderError
@@ -395,21 +395,32 @@ class EmulatorState:
         )
         self._schedule()
         if req.webhook_url:
-            self._spawn(self._send_webhook(req, outcome))
+            fault = self.faults.take("webhook", WEBHOOK_KINDS)
+            self._spawn(self._send_webhook(req, outcome, fault))
 
-    async def _send_webhook(self, req: QueueRequest, outcome: Outcome) -> None:
+    async def _send_webhook(self, req: QueueRequest, outcome: Outcome, fault: Fault | None = None) -> None:
         assert req.webhook_url is not None
         body = webhook_body(req.id, outcome.status_code, outcome.body)
-        await deliver(
-            self.http,
-            self.signer,
-            url=req.webhook_url,
-            request_id=req.id,
-            body=body,
-            retry_delays_s=list(self.config.webhook_retry_delays_s),
-            timeout_s=self.config.webhook_timeout_s,
-            record=self.ledger.record_webhook,
-        )
+        ledger = self.ledger
+        if fault is not None and fault.kind == "drop":
+            ledger.record_webhook(req.id, req.webhook_url, 0, None, "dropped")
+            return
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.delay_s)
+        times = 2 if fault is not None and fault.kind == "duplicate" else 1
+        for n in range(times):
+            if n:
+                await asyncio.sleep(fault.delay_s if fault is not None else 0.0)
+            await deliver(
+                self.http,
+                self.signer,
+                url=req.webhook_url,
+                request_id=req.id,
+                body=body,
+                retry_delays_s=list(self.config.webhook_retry_delays_s),
+                timeout_s=self.config.webhook_timeout_s,
+                record=ledger.record_webhook,
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

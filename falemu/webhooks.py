@@ -3,6 +3,7 @@
 Signed message: ``request_id \\n user_id \\n timestamp \\n sha256hex(body)`` (UTF-8), signature sent as hex in
 ``X-Fal-Webhook-Signature``. A delivery counts as failed on a transport error or a non-2xx answer and is
 retried after each of ``webhook_retry_delays_s`` (fal: 10 retries over ~2 h; we compress the schedule).
+Webhook faults (``op: webhook`` in :mod:`falemu.faults`) drop, delay or duplicate a delivery.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def webhook_body(request_id: str, status_code: int, payload: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-RecordAttempt = Callable[[str, str, int, "int | None", "str | None"], None]
+RecordAttempt = Callable[[str, str, int, "int | None", "str | None", "dict[str, str]", bytes], None]
 
 
 async def deliver(
@@ -106,9 +107,9 @@ async def deliver(
         try:
             response = await client.post(url, content=body, headers=headers, timeout=timeout_s)
         except httpx.HTTPError as exc:
-            record(request_id, url, attempt + 1, None, exc.__class__.__name__)
+            record(request_id, url, attempt + 1, None, exc.__class__.__name__, headers, body)
             continue
-        record(request_id, url, attempt + 1, response.status_code, None)
+        record(request_id, url, attempt + 1, response.status_code, None, headers, body)
         if 200 <= response.status_code < 300:
             return True
     return False

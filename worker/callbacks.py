@@ -1,9 +1,22 @@
 """Signed per-job callbacks: POST the terminal event to the job's ``callback_url``.
 
-Signature (like Stripe's): header ``X-Reframe-Signature: t=<unix seconds>,v1=<hex>`` where
-``hex = HMAC-SHA256(REFRAME_CALLBACK_SIGNING_KEY, f"{t}.{raw_body}")``. Receivers recompute it over the
-raw body, compare in constant time, and reject timestamps older than a few minutes. Deliveries are
-at-least-once; ``X-Reframe-Event-Id`` (the job id) lets receivers de-duplicate.
+Headers follow the Standard Webhooks spec (https://www.standardwebhooks.com):
+
+* ``webhook-id``: the event id (``<job id>.<life>``), unique per life of a job, the same on every
+  retry, so a receiver de-duplicates on it and still keeps every life's event;
+* ``webhook-timestamp``: unix seconds of this try;
+* ``webhook-signature``: space-separated ``v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>``,
+  one per secret of ``REFRAME_CALLBACK_SECRETS`` (``whsec_<base64 key>``, current first): during a
+  rotation every receiver verifies with whichever secret it has. Any Standard Webhooks library
+  (PyPI ``standardwebhooks``, npm ``standardwebhooks``, ...) verifies these callbacks.
+
+For compatibility the older headers stay: ``X-Reframe-Event-Id`` always, and with
+``REFRAME_CALLBACK_SIGNING_KEY`` ``X-Reframe-Signature: t=<unix seconds>,v1=<hex>`` where
+``hex = HMAC-SHA256(key, f"{t}.{raw_body}")`` (:func:`verify`).
+
+An endpoint that answers 410 Gone is disabled: its URL joins the Redis set
+``P:callbacks:disabled``, checked before every delivery (:func:`is_disabled`); its callbacks are
+given up at once and listed by ``reframe callbacks list``; :func:`enable` takes it out again.
 
 Deliveries go through the guarded fetcher (``worker/netguard.py``): a ``callback_url`` that points
 at loopback, a private network or cloud metadata (directly, by DNS, in any IP spelling) is refused
@@ -12,16 +25,75 @@ with :class:`BlockedURL` before any connection is made, and redirects are never 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import time
 from typing import Any
 
+import redis
+
 from config import Settings
+from worker.contracts.keys import Keys
 from worker.netguard import BlockedURL, GuardedFetcher
 
-__all__ = ["BlockedURL", "callback_body", "deliver", "sign", "verify"]
+__all__ = [
+    "BlockedURL",
+    "callback_body",
+    "deliver",
+    "disable",
+    "disabled_key",
+    "disabled_urls",
+    "enable",
+    "is_disabled",
+    "sign",
+    "standard_headers",
+    "standard_signature",
+    "verify",
+]
+
+
+def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One Standard Webhooks signature: ``v1,<base64 HMAC-SHA256>`` under a ``whsec_`` secret."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def standard_headers(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """``webhook-id``, ``webhook-timestamp`` and (with secrets) ``webhook-signature``."""
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+    if secrets:
+        headers["webhook-signature"] = " ".join(
+            standard_signature(secret, msg_id, timestamp, body) for secret in secrets
+        )
+    return headers
+
+
+def disabled_key(keys: Keys) -> str:
+    """SET ``P:callbacks:disabled``: callback URLs that answered 410 Gone."""
+    return f"{keys.root}:callbacks:disabled"
+
+
+def is_disabled(client: redis.Redis, keys: Keys, url: str) -> bool:
+    """True when ``url`` answered 410 and has not been enabled again."""
+    return bool(client.sismember(disabled_key(keys), url))
+
+
+def disable(client: redis.Redis, keys: Keys, url: str) -> bool:
+    """Disable ``url`` (it answered 410); True when it was not disabled yet."""
+    return bool(client.sadd(disabled_key(keys), url))
+
+
+def enable(client: redis.Redis, keys: Keys, url: str) -> bool:
+    """Enable ``url`` again (an operator's decision); True when it was disabled."""
+    return bool(client.srem(disabled_key(keys), url))
+
+
+def disabled_urls(client: redis.Redis, keys: Keys) -> list[str]:
+    """Every disabled callback URL, sorted."""
+    return sorted(x.decode() if isinstance(x, bytes) else str(x) for x in client.smembers(disabled_key(keys)))
 
 
 def sign(key: bytes, timestamp: int, body: bytes) -> str:
@@ -74,14 +146,16 @@ def deliver(
     not allowed (a permanent failure: do not retry) and ``httpx.HTTPError`` on transport errors
     (transient). ``fetcher`` defaults to one built from ``settings`` for this call.
     """
+    now = int(time.time())
     headers = {
         "Content-Type": "application/json",
         "X-Reframe-Event-Id": event_id,
         "User-Agent": "reframe-cluster-callback/1",
+        **standard_headers(settings.callback_secret_list, event_id, now, body),
     }
     if settings.callback_signing_key is not None:
         key = settings.callback_signing_key.get_secret_value().encode()
-        headers["X-Reframe-Signature"] = sign(key, int(time.time()), body)
+        headers["X-Reframe-Signature"] = sign(key, now, body)
     own = fetcher is None
     guard = fetcher or GuardedFetcher.from_settings(settings)
     try:

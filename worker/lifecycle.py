@@ -13,13 +13,16 @@ field (and to its ``fal_request_id``); an attempt id is never reused, replays in
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.contracts.models import PRE_SUBMIT_STATES, JobState
-from worker.contracts.record import JobRecord
+from worker.contracts.lua import load_lua, script_path
+from worker.contracts.models import PRE_SUBMIT_STATES, JobState, Priority
+from worker.contracts.record import JobRecord, text
 from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
 from worker.fal import FalAmbiguousError, FalError, FalTransientError, SubmitReceipt, backoff_s
 from worker.flow import BreakerState
@@ -171,12 +174,14 @@ def accepted(rt: Runtime, rec: JobRecord, attempt: str, receipt: SubmitReceipt) 
     request is cancelled at fal by the caller, so nothing is paid for a request nobody follows.
     """
     claim_ms = int(rt.settings.tracker_claim_ttl_s * 1000)
-    mine = rt.track_hook is not None
+    # With fal webhooks on, the webhook finishes the job; a tracker looks only after the grace.
+    grace_ms = int(rt.settings.webhook_grace_s * 1000) if rt.settings.webhooks_on else 0
+    mine = rt.track_hook is not None and not grace_ms
     moved = rt.store.move(
         rec.id,
         JobState.IN_QUEUE,
         attempt_fence(attempt, states=[JobState.SUBMITTING]),
-        track_at_ms=rt.now_ms() + claim_ms if mine else rt.now_ms(),
+        track_at_ms=rt.now_ms() + (grace_ms or (claim_ms if mine else 0)),
         track_by=rt.process_id if mine else "",
         fields={
             "fal_request_id": receipt.request_id,
@@ -189,10 +194,98 @@ def accepted(rt: Runtime, rec: JobRecord, attempt: str, receipt: SubmitReceipt) 
     if not moved.ok:
         late_receipt(rt, rec.id, attempt, receipt, state=moved.state)
         return moved
+    if grace_ms:
+        # Nobody follows the request during the grace: its slot lease must outlast it.
+        rt.flow.slots.renew([rec.id], ttl_ms=grace_ms + int(rt.settings.slot_lease_ttl_s * 1000))
+        return moved
     rt.flow.slots.renew([rec.id])
     if rt.track_hook is not None:
         rt.track_hook(rec.id)
     return moved
+
+
+def adopted(rt: Runtime, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> MoveOutcome:
+    """fal's webhook revealed the request of the attempt's submit whose answer was lost.
+
+    The job is still SUBMITTING, owned by that attempt: it moves to IN_QUEUE with the request id
+    (fenced like :func:`accepted`), tracked after the webhook grace as a safety net; the caller
+    finishes it from the webhook at once. Nothing is submitted again.
+    """
+    grace_ms = int(rt.settings.webhook_grace_s * 1000)
+    moved = rt.store.move(
+        rec.id,
+        JobState.IN_QUEUE,
+        attempt_fence(attempt, states=[JobState.SUBMITTING]),
+        track_at_ms=rt.now_ms() + grace_ms,
+        track_by="",
+        fields={
+            "fal_request_id": receipt.request_id,
+            "fal_status_url": receipt.status_url,
+            "fal_response_url": receipt.response_url,
+            "fal_cancel_url": receipt.cancel_url,
+            "adopted_by": "webhook",
+        },
+    )
+    if moved.ok:
+        rt.flow.slots.renew([rec.id], ttl_ms=grace_ms + int(rt.settings.slot_lease_ttl_s * 1000))
+    return moved
+
+
+def resolve_ambiguous(
+    rt: Runtime,
+    rec: JobRecord,
+    attempt: str,
+    request_id: str,
+    *,
+    billed_micro: int,
+    fields: Mapping[str, Any] | None = None,
+) -> MoveOutcome:
+    """fal's webhook revealed the request of a submit already dead-lettered as ambiguous.
+
+    The job is not reopened: its life ended (event and callback published) and replaying is an
+    operator's decision. The request id is recorded, the charge is corrected from the estimate the
+    dead letter settled to what fal billed, and the slot held for the unseen request is freed, in
+    one script fenced by the submitting attempt (``worker/lua/ambiguous_resolve.lua``).
+    """
+    k, p = rt.store.keys, rt.store.slot_params
+    # the dead letter charged the periods of the reservation, taken just before the submit
+    at = time.gmtime((rec.submit_started_at_ms or rt.now_ms()) / 1000)
+    day, month = f"{at.tm_year:04d}-{at.tm_mon:02d}-{at.tm_mday:02d}", f"{at.tm_year:04d}-{at.tm_mon:02d}"
+    keys = [
+        k.job(rec.id),
+        k.slots,
+        k.waiting,
+        k.wait(Priority.HIGH),
+        k.wait(Priority.NORMAL),
+        k.wait(Priority.LOW),
+        k.reservations,
+        k.delayed,
+        k.blocked,
+        k.track,
+        k.track_owner,
+        f"{k.root}:fc:budget:day:{day}",
+        f"{k.root}:fc:budget:month:{month}",
+    ]
+    opt = {
+        "slot": SlotAction.RELEASE.value,
+        "budget": BudgetAction.KEEP.value,
+        "capacity": p.capacity,
+        "reserved": p.reserved_high,
+        "lease_ms": p.lease_ms,
+        "bprefix": k.root,
+        "attempt": attempt,
+        "request_id": request_id,
+        "charged_micro": int(rec.estimate_micro or 0),
+        "billed_micro": int(billed_micro),
+        "set": {n: v if isinstance(v, str) else json.dumps(v) for n, v in (fields or {}).items()} or None,
+    }
+    script = rt.redis.register_script(load_lua(script_path(__file__, "ambiguous_resolve")))
+    raw = script(keys=keys, args=[rec.id, json.dumps({n: v for n, v in opt.items() if v is not None})])
+    if int(raw[0]) == 0:
+        return MoveOutcome(ok=False, state=text(raw[1]))
+    admitted = tuple(text(x) for x in raw[2:])
+    rt.metrics.spent((billed_micro - int(rec.estimate_micro or 0)) / 1e6)  # a refund is not counted
+    return _dispatch(rt, MoveOutcome(ok=True, state=rec.state.value, at_ms=int(raw[1]), admitted=admitted))
 
 
 def late_receipt(rt: Runtime, job_id: str, attempt: str, receipt: SubmitReceipt, *, state: str) -> None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from worker.callbacks import deliver
+from worker.callbacks import deliver, disable, is_disabled
 from worker.contracts.lua import load_lua, script_path
 from worker.contracts.record import text
 from worker.fal import backoff_s
@@ -91,11 +91,20 @@ class Outbox:
         if not entry:
             self._settle_try(event_id, "", "delivered", "gone")
             return "gone"
+        if is_disabled(self.rt.redis, self.keys, entry["url"]):
+            # The endpoint answered 410 before: given up without a request (listed, redeliverable).
+            self._settle_try(event_id, entry.get("job_id", ""), "failed", "endpoint_disabled")
+            self.rt.metrics.callback_delivery("gave_up")
+            return "failed"
         started = time.monotonic()
         try:
             status = deliver(s, entry["url"], entry["body"].encode(), event_id=event_id)
             ok, what = 200 <= status < 300, f"http_{status}"
             permanent = status == 410  # the receiver says the endpoint is gone for good
+            if permanent:
+                disable(self.rt.redis, self.keys, entry["url"])
+                what = "endpoint_disabled: http_410"
+                log.warning("callback endpoint of %s answered 410: disabled", event_id)
         except BlockedURL as err:
             ok, what, permanent = (
                 False,

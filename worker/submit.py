@@ -40,6 +40,7 @@ from worker.fal import (
     FalTransientError,
     SubmitReceipt,
 )
+from worker.fal.webhooks import webhook_url
 from worker.flow import BreakerState, RateDecision
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
@@ -233,7 +234,9 @@ class Submitter:
             self._give_back_probe(probe)
             return Outcome.DEFERRED
         payload = dict(rec.input)
-        future: Future[SubmitReceipt] = self.rt.portal.spawn(self.rt.fal.submit(payload))
+        # With REFRAME_PUBLIC_URL, fal reports the end by webhook to a URL naming this attempt.
+        hook = webhook_url(self.s, rec.id, attempt)
+        future: Future[SubmitReceipt] = self.rt.portal.spawn(self.rt.fal.submit(payload, webhook_url=hook))
         try:
             receipt = future.result(submit_timeout_s(self.rt) + 5)
         except FalAmbiguousError as err:
