@@ -12,6 +12,8 @@ import redis
 
 from worker.contracts.lua import INCLUDE_DIR, load_lua
 from worker.flow import Budget, BudgetScope, micro_to_usd, usd_to_micro
+from worker.flow import budget as budget_mod
+from worker.flow._redis import text
 
 # an exception inside a worker thread must fail the test, not just warn
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -216,3 +218,26 @@ def test_rejects_bad_arguments(r: redis.Redis) -> None:
         b.settle("j", -1)
     with pytest.raises(ValueError):
         budget(r, day_usd=-1)
+
+
+def test_scripts_touch_only_the_period_keys_they_were_given(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every key a script touches is in KEYS (Redis Cluster, Dragonfly): a script given the wrong
+    day refuses before writing and names the right one, and the call is repeated with it."""
+    b = budget(r)
+    today = redis_today(r)
+    wrong = "1999-01-01", "1999-01"
+    reply = b._reserve(
+        keys=[b.reservations_key, b.reservations_key, *b.period_keys(*wrong)],
+        args=[PREFIX, "j", 60_000, b.day_cap_micro, b.month_cap_micro, 60, 60, "", "0"],
+    )
+    assert int(reply[0]) == -2 and text(reply[1]) == f"BUDGET_KEYS:{today.isoformat()}|{today:%Y-%m}"
+    assert r.hlen(b.reservations_key) == 0 and not r.exists(b.period_keys(*wrong)[0])
+    # A worker whose clock says another day still reserves, settles and reads the right periods.
+    monkeypatch.setattr(budget_mod, "utc_periods", lambda now_s=None: wrong)
+    assert b.reserve("j", 120_000).ok
+    assert b.snapshot().day_reserved == 120_000
+    assert b.settle("j", 60_000)
+    assert b.snapshot().day_spent == 60_000 and b.snapshot().day_reserved == 0
+    assert not r.exists(b.period_keys(*wrong)[0])

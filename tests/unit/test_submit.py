@@ -19,7 +19,7 @@ from reframe.localproc import wait_until
 from worker import lifecycle
 from worker.contracts.keys import celery_queue_keys
 from worker.contracts.models import PRE_SUBMIT_STATES
-from worker.contracts.store import Fence
+from worker.contracts.store import BudgetAction, Fence
 from worker.fal import FalAmbiguousError, FalAuthError, FalTransientError, SubmitReceipt
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
@@ -392,3 +392,26 @@ def test_nothing_we_own_rots_once_the_records_expire(
         )
     finally:
         rt.close()
+
+
+def test_a_reservation_settles_into_the_period_it_was_made_in(runtime: Runtime, rclient: redis.Redis) -> None:
+    """A job reserved before midnight settles into that day: the lifecycle script is given exactly
+    the reservation's period keys (every key it touches is in KEYS)."""
+    job_id = enqueue(runtime)
+    attempt = at_fal(runtime, job_id, "R1")
+    micro, _day, _month, at_ms = rclient.hget("{reframe}:fc:budget:res", job_id).split("|")
+    rclient.hset("{reframe}:fc:budget:res", job_id, f"{micro}|2020-01-31|2020-01|{at_ms}")
+    rclient.hset("{reframe}:fc:budget:day:2020-01-31", "reserved", micro)
+    rec = runtime.store.record(job_id)
+    assert rec is not None
+    done = lifecycle.finish(
+        runtime,
+        rec,
+        JobState.SUCCEEDED,
+        fence=attempt_fence(attempt, request_id="R1", states=AT_FAL),
+        budget=BudgetAction.SETTLE,
+        settle_micro=60_000,
+    )
+    assert done
+    assert rclient.hgetall("{reframe}:fc:budget:day:2020-01-31") == {"reserved": "0", "spent": "60000"}
+    assert rclient.hget("{reframe}:fc:budget:month:2020-01", "spent") == "60000"

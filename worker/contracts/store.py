@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from worker.contracts.keys import Keys, celery_queue_key
 from worker.contracts.lua import INCLUDE_DIR, load_lua
@@ -228,7 +230,37 @@ class JobStore:
             return GateOutcome(owner=False, busy=True, attempt=value, state="")
         return GateOutcome(owner=False, busy=False, attempt="", state=value)
 
-    def _job_keys(self, job_id: str) -> list[str]:
+    def _periods(self, job_id: str) -> tuple[str, str]:
+        """The UTC (day, month) the job's reservation is charged to (today's when it has none)."""
+        raw = self.r.hget(self.keys.reservations, job_id)
+        if raw:
+            parts = _text(raw).split("|")
+            if len(parts) >= 3:
+                return parts[1], parts[2]
+        t = time.gmtime()
+        return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+    def run_job_script(self, script: Script, job_id: str, extra_keys: Sequence[str], args: list[Any]) -> Any:
+        """Run a lifecycle script (KEYS as ``lua/job_head.lua``, then ``extra_keys``) for ``job_id``.
+
+        Retried with the budget periods the script names when they changed meanwhile.
+
+        The scripts touch only keys passed in KEYS; when the job's reservation periods changed
+        between the read here and the script (a reservation taken meanwhile), the script refuses
+        with ``BUDGET_KEYS:<day>|<month>`` before writing anything.
+        """
+        day, month = self._periods(job_id)
+        raw: Any = None
+        for _ in range(3):
+            keys = [*self._job_keys(job_id, day, month), *extra_keys]
+            raw = script(keys=keys, args=args)
+            refusal = _text(raw[1]) if int(raw[0]) == 0 and len(raw) > 1 else ""
+            if not refusal.startswith("BUDGET_KEYS:"):
+                return raw
+            day, _, month = refusal.removeprefix("BUDGET_KEYS:").partition("|")
+        return raw
+
+    def _job_keys(self, job_id: str, day: str, month: str) -> list[str]:
         k = self.keys
         return [
             k.job(job_id),
@@ -242,11 +274,14 @@ class JobStore:
             k.blocked,
             k.track,
             k.track_owner,
+            f"{k.root}:fc:budget:day:{day}",
+            f"{k.root}:fc:budget:month:{month}",
         ]
 
-    def _resource_options(
+    def resource_options(
         self, slot: SlotAction, budget: BudgetAction, settle_micro: int, hold_ms: int
     ) -> dict[str, Any]:
+        """The slot/budget options every lifecycle script takes (``lua/job_head.lua``)."""
         p = self.slot_params
         return {
             "slot": slot.value,
@@ -283,7 +318,7 @@ class JobStore:
             raise ValueError(f"{to} is terminal: use finish()")
         opt: dict[str, Any] = {
             **fence.options(),
-            **self._resource_options(slot, budget, settle_micro, hold_ms),
+            **self.resource_options(slot, budget, settle_micro, hold_ms),
             "to": to.value,
             "blocked": blocked,
             "untrack": untrack,
@@ -296,7 +331,7 @@ class JobStore:
         if track_at_ms is not None:
             opt["track_at_ms"] = int(track_at_ms)
             opt["track_by"] = track_by
-        raw = self._move(keys=self._job_keys(job_id), args=[job_id, _options(opt)])
+        raw = self.run_job_script(self._move, job_id, [], [job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state=_text(raw[1]))
         return MoveOutcome(
@@ -330,7 +365,7 @@ class JobStore:
         tail = json.dumps(dict(callback or {}), separators=(",", ":"), sort_keys=True, allow_nan=False)
         opt = {
             **fence.options(),
-            **self._resource_options(slot, budget, settle_micro, hold_ms),
+            **self.resource_options(slot, budget, settle_micro, hold_ms),
             "to": to.value,
             "event_id": event_id,
             "retention_ms": self.retention_ms,
@@ -341,15 +376,8 @@ class JobStore:
             "body_tail": tail[1:] if tail != "{}" else '"_":null}',
         }
         k = self.keys
-        keys = [
-            *self._job_keys(job_id),
-            k.events,
-            k.dlq,
-            k.outbox,
-            k.outbox_entry(event_id),
-            k.idem(idempotency_key),
-        ]
-        raw = self._finish(keys=keys, args=[job_id, _options(opt)])
+        extra = [k.events, k.dlq, k.outbox, k.outbox_entry(event_id), k.idem(idempotency_key)]
+        raw = self.run_job_script(self._finish, job_id, extra, [job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state=_text(raw[1]))
         return MoveOutcome(
@@ -366,8 +394,8 @@ class JobStore:
         ``ok`` False when the record exists (nothing changed). ``admitted``: jobs admitted into the
         freed slot, to dispatch.
         """
-        opt = self._resource_options(SlotAction.RELEASE, BudgetAction.RELEASE, 0, 0)
-        raw = self._forget(keys=self._job_keys(job_id), args=[job_id, _options(opt)])
+        opt = self.resource_options(SlotAction.RELEASE, BudgetAction.RELEASE, 0, 0)
+        raw = self.run_job_script(self._forget, job_id, [], [job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state="exists")
         return MoveOutcome(ok=True, state="", admitted=tuple(_text(x) for x in raw[1:]))

@@ -13,17 +13,20 @@ Money is integer micro-dollars (``_micro``). Keys:
   reservation remembers its periods, so a job reserved at 23:59:59 settles into that day. It has no
   TTL: a stale reservation is resolved by the reconciler, never expired silently.
 
-The scripts (``lua/budget_*.lua``) build the period key names from Redis time, so they address
-keys not passed in ``KEYS``; every one of them shares the prefix's hash tag, so they live in the
-same slot as the keys that are passed.
+The scripts (``lua/budget_*.lua``) compute the periods from Redis time but touch only period keys
+passed in ``KEYS`` (valid on Redis Cluster and Dragonfly): the caller passes its guess (its own UTC
+clock, or the reservation's periods), and a script given other keys refuses before writing anything,
+naming the right ones, and the call is repeated with them (:data:`PERIOD_RETRIES`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
+from typing import Any
 
 import redis
 
@@ -54,6 +57,27 @@ def billable_s(duration_s: float, unit_s: float) -> float:
     if unit_s <= 0:
         return duration_s
     return math.ceil(duration_s / unit_s - 1e-6) * unit_s
+
+
+#: A script that was passed the wrong period keys names the right ones; this many tries suffice
+#: (the date can change once between the caller's clock and Redis TIME).
+PERIOD_RETRIES = 3
+
+
+def utc_periods(now_s: float | None = None) -> tuple[str, str]:
+    """(``YYYY-MM-DD``, ``YYYY-MM``) of the UTC day and month at ``now_s`` (default: this clock).
+
+    Only a first guess of the periods a script will compute from Redis ``TIME``: a script that
+    disagrees refuses with the right ones and the call is repeated.
+    """
+    t = time.gmtime(time.time() if now_s is None else now_s)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+
+def parse_period_refusal(reply: str) -> tuple[str, str]:
+    """The (day, month) a ``BUDGET_KEYS:<day>|<month>`` refusal names."""
+    day, _, month = reply.removeprefix("BUDGET_KEYS:").partition("|")
+    return day, month
 
 
 class BudgetScope(StrEnum):
@@ -180,7 +204,16 @@ class Budget:
             attempt,
             "1" if record_key else "0",
         ]
-        reply = run(self._reserve, [self.reservations_key, record_key or self.reservations_key], args)
+        reply: Any = None
+        day, month = utc_periods()
+        for _ in range(PERIOD_RETRIES):
+            keys = [self.reservations_key, record_key or self.reservations_key, *self.period_keys(day, month)]
+            reply = run(self._reserve, keys, args)
+            if as_int(reply[0]) != -2:
+                break
+            day, month = parse_period_refusal(text(reply[1]))
+        else:
+            raise RuntimeError("budget periods kept changing under the reservation")
         if as_int(reply[0]) == -1:
             raise BudgetRefused(text(reply[1]))
         if as_int(reply[0]) == 1:
@@ -195,14 +228,29 @@ class Budget:
         """
         if actual_micro < 0:
             raise ValueError("actual_micro must be >= 0")
-        return as_int(run(self._settle, [self.reservations_key], [self.prefix, job_id, actual_micro])) == 1
+        return self._settle_as(job_id, actual_micro)
 
     def release(self, job_id: str) -> bool:
         """Drop the reservation without spending: only when fal definitely did not accept the job.
 
         Returns False when there was no reservation.
         """
-        return as_int(run(self._settle, [self.reservations_key], [self.prefix, job_id, -1])) == 1
+        return self._settle_as(job_id, -1)
+
+    def _settle_as(self, job_id: str, actual_micro: int) -> bool:
+        res = self.reservation(job_id)
+        day, month = (res.day, res.month) if res else utc_periods()
+        for _ in range(PERIOD_RETRIES):
+            keys = [self.reservations_key, *self.period_keys(day, month)]
+            reply = run(self._settle, keys, [self.prefix, job_id, actual_micro])
+            if not text(reply).startswith("BUDGET_KEYS:"):
+                return as_int(reply) == 1
+            day, month = parse_period_refusal(text(reply))
+        raise RuntimeError("budget periods kept changing under the settlement")
+
+    def period_keys(self, day: str, month: str) -> list[str]:
+        """The budget HASH keys of one UTC day (``YYYY-MM-DD``) and month (``YYYY-MM``)."""
+        return [f"{self.prefix}:fc:budget:day:{day}", f"{self.prefix}:fc:budget:month:{month}"]
 
     def reservation(self, job_id: str) -> Reservation | None:
         """The job's outstanding reservation, if any."""
@@ -216,7 +264,14 @@ class Budget:
 
     def snapshot(self) -> BudgetSnapshot:
         """Spent and reserved micro-dollars of the current UTC day and month, with the caps."""
-        reply = [as_int(v) for v in run(self._snapshot, [self.reservations_key], [self.prefix])]
+        day, month = utc_periods()
+        raw: Any = None
+        for _ in range(PERIOD_RETRIES):
+            raw = run(self._snapshot, [self.reservations_key, *self.period_keys(day, month)], [self.prefix])
+            if len(raw) == 4:
+                break
+            day, month = parse_period_refusal(text(raw[0]))
+        reply = [as_int(v) for v in raw]
         return BudgetSnapshot(
             day_spent=reply[0],
             day_reserved=reply[1],

@@ -1,6 +1,7 @@
 -- job_head: binds the KEYS and options every lifecycle script shares, and the fence.
 -- KEYS: 1 job record, 2 slots ZSET, 3 waiting SET, 4..6 wait LISTs (high, normal, low),
---       7 budget reservations HASH, 8 delayed ZSET, 9 blocked ZSET, 10 track ZSET, 11 track owner HASH.
+--       7 budget reservations HASH, 8 delayed ZSET, 9 blocked ZSET, 10 track ZSET, 11 track owner HASH,
+--       12 and 13 the day and month budget keys of the job's reservation (today's when it has none).
 -- ARGV: 1 job id, 2 options as JSON (see each script); always: capacity, reserved, lease_ms, bprefix,
 --       and the fence: attempt (the record's `attempt` must equal it; '' = none), request_id (the
 --       record's `fal_request_id` must equal it; absent = none), from (allowed states; absent = any
@@ -13,6 +14,7 @@ local queues = {KEYS[4], KEYS[5], KEYS[6]}
 local capacity, reserved, lease_ms = tonumber(opt.capacity), tonumber(opt.reserved), tonumber(opt.lease_ms)
 local bprefix, reservations = opt.bprefix, KEYS[7]
 local delayed, blocked, track, track_owner = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local bdeclared = {[KEYS[12]] = true, [KEYS[13]] = true}
 -- @include slots_lib
 -- @include budget_lib
 
@@ -34,6 +36,12 @@ local function fence()
     for _, s in ipairs(opt.from) do if s == state then ok = true end end
     if not ok then return state end
   end
+  return nil
+end
+
+-- nil when the budget keys the transition's budget action needs were passed (checked before any write)
+local function budget_keys_missing()
+  if opt.budget == 'release' or opt.budget == 'settle' then return check_reservation_keys(job_id) end
   return nil
 end
 

@@ -9,7 +9,7 @@
 --   set, incr, del: record fields
 -- Returns {1, now_ms, admitted ids...} or {0, state} when the fence refused (nothing changed).
 -- @include job_head
-local refused = fence()
+local refused = fence() or budget_keys_missing()
 if refused then return {0, refused} end
 redis.call('HSET', job_key, 'state', opt.to, 'ts_' .. opt.to, now_ms, 'updated_at_ms', now_ms)
 write_fields()

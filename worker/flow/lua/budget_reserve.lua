@@ -1,12 +1,17 @@
 -- budget_reserve: reserve a job's estimate in today's and this month's budget, or refuse.
--- KEYS: 1 reservations HASH, 2 the job's record (any key of the prefix when ARGV 9 is '0').
+-- KEYS: 1 reservations HASH, 2 the job's record (any key of the prefix when ARGV 9 is '0'),
+--       3 today's day and 4 this month's budget keys.
 -- ARGV: 1 prefix, 2 job, 3 estimate micro, 4 day cap, 5 month cap, 6 day ttl s, 7 month ttl s,
 --       8 the attempt that asks ('' = any attempt), 9 '1' to fence on the record, '0' for none.
 -- Returns {1, ''} reserved (or already held), {0, 'day'|'month'} refused by a cap,
---         {-1, state} refused by the fence: the job left the pre-submit states or another attempt owns it.
+--         {-1, state} refused by the fence: the job left the pre-submit states or another attempt owns it,
+--         {-2, 'BUDGET_KEYS:<day>|<month>'}: KEYS 3 and 4 are not today's (retry with these).
 -- @include now
 local bprefix, reservations = ARGV[1], KEYS[1]
+local bdeclared = {[KEYS[3]] = true, [KEYS[4]] = true}
 -- @include budget_lib
+local wrong_period = check_today_keys()
+if wrong_period then return {-2, wrong_period} end
 local job, est = ARGV[2], tonumber(ARGV[3])
 if ARGV[9] == '1' then
   local state = redis.call('HGET', KEYS[2], 'state') or ''
