@@ -200,12 +200,9 @@ def bench_follow_again(work: Path, *, n: int = 24, kills: int = 8) -> list[Row]:
             ids = p.enqueue_many([{"video_url": url, "aspect_ratio": "9:16"}] * n)
             for round_ in range(kills):
                 wait_until(
-                    lambda: (
-                        r.hlen(f"{PREFIX}:track:owner") == n
-                        and len({v for v in r.hvals(f"{PREFIX}:track:owner")}) >= 2
-                    ),
+                    lambda: r.hlen(f"{PREFIX}:track:owner") == n,
                     timeout_s=120,
-                    what="every job claimed, by at least two processes",
+                    what="every job claimed by a tracker (one tracker often claims them all)",
                 )
                 owners = {k.decode(): v.decode() for k, v in r.hgetall(f"{PREFIX}:track:owner").items()}
                 by_proc: dict[str, dict[str, str]] = {}
