@@ -1,0 +1,251 @@
+"""Issue #12: fal webhooks are the completion path. The fal emulator delivers real Ed25519-signed
+webhooks to ``reframe serve`` over a real socket; workers finish the jobs through the fenced
+lifecycle. Everything is judged by the emulator's ledger (what fal saw and billed) and Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from producer import JobState, Producer
+from reframe.localproc import wait_until
+from tests.chaos.conftest import KEYS, budget_day, events, explained, new_tag, redis_of
+from tests.cluster.conftest import upload, wait_terminal
+from tests.webhooks.conftest import WebhookCluster
+
+pytestmark = pytest.mark.integration
+
+Factory = Callable[..., WebhookCluster]
+#: fal's price per second in micro-dollars (settings default 0.06 USD); the clip is 3 whole seconds.
+PRICE_MICRO_PER_S = 60_000
+FOLLOW_OPS = {"status", "stream", "result"}
+
+
+def _inputs(url: str, tag: str, n: int) -> list[dict[str, Any]]:
+    return [{"video_url": url, "aspect_ratio": "9:16", "prompt": f"{tag} {i}"} for i in range(n)]
+
+
+def _request_ids(book: dict[str, Any], fingerprints: set[str] | None = None) -> set[str]:
+    return {
+        s["request_id"] for s in book["submits"] if fingerprints is None or s["fingerprint"] in fingerprints
+    }
+
+
+def _follow_calls(book: dict[str, Any], request_ids: set[str]) -> list[dict[str, Any]]:
+    """Every status, status-stream and result call the emulator saw for these requests."""
+    return [r for r in book["requests"] if r["op"] in FOLLOW_OPS and r.get("request_id") in request_ids]
+
+
+def _job_events(cluster: WebhookCluster, job_ids: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {j: [] for j in job_ids}
+    for _sid, ev in events(redis_of(cluster.cluster)):
+        if ev.get("job_id") in out:
+            out[ev["job_id"]].append(ev["event_id"])
+    return out
+
+
+def test_webhooks_finish_jobs_with_zero_status_requests(webhook_cluster: Factory, whole_clip: Path) -> None:
+    wc = webhook_cluster(workers=1)
+    url = upload(wc.cluster.settings(), whole_clip)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids += p.enqueue_many(_inputs(url, new_tag("webhook-e2e"), 3))
+        wait_terminal(p, ids, timeout_s=120)
+        jobs = p.get_many(ids)
+        assert [j.state for j in jobs if j is not None] == [JobState.SUCCEEDED] * 3
+        book = wc.ledger()
+        rids = _request_ids(book)
+        assert len(rids) == 3 and book["billed_requests"] == 3
+        assert _follow_calls(book, rids) == []  # the webhook was the only news from fal
+        delivered = [w for w in book["webhooks"] if w["request_id"] in rids]
+        assert sorted(w["status"] for w in delivered) == [204, 204, 204]
+        assert all("/v1/fal/webhook?t=" in w["url"] for w in delivered)
+        assert all(len(e) == 1 for e in _job_events(wc, ids).values())
+        r = redis_of(wc.cluster)
+        spent, reserved = budget_day(r)
+        assert (spent, reserved) == (3 * 3 * PRICE_MICRO_PER_S, 0)
+        assert r.zcard(KEYS.slots) == 0 and r.zcard(KEYS.track) == 0
+        recs = [r.hgetall(KEYS.job(j)) for j in ids]
+        assert {x["fal_request_id"] for x in recs} == rids
+
+
+def _post(url: str, headers: dict[str, str], body: bytes) -> int:
+    return httpx.post(url, content=body, headers=headers, timeout=10).status_code
+
+
+def test_forged_replayed_and_tampered_webhooks_are_refused_and_change_nothing(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    """Job A finishes by its genuine webhook (kept by the ledger); job B's webhook is lost, so B
+    stays at fal (grace 600 s). Attacks on both change nothing: 401 each time."""
+    wc = webhook_cluster(workers=1, env={"REFRAME_WEBHOOK_TOLERANCE_S": "3"})
+    control = wc.cluster.emulator_control
+    assert control is not None
+    url = upload(wc.cluster.settings(), whole_clip)
+    r = redis_of(wc.cluster)
+    ids: list[str] = []
+    tag = new_tag("webhook-attacks")
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids.append(p.enqueue(_inputs(url, tag, 1)[0]))
+        wait_terminal(p, ids, timeout_s=120)
+        book = wc.ledger()
+        genuine = next(w for w in book["webhooks"] if w["status"] == 204)
+        a_url, a_headers, a_body = genuine["url"], genuine["headers"], genuine["body"].encode()
+        control.set_faults([{"op": "webhook", "kind": "drop"}])
+        b_id = p.enqueue(_inputs(url, tag + "-b", 1)[0])
+        ids.append(b_id)
+        wait_until(
+            lambda: any(w["attempt"] == 0 for w in wc.ledger()["webhooks"]), timeout_s=120, what="B dropped"
+        )
+        dropped = next(w for w in wc.ledger()["webhooks"] if w["attempt"] == 0)
+        b_url, b_request = dropped["url"], dropped["request_id"]
+        b_before = r.hgetall(KEYS.job(b_id))
+        assert b_before["state"] in {"IN_QUEUE", "IN_PROGRESS"}
+
+        # forged: a well-formed delivery for B signed with a key that is not in fal's JWKS
+        forged_body = json.dumps(
+            {
+                "request_id": b_request,
+                "gateway_request_id": b_request,
+                "status": "OK",
+                "payload": json.loads(a_body)["payload"],
+                "error": None,
+            }
+        ).encode()
+        ts = str(int(time.time()))
+        digest = hashlib.sha256(forged_body).hexdigest()
+        sig = Ed25519PrivateKey.generate().sign(f"{b_request}\nemulator-user\n{ts}\n{digest}".encode()).hex()
+        forged_headers = {
+            "Content-Type": "application/json",
+            "X-Fal-Webhook-Request-Id": b_request,
+            "X-Fal-Webhook-User-Id": "emulator-user",
+            "X-Fal-Webhook-Timestamp": ts,
+            "X-Fal-Webhook-Signature": sig,
+        }
+        assert _post(b_url, forged_headers, forged_body) == 401
+        # no signature at all
+        assert _post(b_url, {"Content-Type": "application/json"}, forged_body) == 401
+        # body-tampered: A's genuine signed headers, a different body (B's request, A's video)
+        tampered = a_body.replace(b'"status":"OK"', b'"status":"OK" ')
+        assert tampered != a_body
+        assert _post(b_url, a_headers, tampered) == 401
+        # a token that is not ours (the MAC altered) with an otherwise genuine delivery
+        token = b_url.split("?t=", 1)[1]
+        bad = b_url.replace(token, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+        assert _post(bad, a_headers, a_body) == 401
+        # replayed: A's genuine delivery, byte for byte, once its timestamp is past the tolerance
+        wait_until(lambda: time.time() - int(a_headers["X-Fal-Webhook-Timestamp"]) > 4.5, timeout_s=10)
+        assert _post(a_url, a_headers, a_body) == 401
+
+        assert r.hgetall(KEYS.job(b_id))["state"] == b_before["state"]
+        assert r.hget(KEYS.job(b_id), "fal_request_id") == b_request
+        assert not r.exists(f"{KEYS.root}:webhook:seen:{b_request}")
+        assert _job_events(wc, ids) == {ids[0]: [f"{ids[0]}.1"], b_id: []}
+        assert wc.ledger()["billed_requests"] == 2
+
+
+def test_lost_webhooks_are_reconciled_by_the_tracker_after_the_grace(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    grace_s = 4.0
+    wc = webhook_cluster(workers=1, env={"REFRAME_WEBHOOK_GRACE_S": str(grace_s)})
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults([{"op": "webhook", "kind": "drop", "times": 2}])
+    url = upload(wc.cluster.settings(), whole_clip)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids += p.enqueue_many(_inputs(url, new_tag("webhook-lost"), 2))
+        wait_terminal(p, ids, timeout_s=120)
+        assert [j.state for j in p.get_many(ids) if j is not None] == [JobState.SUCCEEDED] * 2
+        book = wc.ledger()
+        rids = _request_ids(book)
+        assert len(rids) == 2 and book["billed_requests"] == 2
+        assert sorted(w["error"] for w in book["webhooks"]) == ["dropped", "dropped"]
+        submitted_at = {s["request_id"]: s["t"] for s in book["submits"]}
+        calls = _follow_calls(book, rids)
+        assert {c["request_id"] for c in calls} == rids  # the tracker reconciled both
+        # and only after the grace (0.5 s of slack between the emulator's and Redis' clocks)
+        assert all(c["t"] >= submitted_at[c["request_id"]] + grace_s - 0.5 for c in calls)
+        assert all(len(e) == 1 for e in _job_events(wc, ids).values())
+        assert budget_day(redis_of(wc.cluster)) == (2 * 3 * PRICE_MICRO_PER_S, 0)
+
+
+def test_duplicated_webhooks_finish_each_job_once(webhook_cluster: Factory, whole_clip: Path) -> None:
+    wc = webhook_cluster(workers=2)
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults([{"op": "webhook", "kind": "duplicate", "delay_s": 0.5, "times": 2}])
+    url = upload(wc.cluster.settings(), whole_clip)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids += p.enqueue_many(_inputs(url, new_tag("webhook-dup"), 2))
+        wait_terminal(p, ids, timeout_s=120)
+        wait_until(lambda: len(wc.ledger()["webhooks"]) == 4, timeout_s=30, what="both copies delivered")
+        book = wc.ledger()
+        rids = _request_ids(book)
+        assert sorted(w["status"] for w in book["webhooks"]) == [204] * 4
+        assert {w["request_id"] for w in book["webhooks"]} == rids
+        assert _follow_calls(book, rids) == []
+        r = redis_of(wc.cluster)
+        # both copies answered, the second recognised by its request id: one event per life
+        assert _job_events(wc, ids) == {j: [f"{j}.1"] for j in ids}
+        assert r.zcard(KEYS.outbox) == 0
+        assert budget_day(r) == (2 * 3 * PRICE_MICRO_PER_S, 0)
+
+
+def test_an_ambiguous_submit_is_resolved_by_its_webhook_and_billed_once(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    """fal takes the submit but the answer is lost: the job is dead-lettered as ambiguous (nothing
+    is submitted again). Its webhook names the attempt, so the request is recorded, the slot held
+    for it is freed and the budget charges what fal billed instead of the estimate."""
+    wc = webhook_cluster(workers=1)
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults([{"op": "submit", "kind": "drop", "after_handling": True}])
+    url = upload(wc.cluster.settings(), whole_clip)
+    r = redis_of(wc.cluster)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids.append(p.enqueue(_inputs(url, new_tag("webhook-ambiguous"), 1)[0]))
+        job_id = ids[0]
+        wait_until(
+            lambda: r.hget(KEYS.job(job_id), "ambiguous_resolved") is not None,
+            timeout_s=120,
+            what="ambiguous submit resolved by its webhook",
+        )
+        rec = r.hgetall(KEYS.job(job_id))
+        book = wc.ledger()
+        assert len(book["submits"]) == 1  # never submitted again
+        (request_id,) = _request_ids(book)
+        assert rec["state"] == "FAILED" and rec["dead_letter_reason"] == "ambiguous_submit"
+        assert rec["fal_request_id"] == request_id
+        assert rec["ambiguous_resolved"] == "succeeded_at_fal"
+        assert int(rec["cost_actual_micro"]) == 3 * PRICE_MICRO_PER_S
+        assert json.loads(rec["result"])["video"]["url"]
+        assert book["billed_requests"] == 1 and book["billed_seconds"] == 3
+        assert budget_day(r) == (3 * PRICE_MICRO_PER_S, 0)  # the estimate (with margin) was corrected
+        assert r.zscore(KEYS.slots, job_id) is None  # the slot held for the unseen request is free
+        assert _job_events(wc, ids) == {job_id: [f"{job_id}.1"]}  # the life is not reopened
+        assert _follow_calls(book, {request_id}) == []
+        assert [w["status"] for w in book["webhooks"]] == [204]
+
+
+def test_the_attempt_token_and_signature_scheme_match_fal(webhook_cluster: Factory) -> None:
+    """The emulator's JWKS is what the receiver verifies against: its key is Ed25519 (OKP)."""
+    wc = webhook_cluster(workers=0)
+    jwks = httpx.get(f"{wc.cluster.fal_url}/.well-known/jwks.json", timeout=5).json()
+    (key,) = jwks["keys"]
+    assert key["kty"] == "OKP" and key["crv"] == "Ed25519"
+    assert len(base64.urlsafe_b64decode(key["x"] + "==")) == 32
