@@ -17,9 +17,9 @@ import pytest
 from config.settings import child_environment
 from reframe.localcluster import LocalCluster, start_cluster
 from reframe.localproc import free_port, spawn, wait_until
-from tests.chaos.conftest import BASE_ENV, whole_clip
+from tests.chaos.conftest import BASE_ENV, chaos_cluster, whole_clip
 
-__all__ = ["WebhookCluster", "webhook_cluster", "whole_clip"]
+__all__ = ["WebhookCluster", "chaos_cluster", "webhook_cluster", "whole_clip"]
 
 WEBHOOK_SECRET = "webhook-test-secret"
 
