@@ -190,6 +190,7 @@ def test_sigstopped_submitter_is_ambiguous_and_its_late_receipt_is_recorded_and_
         submitter_id = str(r.hget(KEYS.job(job_id), "submit_process"))
         submitter = worker_of(cluster, submitter_id)
         submitter.process.kill(signal.SIGSTOP)
+        print(f"housekeeper lock at the stop: {r.get(KEYS.housekeeper_lock)}")
         try:
             rec = r.hgetall(KEYS.job(job_id))
             print(f"SIGSTOP {submitter_id} (pid {submitter.process.pid}) mid-submit: {rec.get('state')}")
@@ -410,6 +411,17 @@ def test_housekeeper_sweeps_never_overlap_across_a_stopped_holder(
             token_b = str(r.get(KEYS.housekeeper_lock))
             assert worker_of(cluster, token_b) is not holder, token_b
             print(f"lock taken over: {token_b}")
+
+            def swept_by_new_holder() -> bool:
+                # The due deferrals were dispatched while the old holder is still stopped: each
+                # one left DEFERRED, or its `delayed` entry is leased (moved ~60 s ahead).
+                now_ms = _redis_ms(r)
+                return all(
+                    _state(r, j) != "DEFERRED" or (r.zscore(KEYS.delayed, j) or 0) > now_ms + 30_000
+                    for j in ids
+                )
+
+            wait_until(swept_by_new_holder, timeout_s=15, what="the new holder dispatched the deferrals")
         finally:
             holder.process.kill(signal.SIGCONT)
         resumed_at_ms = _redis_ms(r)
