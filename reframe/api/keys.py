@@ -4,13 +4,13 @@ A token is ``rfk_<key id>_<secret>`` (the secret is 32 random bytes, URL-safe ba
 only its SHA-256 (a hash of a high-entropy token needs no slow KDF), the tenant it is bound to,
 its scopes and its rate: ``P:api:key:<key id>`` (HASH) and ``P:api:keys`` (ZSET key id -> created
 ms, for listing). The token is shown once, at creation. Revoking keeps the record (for the list)
-with ``revoked_at_ms`` set; a revoked key is refused at once (no cache).
+with ``revoked_at_ms`` set; a revoked key is refused from the next request on (no cache). Each
+request is checked and rate-limited by ``lua/authorize.lua`` (GCRA per key in ``P:api:rl:<key id>``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import time
@@ -20,8 +20,10 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from worker.contracts.keys import Keys
+from worker.contracts.lua import load_lua, script_path
 
 TOKEN_PREFIX = "rfk_"  # noqa: S105 - a public prefix that marks our tokens, not a secret
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -52,8 +54,6 @@ class Principal:
     key_id: str
     tenant: str
     scopes: frozenset[Scope]
-    rate_per_s: float | None = None
-    burst: int | None = None
 
     @property
     def admin(self) -> bool:
@@ -162,26 +162,44 @@ class KeyStore:
         self.r.hsetnx(self.key(key_id), "revoked_at_ms", str(int(time.time() * 1000)))
         return True
 
-    def authenticate(self, token: str) -> Principal | None:
-        """The principal of a valid, unrevoked token; None otherwise (one Redis round trip)."""
+    def gcra_key(self, key_id: str) -> str:
+        """The STRING holding a key's request-rate state (GCRA theoretical arrival time, us)."""
+        return f"{self.root}:api:rl:{key_id}"
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """The outcome of one :meth:`Authorizer.authorize`."""
+
+    principal: Principal | None
+    """None: unknown key, wrong token or revoked."""
+    allowed: bool = False
+    retry_after_ms: int = 0
+
+
+class Authorizer:
+    """Checks a token and takes one request of its key's rate in one Redis round trip
+    (``lua/authorize.lua``, on the asyncio client: no thread hop per request)."""
+
+    def __init__(self, ar: aioredis.Redis, store: KeyStore, *, rate_per_s: float, burst: int) -> None:
+        self.store = store
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._script = ar.register_script(load_lua(script_path(__file__, "authorize")))
+
+    async def authorize(self, token: str) -> Authorization:
+        """Who ``token`` is and whether its key may make a request now."""
         match = _TOKEN.fullmatch(token)
         if match is None:
-            return None
+            return Authorization(None)
         key_id = match.group(1)
-        raw = self.r.hgetall(self.key(key_id))
-        if not raw:
-            return None
-        h = {_text(k): _text(v) for k, v in raw.items()}
-        if not hmac.compare_digest(h.get("sha256", ""), token_hash(token)) or h.get("revoked_at_ms"):
-            return None
-        scopes = frozenset(Scope(s) for s in h.get("scopes", "").split(",") if s in _SCOPE_NAMES)
-        return Principal(
-            key_id=key_id,
-            tenant=h.get("tenant", ""),
-            scopes=scopes,
-            rate_per_s=float(h["rate_per_s"]) if h.get("rate_per_s") else None,
-            burst=int(h["burst"]) if h.get("burst") else None,
-        )
+        keys = [self.store.key(key_id), self.store.gcra_key(key_id)]
+        reply: Any = await self._script(keys=keys, args=[token_hash(token), self.rate_per_s, self.burst])
+        if int(reply[0]) == 0:
+            return Authorization(None)
+        scopes = frozenset(Scope(s) for s in _text(reply[2]).split(",") if s in _SCOPE_NAMES)
+        principal = Principal(key_id=key_id, tenant=_text(reply[1]), scopes=scopes)
+        return Authorization(principal, allowed=int(reply[3]) == 1, retry_after_ms=int(reply[4]))
 
 
 def _info(key_id: str, h: dict[str, str]) -> KeyInfo:

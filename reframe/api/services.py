@@ -2,16 +2,15 @@
 
 One :class:`Services` per app, built by :func:`reframe.api.app.create_app` and kept on
 ``app.state.services`` (routers of other modules, e.g. ``reframe/api/fal_webhook.py``, find it
-there). Authentication and the per-key rate limit are FastAPI dependencies made by
-:func:`require`.
+there). Authentication and the per-key rate limit are one FastAPI dependency made by
+:func:`require` (one Redis round trip, ``reframe/api/lua/authorize.lua``).
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated
 
 import redis
@@ -21,16 +20,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from config import Settings
 from producer import Producer
-from reframe.api.keys import KeyStore, Principal, Scope
+from reframe.api.keys import Authorizer, KeyStore, Principal, Scope
 from reframe.api.problems import ProblemError
 from reframe.api.tenancy import TenantIndex
-from worker.contracts.keys import Keys
 from worker.flow import FlowControl
-from worker.flow.rate import SubmitRateLimiter
 from worker.netguard import GuardedFetcher
-
-#: Limiters kept per process (one per key seen); beyond this the cache starts over.
-MAX_CACHED_LIMITERS = 10_000
 
 
 @dataclass
@@ -45,8 +39,7 @@ class Services:
     tenants: TenantIndex
     flow: FlowControl
     fetcher: GuardedFetcher
-    _limiters: dict[tuple[str, float, int], SubmitRateLimiter] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    authorizer: Authorizer
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -58,15 +51,18 @@ class Services:
             max_connections=256,
         )
         ar = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s)
+        keys = KeyStore(r, prefix=settings.key_prefix)
+        authorizer = Authorizer(ar, keys, rate_per_s=settings.api_rate_per_s, burst=settings.api_rate_burst)
         return cls(
             settings=settings,
             r=r,
             ar=ar,
             producer=Producer(settings, client=r),
-            keys=KeyStore(r, prefix=settings.key_prefix),
+            keys=keys,
             tenants=TenantIndex(r, settings),
             flow=FlowControl.from_settings(r, settings),
             fetcher=GuardedFetcher.from_settings(settings),
+            authorizer=authorizer,
         )
 
     async def aclose(self) -> None:
@@ -74,22 +70,6 @@ class Services:
         self.r.close()
         self.fetcher.close()
         await self.ar.aclose()
-
-    def limiter(self, principal: Principal) -> SubmitRateLimiter:
-        """The GCRA limiter of one key (its own rate, or the configured default)."""
-        rate = principal.rate_per_s or self.settings.api_rate_per_s
-        burst = principal.burst or self.settings.api_rate_burst
-        cache_key = (principal.key_id, rate, burst)
-        with self._lock:
-            found = self._limiters.get(cache_key)
-            if found is None:
-                if len(self._limiters) >= MAX_CACHED_LIMITERS:
-                    self._limiters.clear()
-                # worker/flow/rate.py's GCRA under a per-key prefix: P:api:rl:<key id>:fc:gcra
-                prefix = f"{Keys(self.settings.key_prefix).root}:api:rl:{principal.key_id}"
-                found = SubmitRateLimiter(self.r, prefix=prefix, rate_per_s=rate, burst=burst)
-                self._limiters[cache_key] = found
-        return found
 
 
 def services(request: Request) -> Services:
@@ -108,18 +88,18 @@ def _unauthorized(detail: str) -> ProblemError:
     )
 
 
-def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     """The caller's principal, after the per-key rate limit; raises 401 or 429 problems."""
     svc = services(request)
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("send an API key: Authorization: Bearer <token>")
-    principal = svc.keys.authenticate(credentials.credentials)
+    found = await svc.authorizer.authorize(credentials.credentials)
+    principal = found.principal
     if principal is None:
         raise _unauthorized("the API key is unknown or revoked")
     request.state.principal = principal  # for the access log (key id and tenant, never the token)
-    decision = svc.limiter(principal).try_acquire()
-    if not decision.allowed:
-        retry_after_s = max(1, math.ceil(decision.retry_after_ms / 1000))
+    if not found.allowed:
+        retry_after_s = max(1, math.ceil(found.retry_after_ms / 1000))
         raise ProblemError(
             429,
             "rate-limited",
@@ -130,11 +110,11 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     return principal
 
 
-def require(scope: Scope) -> Callable[..., Principal]:
+def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A dependency: the caller must hold ``scope`` (admin holds every scope)."""
 
-    def dependency(request: Request, credentials: Bearer) -> Principal:
-        principal = authenticate(request, credentials)
+    async def dependency(request: Request, credentials: Bearer) -> Principal:
+        principal = await authenticate(request, credentials)
         if not principal.allows(scope):
             raise ProblemError(403, "forbidden", "Forbidden", f"this API key lacks the {scope.value!r} scope")
         return principal

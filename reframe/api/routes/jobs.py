@@ -27,6 +27,7 @@ from reframe.api.services import Services, require, services
 from reframe.api.tenancy import MAX_SCAN_PER_PAGE, Cursor
 from worker.contracts.intake import (
     JOB_ID_PATTERN,
+    EnqueueCall,
     EnqueueResult,
     check_batch,
     check_enqueue,
@@ -82,6 +83,15 @@ def own_job(svc: Services, principal: Principal, job_id: str) -> tuple[Job, str 
     return Job.from_record(rec), tenant
 
 
+def write_and_tag(
+    svc: Services, principal: Principal, calls: list[EnqueueCall], *, batch: bool
+) -> list[EnqueueResult]:
+    """Enqueue atomically (the library's intake), then bind the jobs to the caller's tenant."""
+    results = svc.producer.intake.write(calls, batch=batch)
+    svc.tenants.tag(principal.tenant, [r.job_id for r in results])
+    return results
+
+
 def _enqueued(result: EnqueueResult) -> Enqueued:
     return Enqueued(id=result.job_id, state=result.state, created=result.created)
 
@@ -122,7 +132,7 @@ async def create_job(
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
     try:
-        result = (await run_in_threadpool(svc.producer.intake.write, [call], batch=False))[0]
+        result = (await run_in_threadpool(write_and_tag, svc, principal, [call], batch=False))[0]
     except IdempotencyConflict as exc:
         raise ProblemError(
             409,
@@ -132,7 +142,6 @@ async def create_job(
             "nothing was enqueued",
             errors=[("Idempotency-Key", "already used with a different request")],
         ) from None
-    await run_in_threadpool(svc.tenants.tag, principal.tenant, [result.job_id])
     response.status_code = 201 if result.created else 200
     response.headers["Location"] = f"/v1/jobs/{result.job_id}"
     return _enqueued(result)
@@ -181,7 +190,7 @@ async def create_batch(
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
     try:
-        results = await run_in_threadpool(svc.producer.intake.write, calls, batch=True)
+        results = await run_in_threadpool(write_and_tag, svc, principal, calls, batch=True)
     except IdempotencyConflict as exc:
         errors = []
         for c in exc.conflicts:
@@ -196,7 +205,6 @@ async def create_batch(
             "idempotency keys were already used with different requests; nothing was enqueued",
             errors=errors,
         ) from None
-    await run_in_threadpool(svc.tenants.tag, principal.tenant, [r.job_id for r in results])
     response.status_code = 201 if any(r.created for r in results) else 200
     return BatchEnqueued(items=[_enqueued(r) for r in results])
 
