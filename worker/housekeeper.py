@@ -19,14 +19,17 @@ another holder's; and every action a sweep takes is a fenced lifecycle step anyw
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 
+from worker.contracts.keys import KOMBU_UNACKED, celery_queue_key, celery_queue_keys
 from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import PRE_SUBMIT_STATES
 from worker.contracts.record import JobRecord, text
+from worker.contracts.wire import submit_job_id
 from worker.fal import FalError, FalNotFoundError
 from worker.outbox import STREAM_KEEP
 from worker.presence import Presence
@@ -37,6 +40,15 @@ from worker.tracker import receipt_from_record
 log = logging.getLogger(__name__)
 
 LOCK_TTL_MS = 15_000
+
+
+def _loads(raw: object) -> object:
+    try:
+        return json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        return None
+
+
 DISPATCH_LEASE_MS = 60_000
 #: A fal call made by a sweep gives up well inside the lock's TTL.
 FAL_CALL_TIMEOUT_S = LOCK_TTL_MS / 3000
@@ -59,6 +71,7 @@ class Housekeeper:
         self.presence = Presence.from_settings(rt.redis, rt.settings)
         self._stop = threading.Event()
         self._holding = threading.Event()
+        self._held_at = 0.0  # monotonic time of the last successful take or renewal
         self._thread = threading.Thread(target=self._loop, name="reframe-housekeeper", daemon=True)
         self._renewer = threading.Thread(
             target=self._renew_loop, name="reframe-housekeeper-lock", daemon=True
@@ -83,14 +96,23 @@ class Housekeeper:
 
     @property
     def holding(self) -> bool:
-        """True while this process holds the sweeping lock."""
-        return self._holding.is_set()
+        """True while this process holds the sweeping lock.
+
+        Besides the flag, the last successful take must be younger than the lock's TTL on the
+        monotonic clock, which keeps running while the process is stopped: a process resumed after
+        a SIGSTOP longer than the TTL stops sweeping at its next step, before its renewal even fails.
+        """
+        return self._holding.is_set() and (time.monotonic() - self._held_at) * 1000 < LOCK_TTL_MS
 
     def _take(self) -> bool:
+        asked_at = time.monotonic()
         held = bool(self._hold(keys=[self.keys.housekeeper_lock], args=[self.token, LOCK_TTL_MS]))
         if held:
+            self._held_at = asked_at
             self._holding.set()
         else:
+            if self._holding.is_set():
+                log.warning("housekeeper lock lost to another process; this one stops sweeping")
             self._holding.clear()
         return held
 
@@ -133,6 +155,7 @@ class Housekeeper:
             ("dlq", 60.0, self.sweep_dead_letters),
             ("callbacks", 60.0, self.sweep_failed_callbacks),
             ("reservations", 30.0, self.reconcile_reservations),
+            ("queued", 15.0, self.redispatch_lost_queued),
         )
         for name, period_s, duty in duties:
             if not self.holding:
@@ -229,6 +252,55 @@ class Housekeeper:
         if gone:
             self.rt.redis.zrem(self.keys.callbacks_failed, *gone)
         return len(gone)
+
+    def redispatch_lost_queued(self, *, min_age_ms: int = 30_000, limit: int = 200) -> list[str]:
+        """Dispatch again QUEUED jobs whose submit message was lost; returns their ids.
+
+        kombu pops a message and records it as unacknowledged in two steps, so a worker killed in
+        between loses it and nothing would ever run the job. A job that has been QUEUED for
+        ``min_age_ms`` with no submit run yet is lost when its message is neither unacknowledged nor
+        still in its Celery list: the list is FIFO, so once its oldest message belongs to a job
+        created later (or it is empty), this job's message has left it. A wrong guess only makes a
+        duplicate message, which the job's gate turns away.
+        """
+        k = self.keys
+        cutoff = self.rt.now_ms() - min_age_ms
+        ids = [text(x) for x in self.rt.redis.zrangebyscore(k.queued, "-inf", cutoff, start=0, num=limit)]
+        if not ids:
+            return []
+        unacked = {
+            submit_job_id(entry[0])
+            for entry in (_loads(v) for v in self.rt.redis.hvals(KOMBU_UNACKED))
+            if isinstance(entry, list) and entry
+        }
+        oldest_created: dict[str, int | None] = {}
+        for key in celery_queue_keys(self.rt.settings.queue_name):
+            tail = self.rt.redis.lindex(key, -1)
+            tail_job = submit_job_id(tail) if tail is not None else None
+            tail_rec = self.rt.store.record(tail_job) if tail_job else None
+            # an unreadable tail proves nothing: treat it as "may be older" (created at 0)
+            oldest_created[key] = None if tail is None else (tail_rec.created_at_ms if tail_rec else 0)
+        lost: list[str] = []
+        for job_id in ids:
+            rec = self.rt.store.record(job_id)
+            if rec is None or rec.state.value != "QUEUED":
+                self.rt.redis.zrem(k.queued, job_id)  # it started (or ended); nothing to watch
+                continue
+            if job_id in unacked or int(rec.get("gate_until_ms") or 0) > self.rt.now_ms():
+                continue
+            oldest = oldest_created[
+                celery_queue_key(self.rt.settings.queue_name, rec.priority.celery_priority)
+            ]
+            if oldest is not None and oldest <= rec.created_at_ms:
+                continue  # its message may still be in the list
+            lost.append(job_id)
+        if lost:
+            log.warning("submit messages of %d QUEUED jobs were lost; dispatching them again", len(lost))
+            for job_id in lost:
+                rec = self.rt.store.record(job_id)
+                if rec is not None:
+                    self.rt.dispatch([job_id], priority=rec.priority)
+        return lost
 
     def reconcile_reservations(self) -> int:
         """Settle or release reservations whose job has ended or vanished (a crash mid-clean-up)."""

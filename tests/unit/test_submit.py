@@ -20,6 +20,7 @@ from worker import lifecycle
 from worker.contracts.keys import celery_queue_keys
 from worker.contracts.models import PRE_SUBMIT_STATES
 from worker.contracts.store import BudgetAction, Fence
+from worker.contracts.wire import submit_job_id
 from worker.fal import FalAmbiguousError, FalAuthError, FalTransientError, SubmitReceipt
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
@@ -361,6 +362,7 @@ def test_nothing_we_own_rots_once_the_records_expire(
         hk.sweep_failed_callbacks()
         hk.reconcile_reservations()
         hk.trim_events(keep=0)
+        hk.redispatch_lost_queued(min_age_ms=0)  # also drops index entries of jobs that ended QUEUED
         # Live work is not rot: pending callback deliveries (the outbox thread is not running here)
         # and the Celery messages no worker consumed.
         for event_id in rclient.zrange("{reframe}:outbox", 0, -1):
@@ -415,3 +417,42 @@ def test_a_reservation_settles_into_the_period_it_was_made_in(runtime: Runtime, 
     assert done
     assert rclient.hgetall("{reframe}:fc:budget:day:2020-01-31") == {"reserved": "0", "spent": "60000"}
     assert rclient.hget("{reframe}:fc:budget:month:2020-01", "spent") == "60000"
+
+
+def test_a_run_that_dies_inside_the_gate_leaves_the_job_to_be_dispatched_again(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
+    """A duplicate message finding the gate busy is acked and dropped; if the gate's own run then
+    dies, only the gate's safety entry in `delayed` brings the job back."""
+    job_id = enqueue(runtime)
+    gate = lifecycle.begin(runtime, job_id)  # ... and the run is SIGKILLed here
+    assert Submitter(runtime).handle(job_id) is Outcome.DUPLICATE  # the redelivery is dropped
+    gate_until = int(rclient.hget(runtime.store.keys.job(job_id), "gate_until_ms"))
+    assert rclient.zscore("{reframe}:delayed", job_id) == gate_until + 1000
+    # every way out of the gate clears the entry (here: parked WAITING)
+    assert lifecycle.park_waiting(runtime, job_id, gate.attempt, ahead=0).ok
+    assert rclient.zscore("{reframe}:delayed", job_id) is None
+
+
+def test_a_queued_job_whose_message_was_lost_is_dispatched_again(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
+    """kombu pops a message and records it unacked in two steps: a kill in between loses it."""
+    waiting, lost, taken = enqueue(runtime), enqueue(runtime), enqueue(runtime)
+    queue = celery_queue_keys(runtime.settings.queue_name)[1]  # normal priority
+    messages = rclient.lrange(queue, 0, -1)  # newest first
+    by_job = {submit_job_id(m): m for m in messages}
+    rclient.lrem(queue, 0, by_job[lost])  # popped, never recorded: lost
+    rclient.lrem(queue, 0, by_job[taken])  # popped and recorded unacked: a worker holds it
+    rclient.hset("unacked", "tag-1", json.dumps([json.loads(by_job[taken]), "", queue]))
+    hk = Housekeeper(runtime)
+    # `waiting`'s message is still in the list (the oldest one): it is not lost, and neither is
+    # anything created after it. Once the list moves past it, `lost` is found.
+    assert hk.redispatch_lost_queued(min_age_ms=0) == []
+    rclient.lrem(queue, 0, by_job[waiting])
+    rclient.hset("unacked", "tag-2", json.dumps([json.loads(by_job[waiting]), "", queue]))
+    assert hk.redispatch_lost_queued(min_age_ms=0) == [lost]
+    assert [submit_job_id(m) for m in rclient.lrange(queue, 0, -1)] == [lost]  # in its own lane again
+    # once its run starts, the job leaves the index
+    assert lifecycle.begin(runtime, lost).owner
+    assert rclient.zscore("{reframe}:queued", lost) is None

@@ -455,7 +455,7 @@ class Intake:
             keys += [keys_of.job(job_id), idem, list_key]
             fields = record_fields(job_id, call, call.input, default_deadline_s=self.default_deadline_s)
             argv += [job_id, call.input.fingerprint(), message, str(len(fields) // 2), *fields]
-        raw: Any = self._script(keys=keys, args=argv)
+        raw: Any = self._script(keys=[*keys, keys_of.queued], args=argv)
         if int(raw[0]) == 0:
             found = []
             for k in range(1, len(raw), 2):

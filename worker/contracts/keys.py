@@ -13,6 +13,9 @@ from worker.contracts.models import Priority
 
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+#: kombu's Redis transport keeps delivered, unacknowledged messages in this HASH (delivery tag ->
+#: ``[message, exchange, routing_key]``) until they are acked or restored after the visibility timeout.
+KOMBU_UNACKED = "unacked"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,11 @@ class Keys:
     def reservations(self) -> str:
         """HASH job id -> budget reservation (flow control's budget)."""
         return f"{self.root}:fc:budget:res"
+
+    @property
+    def queued(self) -> str:
+        """ZSET job id -> enqueue ms, of jobs whose first submit run has not started (lost-message sweep)."""
+        return f"{self.root}:queued"
 
     @property
     def slots(self) -> str:

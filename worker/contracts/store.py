@@ -163,7 +163,7 @@ class JobStore:
         list_key, message = self.submit_message(job_id, priority)
         idem = _text(self.r.hget(self.keys.job(job_id), "idempotency_key") or "")
         raw = self._replay(
-            keys=[self.keys.job(job_id), self.keys.dlq, list_key, self.keys.idem(idem)],
+            keys=[self.keys.job(job_id), self.keys.dlq, list_key, self.keys.idem(idem), self.keys.queued],
             args=[message, job_id, "1" if force else "0", self.retention_ms],
         )
         ok = int(raw[0]) == 1
@@ -222,7 +222,8 @@ class JobStore:
     # ---------------------------------------------------------------- fenced transitions
     def gate(self, job_id: str, *, gate_ttl_ms: int) -> GateOutcome:
         """Take the job's gate as a new attempt (see ``lua/gate.lua``)."""
-        raw = self._gate(keys=[self.keys.job(job_id), self.keys.delayed], args=[job_id, gate_ttl_ms])
+        k = self.keys
+        raw = self._gate(keys=[k.job(job_id), k.delayed, k.queued], args=[job_id, gate_ttl_ms])
         code, value = int(raw[0]), _text(raw[1])
         if code == 1:
             return GateOutcome(owner=True, busy=False, attempt=value, state="")
@@ -258,7 +259,7 @@ class JobStore:
             if not refusal.startswith("BUDGET_KEYS:"):
                 return raw
             day, _, month = refusal.removeprefix("BUDGET_KEYS:").partition("|")
-        return raw
+        raise RuntimeError(f"budget periods of job {job_id} kept changing under the script")
 
     def _job_keys(self, job_id: str, day: str, month: str) -> list[str]:
         k = self.keys

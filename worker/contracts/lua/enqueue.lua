@@ -11,6 +11,7 @@
 --   (job_id = the claiming job), or its new job id already exists (job_id = ''); nothing is written.
 --   Otherwise {1, now_ms, then per item: created (1|0), job_id}: created 0 means the key was already
 --   claimed with the same fingerprint and job_id is that existing job (nothing new written for it).
+--       KEYS[3n+1]: the `queued` ZSET (job -> enqueue ms) the lost-message sweep reads.
 -- Raises an error (nothing written) if one idempotency key appears twice in the batch.
 -- @include now
 
@@ -61,6 +62,7 @@ for i = 1, n do
     redis.call('HSET', KEYS[3 * i - 2], 'created_at_ms', now_ms, 'updated_at_ms', now_ms, 'ts_QUEUED', now_ms,
       unpack(ARGV, it.first, it.last))
     redis.call('LPUSH', KEYS[3 * i], it.msg)
+    redis.call('ZADD', KEYS[3 * n + 1], now_ms, it.id)
     if KEYS[3 * i - 1] ~= ARGV[1] then
       redis.call('SET', KEYS[3 * i - 1], cjson.encode({job_id = it.id, fingerprint = it.fp}))
     end

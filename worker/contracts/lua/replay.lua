@@ -1,6 +1,6 @@
 -- replay: bring a dead-lettered job back to QUEUED as a new life with a new submit message.
 -- KEYS: 1 job record, 2 dlq ZSET, 3 the Celery list of the message, 4 the job's idempotency claim
---       (any key when it has none): a live job's record and claim do not expire.
+--       (any key when it has none): a live job's record and claim do not expire, 5 queued ZSET.
 -- ARGV: 1 message, 2 job id, 3 force ('1' = replay even when the death may have been paid for),
 --       4 record retention ms (a live job does not expire; kept for symmetry with finish).
 -- Returns {1, now_ms} replayed; {0, reason}: '' no record, 'NOT_DEAD_LETTERED', or
@@ -24,4 +24,5 @@ redis.call('HINCRBY', KEYS[1], 'replays', 1)
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'forced_replays', 1) end
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('LPUSH', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[5], now_ms, ARGV[2])
 return {1, now_ms}
