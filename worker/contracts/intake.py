@@ -91,7 +91,9 @@ class IntakeLimits:
             max_metadata_keys=settings.max_metadata_keys,
             max_deadline_s=settings.job_deadline_s,
             max_batch=settings.enqueue_max_batch,
-            callbacks_allowed=settings.callback_signing_key is not None or settings.callback_allow_unsigned,
+            callbacks_allowed=settings.callback_signing_key is not None
+            or settings.callback_secrets is not None
+            or settings.callback_allow_unsigned,
             url_policy=UrlPolicy.from_spec(settings.fetch_allow, max_length=settings.max_url_length),
         )
 
