@@ -835,9 +835,7 @@ def _key_store(settings: Settings) -> Any:
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="The tenant the key acts for (a-z, 0-9, _ and -).")],
-    scope: Annotated[
-        list[str], typer.Option("--scope", help="enqueue, read or admin; repeatable.")
-    ],
+    scope: Annotated[list[str], typer.Option("--scope", help="enqueue, read or admin; repeatable.")],
     label: Annotated[str, typer.Option(help="A note shown by `reframe keys list`.")] = "",
     rate_per_s: Annotated[
         float | None, typer.Option(help="Requests per second (default REFRAME_API_RATE_PER_S).")
