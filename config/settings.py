@@ -340,10 +340,10 @@ class Settings(BaseSettings):
         default=DEFAULT_METRICS_PORT, description="Port of /metrics, /livez, /readyz (0 disables)."
     )
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = Field(
-        default=1000, description="How often a worker process publishes its presence (limits + beat)."
+        default=500, description="How often a worker process publishes its presence (limits + beat)."
     )
     heartbeat_ttl_ms: Annotated[int, Field(ge=300, le=600_000)] = Field(
-        default=5000,
+        default=2500,
         description="A process with no beat for this long counts as dead: its tracker claims and "
         "in-flight submits are taken over (still checked against fal before any slot is freed).",
     )

@@ -39,7 +39,7 @@ from worker.tracker import receipt_from_record
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_MS = 15_000
+LOCK_TTL_MS = 6_000
 
 
 def _loads(raw: object) -> object:
@@ -179,15 +179,34 @@ class Housekeeper:
         )
         if released:
             log.info("took over %d tracker claims of dead processes", released)
+        # A submit is resolved only once its process has been silent for a while longer: declaring a
+        # live (but starved) submitter dead would dead-letter a job fal may be accepting right now.
+        silent_ms = max(3 * self.rt.settings.heartbeat_ttl_ms, 10_000)
+        now_ms = self.rt.now_ms()
+        gates_released = False
         for job_id in (text(x) for x in self.rt.redis.zrange(self.keys.slots, 0, -1)):
             rec = self.rt.store.record(job_id)
+            if (
+                rec is not None
+                and rec.state in PRE_SUBMIT_STATES
+                and int(rec.get("gate_until_ms") or 0) > now_ms
+                and rec.get("gate_process")
+                and rec.get("gate_process") not in alive
+                and self.rt.store.release_gate(job_id, rec.attempt)
+            ):
+                # A slot holder whose gate run died: dispatched again now, not after the gate TTL.
+                gates_released = True
+                continue
             if (
                 rec is not None
                 and rec.state.value == "SUBMITTING"
                 and rec.submit_process
                 and rec.submit_process not in alive
+                and now_ms - rec.submit_started_at_ms > silent_ms
             ):
                 self.submitter.resolve_unknown(rec, submitter_dead=True)
+        if gates_released:
+            self.dispatch_due()
         return released
 
     def dispatch_due(self) -> list[str]:

@@ -83,7 +83,7 @@ def counts_against_breaker(err: FalError) -> bool:
 # ---------------------------------------------------------------------- before fal
 def begin(rt: Runtime, job_id: str) -> GateOutcome:
     """Take the job's gate as a new attempt (a duplicate delivery finds it busy and stops)."""
-    return rt.store.gate(job_id, gate_ttl_ms=int(rt.settings.gate_ttl_s * 1000))
+    return rt.store.gate(job_id, gate_ttl_ms=int(rt.settings.gate_ttl_s * 1000), process_id=rt.process_id)
 
 
 def _dispatch(rt: Runtime, moved: MoveOutcome) -> MoveOutcome:

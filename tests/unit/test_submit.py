@@ -456,3 +456,23 @@ def test_a_queued_job_whose_message_was_lost_is_dispatched_again(
     # once its run starts, the job leaves the index
     assert lifecycle.begin(runtime, lost).owner
     assert rclient.zscore("{reframe}:queued", lost) is None
+
+
+def test_a_dead_processs_gate_on_a_slot_is_released_at_once(runtime: Runtime, rclient: redis.Redis) -> None:
+    """A slot holder whose gate run died is dispatched again when its process stops beating, not
+    after the gate's TTL; a live process's gate is left alone."""
+    job_id = enqueue(runtime)
+    gate = runtime.store.gate(job_id, gate_ttl_ms=30_000, process_id="host:1:dead")
+    key = runtime.store.keys.job(job_id)
+    assert runtime.flow.slots.acquire(job_id, "normal", record_key=key, attempt=gate.attempt).acquired
+    hk = Housekeeper(runtime)
+    hk.presence.beat("host:1:dead", {})  # alive for now
+    hk.take_over_dead()
+    assert int(rclient.hget(key, "gate_until_ms")) > 0, "a live process keeps its gate"
+    hk.presence.remove("host:1:dead")  # ... and then it stops beating
+    hk.take_over_dead()
+    assert int(rclient.hget(key, "gate_until_ms")) == 0
+    lanes = celery_queue_keys(runtime.settings.queue_name)
+    messages = [submit_job_id(m) for key_ in lanes for m in rclient.lrange(key_, 0, -1)]
+    assert messages.count(job_id) == 2, "the original message and the re-dispatch"
+    assert lifecycle.begin(runtime, job_id).owner, "the next run takes the gate at once"

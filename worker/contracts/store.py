@@ -143,6 +143,7 @@ class JobStore:
         self._replay = client.register_script(load_lua(INCLUDE_DIR / "replay.lua"))
         self._redeliver = client.register_script(load_lua(INCLUDE_DIR / "outbox_redeliver.lua"))
         self._forget = client.register_script(load_lua(INCLUDE_DIR / "forget.lua"))
+        self._gate_release = client.register_script(load_lua(INCLUDE_DIR / "gate_release.lua"))
 
     # ---------------------------------------------------------------- producer side
     # Enqueueing (records, idempotency claims, messages) lives in worker/contracts/intake.py.
@@ -220,10 +221,10 @@ class JobStore:
         return JobState(_text(raw)) if raw else None
 
     # ---------------------------------------------------------------- fenced transitions
-    def gate(self, job_id: str, *, gate_ttl_ms: int) -> GateOutcome:
+    def gate(self, job_id: str, *, gate_ttl_ms: int, process_id: str = "") -> GateOutcome:
         """Take the job's gate as a new attempt (see ``lua/gate.lua``)."""
         k = self.keys
-        raw = self._gate(keys=[k.job(job_id), k.delayed, k.queued], args=[job_id, gate_ttl_ms])
+        raw = self._gate(keys=[k.job(job_id), k.delayed, k.queued], args=[job_id, gate_ttl_ms, process_id])
         code, value = int(raw[0]), _text(raw[1])
         if code == 1:
             return GateOutcome(owner=True, busy=False, attempt=value, state="")
@@ -260,6 +261,11 @@ class JobStore:
                 return raw
             day, _, month = refusal.removeprefix("BUDGET_KEYS:").partition("|")
         raise RuntimeError(f"budget periods of job {job_id} kept changing under the script")
+
+    def release_gate(self, job_id: str, attempt: str) -> bool:
+        """End the live gate of ``attempt`` (its run died) and make the job due now; True if it did."""
+        raw = self._gate_release(keys=[self.keys.job(job_id), self.keys.delayed], args=[job_id, attempt])
+        return int(raw) == 1
 
     def _job_keys(self, job_id: str, day: str, month: str) -> list[str]:
         k = self.keys
