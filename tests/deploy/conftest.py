@@ -23,7 +23,15 @@ INSTALL_HINT = "run scripts/ensure-deploy-tools (it installs every deploy tool, 
 
 #: The one Secret the manifests reference, and its keys (docs/deploy.md documents each).
 SECRET_NAME = "reframe-secrets"
-SECRET_KEYS = {"redis-url", "redis-address", "redis-password", "fal-key", "callback-signing-key"}
+SECRET_KEYS = {
+    "redis-url",
+    "redis-address",
+    "redis-password",
+    "fal-key",
+    "callback-signing-key",
+    "callback-secrets",
+    "webhook-secret",
+}
 
 
 def tool(name: str, *, prefer: Path | None = None) -> str:
