@@ -144,7 +144,11 @@ class RedisServer:
 
 
 def start_redis(workdir: Path, *, port: int | None = None, appendonly: bool = False) -> RedisServer:
-    """Start a redis-server on a free loopback port and wait until it answers PING."""
+    """Start a redis-server on a free loopback port and wait until it answers PING.
+
+    ``appendonly`` turns on the AOF with ``appendfsync always``: every write is on disk before Redis
+    answers it, so a SIGKILL loses nothing that was acknowledged (what the crash tests need).
+    """
     import redis
 
     port = port or free_port()
@@ -155,6 +159,7 @@ def start_redis(workdir: Path, *, port: int | None = None, appendonly: bool = Fa
         "--bind", "127.0.0.1",
         "--save", "",
         "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "always" if appendonly else "everysec",
         "--dir", str(workdir),
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",

@@ -26,26 +26,6 @@ pytestmark = pytest.mark.integration
 SUBMIT_DELAY_S = 3.0
 
 
-def _persist(server: RedisServer) -> None:
-    """Rewrite the AOF now and wait for it, so a SIGKILL loses nothing written so far."""
-    client = redis.Redis(port=server.port)
-    try:
-        before = int(client.info("persistence").get("aof_rewrites", 0))
-        client.bgrewriteaof()
-
-        def done() -> bool:
-            info = client.info("persistence")
-            return (
-                int(info.get("aof_rewrites", 0)) > before
-                and not int(info["aof_rewrite_in_progress"])
-                and not int(info["aof_rewrite_scheduled"])
-            )
-
-        wait_until(done, timeout_s=15, interval_s=0.05, what="AOF rewrite")
-    finally:
-        client.close()
-
-
 def data_url(path: Path) -> str:
     """The clip inline as a ``data:`` URI (no fetch of a loopback URL needed)."""
     return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -113,7 +93,7 @@ def test_busy_workers_survive_a_redis_restart(tmp_path: Path, sample_video: Path
                 timeout_s=30,
                 what="4 submits held at the emulator",
             )
-            _persist(server)
+            # appendfsync always (start_redis): everything acknowledged so far survives the SIGKILL
             ports = [w.metrics_port for w in cluster.workers]
             assert all(_readyz(port) == 200 for port in ports)
 
