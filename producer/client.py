@@ -40,6 +40,7 @@ from worker.contracts.intake import (
 from worker.contracts.keys import celery_queue_key
 from worker.contracts.models import (
     PRE_SUBMIT_STATES,
+    CancelOutcome,
     InvalidRequest,
     JobState,
     Priority,
@@ -58,19 +59,6 @@ __all__ = [
     "Job",
     "Producer",
 ]
-
-
-class CancelOutcome(StrEnum):
-    """What :meth:`Producer.cancel` did."""
-
-    CANCELLED = "cancelled"
-    """The job had not reached fal; it is CANCELLED now."""
-    REQUESTED = "cancel_requested"
-    """fal has (or may have) the request; a worker asks fal to cancel it."""
-    ALREADY_FINISHED = "already_finished"
-    """The job was already in a terminal state."""
-    NOT_FOUND = "not_found"
-    """No such job (or its record expired)."""
 
 
 @dataclass(frozen=True)

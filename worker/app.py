@@ -95,7 +95,7 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=CANCEL_TASK, bind=True, acks_late=True, max_retries=5)  # type: ignore[untyped-decorator]
     def cancel(self: Task, job_id: str) -> str:
         try:
-            return cancel_at_fal(get_runtime(), job_id)
+            return cancel_at_fal(get_runtime(), job_id).value
         except FalError as exc:
             raise self.retry(countdown=min(60, 2**self.request.retries), exc=exc) from None
 

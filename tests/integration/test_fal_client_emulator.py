@@ -18,9 +18,9 @@ import pytest
 
 from reframe.demo import make_sample_video
 from worker.fal import (
-    CancelOutcome,
     FalAmbiguousError,
     FalAuthError,
+    FalCancelAnswer,
     FalClient,
     FalError,
     FalModelError,
@@ -469,7 +469,7 @@ def test_result_ingress_error_is_retried(emu: Any, good: dict[str, Any]) -> None
 def test_cancel_outcomes(emu: Any, good: dict[str, Any]) -> None:
     emu.configure(concurrency=1, processing_time_s=3.0)
 
-    async def go(c: FalClient) -> list[CancelOutcome]:
+    async def go(c: FalClient) -> list[FalCancelAnswer]:
         running = await c.submit(good)
         queued = await c.submit(good)
         outcomes = [await c.cancel(queued), await c.cancel(running)]
@@ -480,10 +480,10 @@ def test_cancel_outcomes(emu: Any, good: dict[str, Any]) -> None:
         return outcomes
 
     assert with_client(emu, go) == [
-        CancelOutcome.REQUESTED,
-        CancelOutcome.REQUESTED,
-        CancelOutcome.ALREADY_COMPLETED,
-        CancelOutcome.NOT_FOUND,
+        FalCancelAnswer.REQUESTED,
+        FalCancelAnswer.REQUESTED,
+        FalCancelAnswer.ALREADY_COMPLETED,
+        FalCancelAnswer.NOT_FOUND,
     ]
 
 
@@ -491,7 +491,7 @@ def test_cancel_is_retried_on_ingress_errors(emu: Any, good: dict[str, Any]) -> 
     emu.configure(processing_time_s=3.0)
     receipt = with_client(emu, lambda c: c.submit(good))
     emu.set_faults([{"op": "cancel", "kind": "http", "status": 504, "nginx": True, "times": 1}])
-    assert with_client(emu, lambda c: c.cancel(receipt)) is CancelOutcome.REQUESTED
+    assert with_client(emu, lambda c: c.cancel(receipt)) is FalCancelAnswer.REQUESTED
     assert len(ops(emu, "cancel")) == 2
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from config import load_settings
 from worker.fal import (
-    CancelOutcome,
     FalAmbiguousError,
     FalAuthError,
+    FalCancelAnswer,
     FalClient,
     FalError,
     FalModelError,
@@ -501,12 +501,12 @@ def test_result_unexpected_body_is_permanent() -> None:
 @pytest.mark.parametrize(
     ("step", "expected"),
     [
-        (js(202, {"status": "CANCELLATION_REQUESTED"}), CancelOutcome.REQUESTED),
-        (js(400, {"status": "ALREADY_COMPLETED"}), CancelOutcome.ALREADY_COMPLETED),
-        (js(404, {"status": "NOT_FOUND"}), CancelOutcome.NOT_FOUND),
+        (js(202, {"status": "CANCELLATION_REQUESTED"}), FalCancelAnswer.REQUESTED),
+        (js(400, {"status": "ALREADY_COMPLETED"}), FalCancelAnswer.ALREADY_COMPLETED),
+        (js(404, {"status": "NOT_FOUND"}), FalCancelAnswer.NOT_FOUND),
     ],
 )
-def test_cancel_outcomes(step: httpx.Response, expected: CancelOutcome) -> None:
+def test_cancel_outcomes(step: httpx.Response, expected: FalCancelAnswer) -> None:
     script = Script(step)
     assert run(call(make_client(script), lambda c: c.cancel(receipt()))) is expected
     req = script.requests[0]
@@ -515,7 +515,7 @@ def test_cancel_outcomes(step: httpx.Response, expected: CancelOutcome) -> None:
 
 def test_cancel_retries_transient() -> None:
     script = Script(httpx.Response(503, content=NGINX_503), js(202, {"status": "CANCELLATION_REQUESTED"}))
-    assert run(call(make_client(script), lambda c: c.cancel(receipt()))) is CancelOutcome.REQUESTED
+    assert run(call(make_client(script), lambda c: c.cancel(receipt()))) is FalCancelAnswer.REQUESTED
     assert len(script.requests) == 2
 
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from worker.fal import (
-    CancelOutcome,
     FalAmbiguousError,
     FalAuthError,
+    FalCancelAnswer,
     FalError,
     FalModelError,
     FalNotFoundError,
@@ -443,16 +443,16 @@ def test_status_class(code: int | None, label: str) -> None:
 @pytest.mark.parametrize(
     ("code", "body", "expected"),
     [
-        (202, j({"status": "CANCELLATION_REQUESTED"}), CancelOutcome.REQUESTED),
-        (200, j({"status": "OK"}), CancelOutcome.REQUESTED),
-        (400, j({"status": "ALREADY_COMPLETED"}), CancelOutcome.ALREADY_COMPLETED),
-        (404, j({"status": "NOT_FOUND"}), CancelOutcome.NOT_FOUND),
+        (202, j({"status": "CANCELLATION_REQUESTED"}), FalCancelAnswer.REQUESTED),
+        (200, j({"status": "OK"}), FalCancelAnswer.REQUESTED),
+        (400, j({"status": "ALREADY_COMPLETED"}), FalCancelAnswer.ALREADY_COMPLETED),
+        (404, j({"status": "NOT_FOUND"}), FalCancelAnswer.NOT_FOUND),
         (400, j({"detail": "bad"}), None),
         (429, b"", None),
         (503, b"", None),
     ],
 )
-def test_cancel_outcome(code: int, body: bytes, expected: CancelOutcome | None) -> None:
+def test_cancel_outcome(code: int, body: bytes, expected: FalCancelAnswer | None) -> None:
     assert cancel_outcome(code, body) == expected
 
 

@@ -94,6 +94,19 @@ class JobState(StrEnum):
         return self in (JobState.IN_QUEUE, JobState.IN_PROGRESS)
 
 
+class CancelOutcome(StrEnum):
+    """What a cancel did to a job: the one answer of the library, the CLI, the API and the cancel task."""
+
+    CANCELLED = "cancelled"
+    """The job had not reached fal; it is CANCELLED now (its slot and reservation freed)."""
+    REQUESTED = "cancel_requested"
+    """fal has (or may have) the request; fal was (or will be) asked to cancel it."""
+    ALREADY_FINISHED = "already_finished"
+    """The job was already in a terminal state (or fal had already completed the request)."""
+    NOT_FOUND = "not_found"
+    """No such job (or its record expired, or fal no longer knows the request)."""
+
+
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 PRE_SUBMIT_STATES = frozenset({JobState.QUEUED, JobState.WAITING, JobState.BLOCKED, JobState.DEFERRED})
 

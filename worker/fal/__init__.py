@@ -12,7 +12,7 @@ from worker.fal.errors import (
     FalTransientError,
 )
 from worker.fal.models import (
-    CancelOutcome,
+    FalCancelAnswer,
     FalFile,
     QueueStatus,
     ReframeOutput,
@@ -31,9 +31,9 @@ from worker.fal.policy import (
 )
 
 __all__ = [
-    "CancelOutcome",
     "FalAmbiguousError",
     "FalAuthError",
+    "FalCancelAnswer",
     "FalClient",
     "FalError",
     "FalFile",

@@ -36,7 +36,7 @@ from worker.fal.errors import (
     FalRunnerError,
     FalTransientError,
 )
-from worker.fal.models import CancelOutcome, QueueStatus, ReframeOutput, SubmitReceipt, request_urls
+from worker.fal.models import FalCancelAnswer, QueueStatus, ReframeOutput, SubmitReceipt, request_urls
 from worker.fal.policy import (
     PRE_SEND_ERRORS,
     RandomSource,
@@ -335,7 +335,7 @@ class FalClient:
         """
         return await self._idempotent("result", lambda: self._result_once(receipt))
 
-    async def cancel(self, receipt: SubmitReceipt) -> CancelOutcome:
+    async def cancel(self, receipt: SubmitReceipt) -> FalCancelAnswer:
         """Ask fal to cancel the request; report what that achieved."""
         return await self._idempotent("cancel", lambda: self._cancel_once(receipt))
 
@@ -371,7 +371,7 @@ class FalClient:
         # A 200 that is not {"video": File} will not change on a second read.
         return self._parse("result", response, ReframeOutput, FalPermanentError, receipt.request_id)
 
-    async def _cancel_once(self, receipt: SubmitReceipt) -> CancelOutcome:
+    async def _cancel_once(self, receipt: SubmitReceipt) -> FalCancelAnswer:
         response = await self._send("cancel", "PUT", receipt.cancel_url, headers=self._headers(), content=b"")
         outcome = cancel_outcome(response.status_code, response.content)
         if outcome is not None:

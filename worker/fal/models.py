@@ -67,8 +67,8 @@ class ReframeOutput(_Tolerant):
     video: FalFile
 
 
-class CancelOutcome(StrEnum):
-    """What a cancel achieved. The values are fal's own status strings."""
+class FalCancelAnswer(StrEnum):
+    """What fal answered a cancel. The values are fal's own status strings."""
 
     REQUESTED = "CANCELLATION_REQUESTED"
     """fal removed the queued request or signalled the runner; it ends COMPLETED either way."""

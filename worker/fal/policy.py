@@ -45,7 +45,7 @@ from worker.fal.errors import (
     FalRunnerError,
     FalTransientError,
 )
-from worker.fal.models import CancelOutcome
+from worker.fal.models import FalCancelAnswer
 
 StatusClass = Literal["2xx", "3xx", "4xx", "429", "5xx", "timeout", "network"]
 
@@ -272,18 +272,18 @@ def classify_exception(op: str, exc: httpx.HTTPError, *, body_sent: bool) -> Fal
     return FalTransientError(message, op=op)
 
 
-def cancel_outcome(status_code: int, body_bytes: bytes) -> CancelOutcome | None:
+def cancel_outcome(status_code: int, body_bytes: bytes) -> FalCancelAnswer | None:
     """The outcome a cancel response reports, or ``None`` when it is an error to classify.
 
     202 (or 200, fal's ``OK``) → requested; 400 ``ALREADY_COMPLETED`` → already completed;
     404 → not found. A 400 that does not say ``ALREADY_COMPLETED`` is a real error.
     """
     if status_code in (200, 202):
-        return CancelOutcome.REQUESTED
+        return FalCancelAnswer.REQUESTED
     if status_code == 404:
-        return CancelOutcome.NOT_FOUND
+        return FalCancelAnswer.NOT_FOUND
     if status_code == 400 and b"ALREADY_COMPLETED" in body_bytes:
-        return CancelOutcome.ALREADY_COMPLETED
+        return FalCancelAnswer.ALREADY_COMPLETED
     return None
 
 
