@@ -18,35 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from rich.console import Console
-from rich.table import Table
 
 from bench.recovery import bench_recovery
+from bench.report import Row, console, pct, table
 from producer import JobState, Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import start_redis, wait_until
-
-console = Console()
-Row = tuple[str, str, str]
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of values, nearest-rank."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def table(title: str, rows: list[Row]) -> None:
-    t = Table(title=title)
-    t.add_column("measure")
-    t.add_column("result", justify="right")
-    t.add_column("floor")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
 
 
 def bench_enqueue(work: Path) -> list[Row]:

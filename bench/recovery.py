@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from rich.console import Console
-from rich.table import Table
 
+from bench.report import Row, console, pct, table
 from producer import Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, WorkerProcess, start_cluster, upload_file
@@ -31,29 +30,6 @@ from reframe.localproc import wait_until
 PREFIX = "{reframe}"
 #: A budget that never blocks these runs (the defaults would stop a long backlog after $100).
 BUDGET_ENV = {"REFRAME_BUDGET_DAILY_USD": "100000", "REFRAME_BUDGET_MONTHLY_USD": "1000000"}
-
-
-Row = tuple[str, str, str]
-console = Console()
-
-
-# The same small helpers as bench/__main__.py (which imports this module, so not imported from it).
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of values, nearest-rank."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def table(title: str, rows: list[Row]) -> None:
-    t = Table(title=title)
-    t.add_column("measure")
-    t.add_column("result", justify="right")
-    t.add_column("floor")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
 
 
 def _cluster(work: Path, name: str, **kw: Any) -> tuple[LocalCluster, str]:

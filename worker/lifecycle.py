@@ -13,16 +13,14 @@ field (and to its ``fal_request_id``); an attempt id is never reused, replays in
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from worker.contracts.lua import load_lua, script_path
-from worker.contracts.models import PRE_SUBMIT_STATES, JobState, Priority
-from worker.contracts.record import JobRecord, text
+from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
 from worker.fal import FalAmbiguousError, FalError, FalTransientError, SubmitReceipt, backoff_s
 from worker.flow import BreakerState
@@ -247,45 +245,22 @@ def resolve_ambiguous(
     dead letter settled to what fal billed, and the slot held for the unseen request is freed, in
     one script fenced by the submitting attempt (``worker/lua/ambiguous_resolve.lua``).
     """
-    k, p = rt.store.keys, rt.store.slot_params
     # the dead letter charged the periods of the reservation, taken just before the submit
     at = time.gmtime((rec.submit_started_at_ms or rt.now_ms()) / 1000)
-    day, month = f"{at.tm_year:04d}-{at.tm_mon:02d}-{at.tm_mday:02d}", f"{at.tm_year:04d}-{at.tm_mon:02d}"
-    keys = [
-        k.job(rec.id),
-        k.slots,
-        k.waiting,
-        k.wait(Priority.HIGH),
-        k.wait(Priority.NORMAL),
-        k.wait(Priority.LOW),
-        k.reservations,
-        k.delayed,
-        k.blocked,
-        k.track,
-        k.track_owner,
-        f"{k.root}:fc:budget:day:{day}",
-        f"{k.root}:fc:budget:month:{month}",
-    ]
-    opt = {
-        "slot": SlotAction.RELEASE.value,
-        "budget": BudgetAction.KEEP.value,
-        "capacity": p.capacity,
-        "reserved": p.reserved_high,
-        "lease_ms": p.lease_ms,
-        "bprefix": k.root,
-        "attempt": attempt,
-        "request_id": request_id,
-        "charged_micro": int(rec.estimate_micro or 0),
-        "billed_micro": int(billed_micro),
-        "set": {n: v if isinstance(v, str) else json.dumps(v) for n, v in (fields or {}).items()} or None,
-    }
-    script = rt.redis.register_script(load_lua(script_path(__file__, "ambiguous_resolve")))
-    raw = script(keys=keys, args=[rec.id, json.dumps({n: v for n, v in opt.items() if v is not None})])
-    if int(raw[0]) == 0:
-        return MoveOutcome(ok=False, state=text(raw[1]))
-    admitted = tuple(text(x) for x in raw[2:])
+    moved = rt.store.resolve_ambiguous(
+        rec.id,
+        attempt,
+        request_id,
+        charged_micro=int(rec.estimate_micro or 0),
+        billed_micro=int(billed_micro),
+        fields=fields,
+        day=f"{at.tm_year:04d}-{at.tm_mon:02d}-{at.tm_mday:02d}",
+        month=f"{at.tm_year:04d}-{at.tm_mon:02d}",
+    )
+    if not moved.ok:
+        return moved
     rt.metrics.spent((billed_micro - int(rec.estimate_micro or 0)) / 1e6)  # a refund is not counted
-    return _dispatch(rt, MoveOutcome(ok=True, state=rec.state.value, at_ms=int(raw[1]), admitted=admitted))
+    return _dispatch(rt, moved)
 
 
 def late_receipt(rt: Runtime, job_id: str, attempt: str, receipt: SubmitReceipt, *, state: str) -> None:

@@ -25,9 +25,6 @@ and budget semantics are exactly the workers'.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import threading
 import time
@@ -44,7 +41,7 @@ from redis.retry import Retry
 
 from config import Settings
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, Keys
-from worker.contracts.wire import SUBMIT_TASK
+from worker.contracts.wire import SUBMIT_TASK, decode_task
 from worker.flow import BreakerState, FlowControl, micro_to_usd
 
 log = logging.getLogger(__name__)
@@ -216,19 +213,12 @@ def parse_celery_message(raw: Any) -> CeleryHead | None:
     messages. The body is task protocol 2, ``[args, kwargs, embed]``, base64 per
     ``properties.body_encoding``.
     """
-    try:
-        envelope = json.loads(_text(raw))
-        headers = envelope.get("headers") or {}
-        if headers.get("task") != SUBMIT_TASK:
-            return None
-        body: Any = envelope.get("body", "")
-        if (envelope.get("properties") or {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, *_ = json.loads(body)
-        job_id = args[0] if args else kwargs.get("job_id")
-        return CeleryHead(job_id=str(job_id) if job_id else None, eta_ms=_eta_ms(headers.get("eta")))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, binascii.Error):
+    task = decode_task(_text(raw))
+    if task is None or task[0].get("task") != SUBMIT_TASK:
         return None
+    headers, args, kwargs = task
+    job_id = args[0] if args else kwargs.get("job_id")
+    return CeleryHead(job_id=str(job_id) if job_id else None, eta_ms=_eta_ms(headers.get("eta")))
 
 
 @dataclass

@@ -144,6 +144,7 @@ class JobStore:
         self._redeliver = client.register_script(load_lua(INCLUDE_DIR / "outbox_redeliver.lua"))
         self._forget = client.register_script(load_lua(INCLUDE_DIR / "forget.lua"))
         self._gate_release = client.register_script(load_lua(INCLUDE_DIR / "gate_release.lua"))
+        self._resolve_ambiguous = client.register_script(load_lua(INCLUDE_DIR / "ambiguous_resolve.lua"))
 
     # ---------------------------------------------------------------- producer side
     # Enqueueing (records, idempotency claims, messages) lives in worker/contracts/intake.py.
@@ -261,6 +262,38 @@ class JobStore:
                 return raw
             day, _, month = refusal.removeprefix("BUDGET_KEYS:").partition("|")
         raise RuntimeError(f"budget periods of job {job_id} kept changing under the script")
+
+    def resolve_ambiguous(
+        self,
+        job_id: str,
+        attempt: str,
+        request_id: str,
+        *,
+        charged_micro: int,
+        billed_micro: int,
+        fields: Mapping[str, Any] | None,
+        day: str,
+        month: str,
+    ) -> MoveOutcome:
+        """Record the request a dead-lettered ambiguous submit turned out to have, correct its
+        charge to what fal billed, and free its held slot (see ``lua/ambiguous_resolve.lua``).
+
+        ``day`` and ``month`` are the periods the dead letter was charged to.
+        """
+        opt = {
+            **self.resource_options(SlotAction.RELEASE, BudgetAction.KEEP, 0, 0),
+            "attempt": attempt,
+            "request_id": request_id,
+            "charged_micro": int(charged_micro),
+            "billed_micro": int(billed_micro),
+            "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
+        }
+        raw = self._resolve_ambiguous(keys=self._job_keys(job_id, day, month), args=[job_id, _options(opt)])
+        if int(raw[0]) == 0:
+            return MoveOutcome(ok=False, state=_text(raw[1]))
+        return MoveOutcome(
+            ok=True, state="FAILED", at_ms=int(raw[1]), admitted=tuple(_text(x) for x in raw[2:])
+        )
 
     def release_gate(self, job_id: str, attempt: str) -> bool:
         """End the live gate of ``attempt`` (its run died) and make the job due now; True if it did."""

@@ -65,25 +65,28 @@ def task_message(task: str, args: list[Any], *, queue: str, priority: int, task_
     return json.dumps(envelope, separators=(",", ":"))
 
 
-def submit_job_id(envelope: Any) -> str | None:
-    """The job id of a ``reframe.submit`` message (kombu's envelope as text or a parsed dict).
+def decode_task(envelope: Any) -> tuple[dict[str, Any], list[Any], dict[str, Any]] | None:
+    """(headers, args, kwargs) of a task message in kombu's envelope (text, bytes or a parsed dict).
 
-    ``None`` for other tasks and for anything unreadable. The body is task protocol 2,
-    ``[args, kwargs, embed]``, base64 per ``properties.body_encoding``.
+    ``None`` for anything unreadable. The body is task protocol 2, ``[args, kwargs, embed]``,
+    base64 per ``properties.body_encoding``.
     """
     try:
-        doc = (
-            json.loads(envelope.decode() if isinstance(envelope, bytes) else envelope)
-            if not isinstance(envelope, dict)
-            else envelope
-        )
-        if (doc.get("headers") or {}).get("task") != SUBMIT_TASK:
-            return None
+        doc = envelope if isinstance(envelope, dict) else json.loads(envelope)
         body: Any = doc.get("body", "")
         if (doc.get("properties") or {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args, kwargs, *_ = json.loads(body)
-        job_id = args[0] if args else kwargs.get("job_id")
-        return str(job_id) if job_id else None
+        return dict(doc.get("headers") or {}), list(args), dict(kwargs)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
+
+
+def submit_job_id(envelope: Any) -> str | None:
+    """The job id of a ``reframe.submit`` message; ``None`` for other tasks and anything unreadable."""
+    task = decode_task(envelope)
+    if task is None or task[0].get("task") != SUBMIT_TASK:
+        return None
+    _headers, args, kwargs = task
+    job_id = args[0] if args else kwargs.get("job_id")
+    return str(job_id) if job_id else None
