@@ -45,14 +45,16 @@ def bench_enqueue(work: Path) -> list[Row]:
                 {"video_url": f"https://cdn.example.com/m{i}.mp4", "aspect_ratio": "1:1"}
                 for i in range(30000)
             ]
+            batch = settings.enqueue_max_batch  # one atomic script per batch of at most this many
             started = time.perf_counter()
-            p.enqueue_many(many)
+            for i in range(0, len(many), batch):
+                p.enqueue_many(many[i : i + batch])
             rate_many = len(many) / (time.perf_counter() - started)
     finally:
         server.stop()
     return [
         ("enqueue() one at a time", f"{rate_single:,.0f} jobs/s", ""),
-        ("enqueue_many() pipelined", f"{rate_many:,.0f} jobs/s", ">= 5,000 jobs/s"),
+        ("enqueue_many() in atomic batches of 1,000", f"{rate_many:,.0f} jobs/s", ">= 5,000 jobs/s"),
     ]
 
 
