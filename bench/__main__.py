@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from bench.recovery import bench_recovery
-from bench.report import Row, console, pct, table
+from bench.report import Row, console, mean_open, pct, table
 from producer import JobState, Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
@@ -166,21 +166,6 @@ def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Ro
     ]
 
 
-def _integrate(timeline: list[list[float]], start: float, end: float) -> float:
-    """Time-average of the 'open' count over [start, end] from a step timeline (t, open, in_progress)."""
-    area, prev_t, prev_v = 0.0, start, 0.0
-    for t, open_, _ip in timeline:
-        if t <= start:
-            prev_v = open_
-            continue
-        if t >= end:
-            break
-        area += prev_v * (t - prev_t)
-        prev_t, prev_v = t, open_
-    area += prev_v * (end - prev_t)
-    return area / max(1e-9, end - start)
-
-
 def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: int = 160) -> list[Row]:
     env = {
         "REFRAME_MAX_CONCURRENCY": str(n_slots),
@@ -207,7 +192,7 @@ def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: in
     submits = sorted(s["t"] for s in book["submits"])
     completions = sorted(c["t"] for c in book["completions"])
     backlog_end = submits[-1]  # after the last submit there is no backlog left to fill slots
-    utilisation = _integrate(book["open_timeline"], submits[0], backlog_end) / n_slots
+    utilisation = mean_open(book["open_timeline"], submits[0], backlog_end) / n_slots
     released = sorted(
         j.timestamps_ms["ts_SUCCEEDED"] / 1000 for j in records if j and j.state is JobState.SUCCEEDED
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from bench.report import Row, console, pct, table
+from bench.report import Row, console, mean_open, pct, table
 from producer import Producer
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, WorkerProcess, start_cluster, upload_file
@@ -223,18 +223,6 @@ def bench_follow_again(work: Path, *, n: int = 24, kills: int = 8) -> list[Row]:
 
 
 # ---------------------------------------------------------------------- 3. N = 40, defaults
-def _integrate_open(timeline: list[list[float]], start: float, end: float) -> float:
-    area, prev_t, prev_v = 0.0, start, 0.0
-    for t, open_, _ip in timeline:
-        if t <= start:
-            prev_v = open_
-            continue
-        if t >= end:
-            break
-        area += prev_v * (t - prev_t)
-        prev_t, prev_v = t, open_
-    area += prev_v * (end - prev_t)
-    return area / max(1e-9, end - start)
 
 
 def bench_default_n40(
@@ -260,7 +248,7 @@ def bench_default_n40(
     finally:
         cluster.stop()
     throughput = done / window_s
-    util = _integrate_open(book["open_timeline"], start, start + window_s) / n
+    util = mean_open(book["open_timeline"], start, start + window_s) / n
     return [
         (
             f"default settings, N={n}, {processing_s:g}s emulator jobs: throughput ({window_s:.0f}s window)",

@@ -27,3 +27,19 @@ def table(title: str, rows: list[Row]) -> None:
     for row in rows:
         t.add_row(*row)
     console.print(t)
+
+
+def mean_open(timeline: list[list[float]], start: float, end: float) -> float:
+    """Time-average of the 'open' count over [start, end] from the emulator ledger's step timeline
+    of (t, open, in_progress) rows."""
+    area, prev_t, prev_v = 0.0, start, 0.0
+    for t, open_, _ip in timeline:
+        if t <= start:
+            prev_v = open_
+            continue
+        if t >= end:
+            break
+        area += prev_v * (t - prev_t)
+        prev_t, prev_v = t, open_
+    area += prev_v * (end - prev_t)
+    return area / max(1e-9, end - start)
