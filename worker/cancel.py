@@ -8,8 +8,8 @@ from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES, CancelOutcome
 from worker.contracts.store import Fence
 from worker.fal import FalCancelAnswer, FalError
+from worker.outcomes import receipt_from_record
 from worker.runtime import Runtime
-from worker.tracker import receipt_from_record
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from worker.contracts.record import JobRecord, text
 from worker.contracts.wire import submit_job_id
 from worker.fal import FalError, FalNotFoundError
 from worker.outbox import STREAM_KEEP
+from worker.outcomes import receipt_from_record
 from worker.presence import Presence
 from worker.runtime import Runtime
 from worker.submit import Submitter
-from worker.tracker import receipt_from_record
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,10 @@ import contextlib
 import logging
 import time
 
-from worker import lifecycle
+from worker import lifecycle, outcomes
 from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import JobState
 from worker.contracts.record import JobRecord, text
-from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.fal import (
     FalError,
     FalModelError,
@@ -38,25 +37,10 @@ from worker.fal import (
     SubmitReceipt,
     backoff_s,
 )
-from worker.lifecycle import AT_FAL, Failure, attempt_fence, record_breaker
-from worker.media import video_duration_s
+from worker.outcomes import receipt_from_record
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-def receipt_from_record(rec: JobRecord, rt: Runtime) -> SubmitReceipt:
-    """The fal request handle stored in a job record (URLs rebuilt by fal's rule if missing)."""
-    status_url, response_url = rec.get("fal_status_url"), rec.get("fal_response_url")
-    if not (status_url and response_url):
-        return rt.fal.receipt_for(rec.fal_request_id)
-    return SubmitReceipt(
-        request_id=rec.fal_request_id,
-        status_url=status_url,
-        response_url=response_url,
-        cancel_url=rec.get("fal_cancel_url"),
-        queue_position=None,
-    )
 
 
 class _Unreadable(Exception):
@@ -184,7 +168,7 @@ class Tracker:
                 now = time.monotonic()
                 not_found_since = not_found_since or now
                 if now - not_found_since >= self.s.lost_confirm_s:
-                    await asyncio.to_thread(self._lost, rec, err.message)
+                    await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message)
                     return
                 await asyncio.sleep(min(5.0, self.s.lost_confirm_s / 3))
                 continue
@@ -257,15 +241,15 @@ class Tracker:
         try:
             output = await self._read_result(receipt)
         except FalModelError as err:
-            await asyncio.to_thread(self._model_error, rec, err)
+            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err)
             return
         except FalNotFoundError as err:
-            await asyncio.to_thread(self._lost, rec, err.message)
+            await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message)
             return
         except _Unreadable as err:
-            await asyncio.to_thread(self._lost, rec, str(err))
+            await asyncio.to_thread(outcomes.lost, self.rt, rec, str(err))
             return
-        await asyncio.to_thread(self._succeeded, rec, output, status)
+        await asyncio.to_thread(outcomes.succeeded, self.rt, rec, output, status)
 
     async def _read_result(self, receipt: SubmitReceipt) -> ReframeOutput:
         """The result, read with backoff for as long as fal keeps it (never resubmitted).
@@ -299,112 +283,17 @@ class Tracker:
     async def _failed_at_fal(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
         """fal said the request failed: cancelled, a model error, or a runner failure (new attempt)."""
         if status.error_type == "client_cancelled" or rec.cancel_requested:
-            await asyncio.to_thread(self._cancelled, rec)
+            await asyncio.to_thread(outcomes.cancelled, self.rt, rec)
             return
         detail: FalError | None = None
         try:
             await self.rt.fal.result(receipt)  # replays fal's error answer: tells model from runner
         except FalModelError as err:
-            await asyncio.to_thread(self._model_error, rec, err)
+            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err)
             return
         except (FalError, OSError) as err:
             detail = err if isinstance(err, FalError) else None
-        await asyncio.to_thread(self._runner_failed, rec, status, detail)
-
-    def _fence(self, rec: JobRecord) -> Fence:
-        return attempt_fence(rec.attempt, request_id=rec.fal_request_id, states=AT_FAL)
-
-    def _cancelled(self, rec: JobRecord) -> None:
-        lifecycle.cancel(self.rt, rec, fence=self._fence(rec), message="cancelled at fal")
-
-    def _model_error(self, rec: JobRecord, err: FalModelError) -> None:
-        # The model rejected the input (fal's 422): fal said so; permanent, fal's messages verbatim.
-        record_breaker(self.rt, True, probe=False)
-        message = "; ".join(err.messages) or err.message
-        lifecycle.fail(self.rt, rec, Failure("fal_validation", message, err.detail), fence=self._fence(rec))
-
-    def _runner_failed(self, rec: JobRecord, status: QueueStatus, err: FalError | None) -> None:
-        # fal finished the request with a runner error: it does not bill those, and the request
-        # is terminal at fal, so a new attempt cannot pay twice.
-        record_breaker(self.rt, False, probe=False)
-        message = status.error or (err.message if err else "runner failure")
-        retry_after = getattr(err, "retry_after_s", None)
-        lifecycle.retry_later(
-            self.rt,
-            rec,
-            rec.attempt,
-            reason="runner",
-            failure=Failure("fal_runner_error", message, {"error_type": status.error_type or ""}),
-            retry_after_s=retry_after,
-            states=AT_FAL,
-            request_id=rec.fal_request_id,
-            fields={"fal_request_id": "", "previous_request_ids": self._history(rec)},
-        )
-
-    @staticmethod
-    def _history(rec: JobRecord) -> str:
-        previous = [x for x in rec.get("previous_request_ids").split(",") if x]
-        return ",".join([*previous, rec.fal_request_id])
-
-    def _succeeded(self, rec: JobRecord, output: ReframeOutput, status: QueueStatus) -> None:
-        duration = output_duration_s(self.rt, output)
-        if duration is None:
-            # Cannot measure: settle the reservation as charged (never under-count spend).
-            actual = lifecycle.reserved_micro(self.rt, rec)
-        else:
-            # fal bills whole seconds of output; the estimate rounds the input up the same way.
-            actual = self.rt.flow.budget.estimate_micro(duration)
-        inference = (status.metrics or {}).get("inference_time")
-        video = output.video
-        done = lifecycle.finish(
-            self.rt,
-            rec,
-            JobState.SUCCEEDED,
-            fence=self._fence(rec),
-            budget=BudgetAction.SETTLE,
-            settle_micro=actual,
-            slot=SlotAction.RELEASE,
-            fields={
-                "result": output.model_dump(mode="json"),
-                "cost_actual_micro": actual,
-                "output_duration_s": "" if duration is None else f"{duration:.3f}",
-                "fal_inference_time_s": "" if inference is None else inference,
-            },
-            event={
-                "video_url": video.url,
-                "content_type": video.content_type or "",
-                "file_size": video.file_size or "",
-                "cost_usd": f"{actual / 1e6:.6f}",
-            },
-            callback={"video": video.model_dump(mode="json"), "cost_usd": actual / 1e6},
-        )
-        if done and isinstance(inference, int | float):
-            self.rt.metrics.fal_inference(float(inference))
-
-    def _lost(self, rec: JobRecord, message: str) -> None:
-        """fal no longer knows the request (or its result could not be read while fal kept it)."""
-        lifecycle.fail(
-            self.rt,
-            rec,
-            Failure("result_unavailable", message),
-            fence=self._fence(rec),
-            budget=BudgetAction.SETTLE,
-            settle_micro=lifecycle.reserved_micro(self.rt, rec),
-        )
-
-
-def output_duration_s(rt: Runtime, output: ReframeOutput) -> float | None:
-    """Seconds of the output video: the File's own ``duration`` if fal sent one, else read the header."""
-    extra = output.video.model_extra or {}
-    value = extra.get("duration")
-    if isinstance(value, int | float) and value > 0:
-        return float(value)
-    return video_duration_s(
-        output.video.url,
-        fetcher=rt.fetcher,
-        timeout_s=rt.settings.probe_timeout_s,
-        max_bytes=rt.settings.probe_max_bytes,
-    )
+        await asyncio.to_thread(outcomes.runner_failed, self.rt, rec, status, detail)
 
 
 def start_tracker(rt: Runtime) -> Tracker:

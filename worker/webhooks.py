@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from config import Settings
-from worker import lifecycle
+from worker import lifecycle, outcomes
 from worker.contracts.keys import Keys, celery_queue_key
 from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import JobState
@@ -47,7 +47,6 @@ from worker.fal.webhooks import FalWebhook
 from worker.lifecycle import AT_FAL
 from worker.runtime import Runtime
 from worker.submit import submit_timeout_s
-from worker.tracker import Tracker, output_duration_s
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +105,6 @@ class RetryLater(Exception):
     def __init__(self, delay_s: float) -> None:
         super().__init__(f"retry in {delay_s:.1f}s")
         self.delay_s = delay_s
-
-
-class _RequestEnds(Tracker):
-    """The tracker's end-of-request rules (all fenced by attempt and request id), without its loop."""
-
-    def __init__(self, rt: Runtime) -> None:  # the rules need only the runtime
-        self.rt = rt
-        self.s = rt.settings
 
 
 def read_delivery(rt: Runtime, request_id: str) -> Delivery | None:
@@ -176,28 +167,27 @@ def handle(rt: Runtime, request_id: str) -> str:
 
 
 def _finish(rt: Runtime, rec: JobRecord, hook: FalWebhook) -> str:
-    ends = _RequestEnds(rt)
     payload = hook.body.get("payload")
     if hook.ok:
         try:
             output = ReframeOutput.model_validate(payload)
         except ValueError:
             return reconcile(rt, rec.id, "webhook payload is not a reframe output")
-        ends._succeeded(rec, output, QueueStatus(status="COMPLETED"))
+        outcomes.succeeded(rt, rec, output, QueueStatus(status="COMPLETED"))
         return "finished"
     err = _error_of(hook)
     error_type = payload.get("error_type") if isinstance(payload, dict) else None
     if error_type == "client_cancelled" or rec.cancel_requested:
-        ends._cancelled(rec)
+        outcomes.cancelled(rt, rec)
     elif isinstance(err, FalModelError):
-        ends._model_error(rec, err)
+        outcomes.model_error(rt, rec, err)
     elif payload is None or err is None:
         # e.g. fal's "payload is not JSON serializable": the queue's result endpoint may still serve it.
         return reconcile(rt, rec.id, str(hook.body.get("error") or "unusable webhook"))
     else:
         message = str(hook.body.get("error") or err.message)
         status = QueueStatus(status="COMPLETED", error=message, error_type=error_type or err.error_type)
-        ends._runner_failed(rec, status, err)
+        outcomes.runner_failed(rt, rec, status, err)
     return "finished"
 
 
@@ -230,7 +220,7 @@ def _resolve_dead(rt: Runtime, rec: JobRecord, delivery: Delivery) -> str:
             output = ReframeOutput.model_validate(hook.body.get("payload"))
         except ValueError:
             output = None
-        duration = output_duration_s(rt, output) if output is not None else None
+        duration = outcomes.output_duration_s(rt, output) if output is not None else None
         # Without a measurable output the estimate the dead letter charged stands.
         billed = int(rec.estimate_micro or 0) if duration is None else rt.flow.budget.estimate_micro(duration)
         fields["cost_actual_micro"] = billed
