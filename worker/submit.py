@@ -32,7 +32,7 @@ from config import UnknownDurationPolicy
 from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.record import JobRecord
-from worker.contracts.store import BudgetAction, Fence, SlotAction
+from worker.contracts.store import Fence
 from worker.fal import (
     FalAmbiguousError,
     FalError,
@@ -369,6 +369,3 @@ class Submitter:
     def _give_back_probe(self, probe: bool) -> None:
         if probe:
             self.flow.breaker.release_probe()
-
-
-__all__ = ["BudgetAction", "Outcome", "SlotAction", "Submitter", "submit_timeout_s"]
