@@ -293,7 +293,6 @@ class Settings(BaseSettings):
         "signature per secret.",
     )
     callback_timeout_s: PosFloat = Field(default=10.0, description="Timeout of one callback POST.")
-    callback_max_attempts: PosInt = Field(default=8, description="Callback deliveries before giving up.")
     callback_allow_unsigned: bool = Field(
         default=False,
         description="Accept a callback_url without REFRAME_CALLBACK_SIGNING_KEY (unsigned POSTs).",
