@@ -1,4 +1,5 @@
-"""A whole cluster on one machine: redis-server, the fal emulator and worker processes.
+"""A whole cluster on one machine: redis-server, the fal emulator, worker processes and, when asked,
+``reframe serve`` (the HTTP API, which also receives fal's webhooks).
 
 The demo, the integration tests and the benchmarks all start clusters through :func:`start_cluster`,
 so they exercise the same real processes a deployment runs (no mocks, no in-process shortcuts).
@@ -89,6 +90,8 @@ class LocalCluster:
     emulator_control: EmulatorControl | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
     extra: list[ManagedProcess] = field(default_factory=list)
+    #: Base URL of the ``reframe serve`` started by ``start_cluster(fal_webhook_secret=...)``.
+    api_url: str | None = None
 
     def settings(self, **overrides: Any) -> Settings:
         """Settings equal to the workers' (from ``env``), plus overrides."""
@@ -122,6 +125,30 @@ class LocalCluster:
         self.extra.append(proc.process)
         self.wait_ready(proc, timeout_s=timeout_s)
         return proc
+
+    def start_api(
+        self, *, port: int | None = None, env: Mapping[str, str] | None = None, timeout_s: float = 60
+    ) -> tuple[str, ManagedProcess]:
+        """Start ``reframe serve`` (the cluster's env plus ``env``) on ``port`` (default: a free one)
+        and wait for /readyz; it is stopped with the cluster. Returns its base URL and process."""
+        port = port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "reframe", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        proc = spawn(
+            f"serve-{port}", argv, log_dir=self.workdir, env=child_environment({**self.env, **(env or {})})
+        )
+        self.extra.append(proc)
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"reframe serve exited:\n{proc.log_tail()}")
+            try:
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout_s=timeout_s, what="reframe serve ready")
+        return url, proc
 
     def wait_ready(self, proc: WorkerProcess, *, timeout_s: float = 60) -> None:
         """Wait for a worker's /readyz; raise with its log tail if it dies or times out."""
@@ -229,8 +256,15 @@ def start_cluster(
     emulator_processing_time_s: float = 1.0,
     emulator_args: list[str] | None = None,
     env: Mapping[str, str] | None = None,
+    fal_webhook_secret: str | None = None,
 ) -> LocalCluster:
-    """Start Redis (unless ``redis_url``), the emulator (unless ``fal_url``) and ``workers`` workers."""
+    """Start Redis (unless ``redis_url``), the emulator (unless ``fal_url``) and ``workers`` workers.
+
+    With ``fal_webhook_secret``, fal's webhooks are the completion path (README, "fal webhooks"): a
+    ``reframe serve`` is started before the workers (``api_url``), ``REFRAME_PUBLIC_URL`` points at
+    it, ``REFRAME_WEBHOOK_SECRET`` is the secret and ``REFRAME_FAL_JWKS_URL`` the emulator's JWKS
+    (``env`` may override any of them).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     redis_server = None if redis_url else start_redis(workdir / "redis")
     cluster = LocalCluster(
@@ -250,6 +284,13 @@ def start_cluster(
             )
             cluster.emulator_control = EmulatorControl(fal_url)
         cluster.fal_url = fal_url
+        api_port = free_port() if fal_webhook_secret is not None else None
+        webhook_env: dict[str, str] = {}
+        if fal_webhook_secret is not None:
+            webhook_env["REFRAME_PUBLIC_URL"] = f"http://127.0.0.1:{api_port}"
+            webhook_env["REFRAME_WEBHOOK_SECRET"] = fal_webhook_secret
+            if cluster.emulator:
+                webhook_env["REFRAME_FAL_JWKS_URL"] = f"{fal_url}/.well-known/jwks.json"
         cluster.env = {
             "REFRAME_REDIS_URL": cluster.redis_url,
             "REFRAME_FAL_QUEUE_URL": fal_url,
@@ -259,9 +300,12 @@ def start_cluster(
             # The emulator serves the media it stores on loopback: allow exactly that for fetches
             # (the guarded fetcher refuses loopback by default, worker/netguard.py).
             **({"REFRAME_FETCH_ALLOW": "127.0.0.1/32"} if cluster.emulator else {}),
+            **webhook_env,
             **dict(env or {}),
         }
         load_settings(cluster.env)  # fail fast, in this process, on a bad configuration
+        if api_port is not None:  # fal's webhooks need their receiver up before the first submit
+            cluster.api_url, _ = cluster.start_api(port=api_port)
         for _ in range(workers):
             cluster.start_worker()
     except BaseException:

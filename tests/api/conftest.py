@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ from config.settings import child_environment
 from reframe.api.keys import KeyStore
 from reframe.demo import make_sample_video
 from reframe.localcluster import LocalCluster, start_cluster, upload_file
-from reframe.localproc import ManagedProcess, free_port, spawn, wait_until
+from reframe.localproc import ManagedProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,28 +53,6 @@ class Api:
         return child_environment(self.cluster.env)
 
 
-def start_server(
-    cluster: LocalCluster, workdir: Path, env: dict[str, str] | None = None
-) -> tuple[str, ManagedProcess]:
-    """Start ``reframe serve`` on a free port and wait for /readyz."""
-    port = free_port()
-    child_env = child_environment({**cluster.env, **(env or {})})
-    argv = [sys.executable, "-m", "reframe", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = spawn(f"serve-{port}", argv, log_dir=workdir, env=child_env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"reframe serve exited:\n{proc.log_tail()}")
-        try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout_s=60, what="reframe serve ready")
-    return url, proc
-
-
 @pytest.fixture(scope="package")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One cluster with one worker and one ``reframe serve`` for the package's tests."""
@@ -96,7 +73,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     try:
         sample = make_sample_video(workdir / "sample.mp4", duration_s=2.5, size="320x180")
         sample_url = upload_file(cluster.settings(), sample)
-        url, proc = start_server(cluster, workdir)
+        url, proc = cluster.start_api()
         r = redis.Redis.from_url(cluster.redis_url)
         yield Api(url, cluster, proc, r, KeyStore(r, prefix="reframe"), sample_url)
         proc.stop()
