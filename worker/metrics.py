@@ -57,6 +57,8 @@ RESULT_SINKS: Final = ("stream",)
 PUBLISH_OUTCOMES: Final = ("ok",)
 CALLBACK_OUTCOMES: Final = ("delivered", "failed", "gave_up")
 TRACKER_POLL_OUTCOMES: Final = ("ok",)
+COMPLETION_PATHS: Final = ("webhook", "status")
+"""How the end of a fal request was learned: fal's webhook, or the tracker's status reads."""
 CELERY_TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "rejected", "ignored", "revoked", OTHER)
 
 #: Distinct values kept per reason label (retry, deferral, dead letter).
@@ -337,6 +339,14 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.job_completions = Counter(
+            f"{p}_job_completions_total",
+            "Ends of fal requests applied to their jobs by this process (succeeded, failed, cancelled, "
+            "lost, or a runner failure retried), by the path that learned them: via=webhook (fal's "
+            "completion webhook) or via=status (the tracker's status stream, polls and result reads).",
+            ["via"],
+            registry=registry,
+        )
 
         # --- Celery tasks (fed by worker.signals) ------------------------------------------------
         self.celery_tasks_started = Counter(
@@ -389,6 +399,7 @@ class Metrics:
             (self.results_published, {"sink": RESULT_SINKS, "outcome": PUBLISH_OUTCOMES}),
             (self.callback_deliveries, {"outcome": CALLBACK_OUTCOMES}),
             (self.tracker_polls, {"outcome": TRACKER_POLL_OUTCOMES}),
+            (self.job_completions, {"via": COMPLETION_PATHS}),
         ]
         for metric, labels in table:
             names = list(labels)
@@ -516,6 +527,10 @@ class Metrics:
         """Count an answered status poll (outcome ``ok``)."""
         out = self._guard.closed("poll_outcome", outcome, TRACKER_POLL_OUTCOMES)
         self.tracker_polls.labels(outcome=out).inc()
+
+    def job_completion(self, via: str) -> None:
+        """Count a fal request's end applied to its job, by how it was learned (webhook, status)."""
+        self.job_completions.labels(via=self._guard.closed("via", via, COMPLETION_PATHS)).inc()
 
     # --- Celery ------------------------------------------------------------------------------------
 

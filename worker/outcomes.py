@@ -9,9 +9,15 @@ request id recorded on the job (:func:`fence_of`), so a late or duplicate report
 * a model error (fal's 422 replayed by the result): FAILED for good, fal's messages kept;
 * a runner failure: fal does not bill it and the request is over, so a new attempt is scheduled;
 * lost (fal no longer knows it, or its result stayed unreadable): FAILED, charged at its estimate.
+
+Each rule names the path that learned the end (``via``: ``"webhook"`` or ``"status"``) and counts
+it in ``reframe_job_completions_total{via}`` when its fenced step took effect (a late or duplicate
+report is not counted).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from worker import lifecycle
 from worker.contracts.models import JobState
@@ -21,6 +27,15 @@ from worker.fal import FalError, FalModelError, QueueStatus, ReframeOutput, Subm
 from worker.lifecycle import AT_FAL, Failure, attempt_fence, record_breaker
 from worker.media import video_duration_s
 from worker.runtime import Runtime
+
+#: The path that learned the end of a fal request: fal's webhook, or the tracker's status reads.
+Via = Literal["webhook", "status"]
+
+
+def _counted(rt: Runtime, via: Via, applied: bool) -> bool:
+    if applied:
+        rt.metrics.job_completion(via)
+    return applied
 
 
 def receipt_from_record(rec: JobRecord, rt: Runtime) -> SubmitReceipt:
@@ -42,25 +57,28 @@ def fence_of(rec: JobRecord) -> Fence:
     return attempt_fence(rec.attempt, request_id=rec.fal_request_id, states=AT_FAL)
 
 
-def cancelled(rt: Runtime, rec: JobRecord) -> None:
+def cancelled(rt: Runtime, rec: JobRecord, *, via: Via) -> None:
     """fal reports the request cancelled."""
-    lifecycle.cancel(rt, rec, fence=fence_of(rec), message="cancelled at fal")
+    _counted(rt, via, lifecycle.cancel(rt, rec, fence=fence_of(rec), message="cancelled at fal"))
 
 
-def model_error(rt: Runtime, rec: JobRecord, err: FalModelError) -> None:
+def model_error(rt: Runtime, rec: JobRecord, err: FalModelError, *, via: Via) -> None:
     """The model rejected the input (fal's 422): fal said so; permanent, fal's messages verbatim."""
     record_breaker(rt, True, probe=False)
     message = "; ".join(err.messages) or err.message
-    lifecycle.fail(rt, rec, Failure("fal_validation", message, err.detail), fence=fence_of(rec))
+    failure = Failure("fal_validation", message, err.detail)
+    _counted(rt, via, lifecycle.fail(rt, rec, failure, fence=fence_of(rec)))
 
 
-def runner_failed(rt: Runtime, rec: JobRecord, status: QueueStatus, err: FalError | None) -> None:
+def runner_failed(
+    rt: Runtime, rec: JobRecord, status: QueueStatus, err: FalError | None, *, via: Via
+) -> None:
     """fal finished the request with a runner error: not billed, and over, so a new attempt may go."""
     record_breaker(rt, False, probe=False)
     message = status.error or (err.message if err else "runner failure")
     retry_after = getattr(err, "retry_after_s", None)
     previous = [x for x in rec.get("previous_request_ids").split(",") if x]
-    lifecycle.retry_later(
+    moved = lifecycle.retry_later(
         rt,
         rec,
         rec.attempt,
@@ -71,9 +89,10 @@ def runner_failed(rt: Runtime, rec: JobRecord, status: QueueStatus, err: FalErro
         request_id=rec.fal_request_id,
         fields={"fal_request_id": "", "previous_request_ids": ",".join([*previous, rec.fal_request_id])},
     )
+    _counted(rt, via, moved != "stale")
 
 
-def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueStatus) -> bool:
+def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueStatus, *, via: Via) -> bool:
     """Publish the result and settle what fal billed for the output; True if this call finished it."""
     duration = output_duration_s(rt, output)
     if duration is None:
@@ -108,12 +127,12 @@ def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueS
     )
     if done and isinstance(inference, int | float):
         rt.metrics.fal_inference(float(inference))
-    return done
+    return _counted(rt, via, done)
 
 
-def lost(rt: Runtime, rec: JobRecord, message: str) -> None:
+def lost(rt: Runtime, rec: JobRecord, message: str, *, via: Via) -> None:
     """fal no longer knows the request (or its result could not be read while fal kept it)."""
-    lifecycle.fail(
+    done = lifecycle.fail(
         rt,
         rec,
         Failure("result_unavailable", message),
@@ -121,6 +140,7 @@ def lost(rt: Runtime, rec: JobRecord, message: str) -> None:
         budget=BudgetAction.SETTLE,
         settle_micro=lifecycle.reserved_micro(rt, rec),
     )
+    _counted(rt, via, done)
 
 
 def output_duration_s(rt: Runtime, output: ReframeOutput) -> float | None:

@@ -168,7 +168,7 @@ class Tracker:
                 now = time.monotonic()
                 not_found_since = not_found_since or now
                 if now - not_found_since >= self.s.lost_confirm_s:
-                    await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message)
+                    await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message, via="status")
                     return
                 await asyncio.sleep(min(5.0, self.s.lost_confirm_s / 3))
                 continue
@@ -241,15 +241,15 @@ class Tracker:
         try:
             output = await self._read_result(receipt)
         except FalModelError as err:
-            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err)
+            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err, via="status")
             return
         except FalNotFoundError as err:
-            await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message)
+            await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message, via="status")
             return
         except _Unreadable as err:
-            await asyncio.to_thread(outcomes.lost, self.rt, rec, str(err))
+            await asyncio.to_thread(outcomes.lost, self.rt, rec, str(err), via="status")
             return
-        await asyncio.to_thread(outcomes.succeeded, self.rt, rec, output, status)
+        await asyncio.to_thread(outcomes.succeeded, self.rt, rec, output, status, via="status")
 
     async def _read_result(self, receipt: SubmitReceipt) -> ReframeOutput:
         """The result, read with backoff for as long as fal keeps it (never resubmitted).
@@ -283,17 +283,17 @@ class Tracker:
     async def _failed_at_fal(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
         """fal said the request failed: cancelled, a model error, or a runner failure (new attempt)."""
         if status.error_type == "client_cancelled" or rec.cancel_requested:
-            await asyncio.to_thread(outcomes.cancelled, self.rt, rec)
+            await asyncio.to_thread(outcomes.cancelled, self.rt, rec, via="status")
             return
         detail: FalError | None = None
         try:
             await self.rt.fal.result(receipt)  # replays fal's error answer: tells model from runner
         except FalModelError as err:
-            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err)
+            await asyncio.to_thread(outcomes.model_error, self.rt, rec, err, via="status")
             return
         except (FalError, OSError) as err:
             detail = err if isinstance(err, FalError) else None
-        await asyncio.to_thread(outcomes.runner_failed, self.rt, rec, status, detail)
+        await asyncio.to_thread(outcomes.runner_failed, self.rt, rec, status, detail, via="status")
 
 
 def start_tracker(rt: Runtime) -> Tracker:

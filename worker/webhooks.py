@@ -173,21 +173,21 @@ def _finish(rt: Runtime, rec: JobRecord, hook: FalWebhook) -> str:
             output = ReframeOutput.model_validate(payload)
         except ValueError:
             return reconcile(rt, rec.id, "webhook payload is not a reframe output")
-        outcomes.succeeded(rt, rec, output, QueueStatus(status="COMPLETED"))
+        outcomes.succeeded(rt, rec, output, QueueStatus(status="COMPLETED"), via="webhook")
         return "finished"
     err = _error_of(hook)
     error_type = payload.get("error_type") if isinstance(payload, dict) else None
     if error_type == "client_cancelled" or rec.cancel_requested:
-        outcomes.cancelled(rt, rec)
+        outcomes.cancelled(rt, rec, via="webhook")
     elif isinstance(err, FalModelError):
-        outcomes.model_error(rt, rec, err)
+        outcomes.model_error(rt, rec, err, via="webhook")
     elif payload is None or err is None:
         # e.g. fal's "payload is not JSON serializable": the queue's result endpoint may still serve it.
         return reconcile(rt, rec.id, str(hook.body.get("error") or "unusable webhook"))
     else:
         message = str(hook.body.get("error") or err.message)
         status = QueueStatus(status="COMPLETED", error=message, error_type=error_type or err.error_type)
-        outcomes.runner_failed(rt, rec, status, err)
+        outcomes.runner_failed(rt, rec, status, err, via="webhook")
     return "finished"
 
 

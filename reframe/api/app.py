@@ -145,7 +145,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     )
     app.state.services = svc
     app.state.settings = settings
-    app.state.metrics = ApiMetrics(CollectorRegistry(auto_describe=True))
+    app.state.metrics = ApiMetrics(CollectorRegistry(auto_describe=True), webhooks_on=settings.webhooks_on)
     for router in (jobs.router, dead_letters.router, quotes.router, uploads.router, ops.router):
         app.include_router(router)
     for router in optional_routers():

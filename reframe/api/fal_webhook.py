@@ -13,7 +13,8 @@ to ``<REFRAME_PUBLIC_URL>/v1/fal/webhook?t=<attempt token>``. This route:
 
 Answers: 204 recorded (or a duplicate: fal stops retrying either way), 401 for anything not
 proven to be fal's webhook for one of our attempts (nothing is written), 503 when Redis is
-unreachable (fal retries). No secret and no body is ever logged.
+unreachable (fal retries). No secret and no body is ever logged. Each delivery is counted in
+``reframe_api_fal_webhooks_total{outcome}`` (:class:`reframe.api.middleware.ApiMetrics`).
 
 Wiring: the ``reframe serve`` app includes :data:`router`, which finds the settings and Redis
 client on ``app.state.services`` (``.settings``, ``.r``); or include ``make_router(settings, redis)``
@@ -32,6 +33,7 @@ import redis
 from fastapi import APIRouter, Request, Response
 
 from config import Settings
+from reframe.api.middleware import ApiMetrics, FalWebhookOutcome
 from worker.fal.webhooks import WEBHOOK_PATH, FalWebhookVerifier, WebhookRejected, read_token
 from worker.webhooks import WebhookInbox
 
@@ -40,35 +42,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FalWebhookReceiver:
-    """The verifier (with its JWKS cache) and the inbox of one process."""
+    """The verifier (with its JWKS cache) and the inbox of one process; ``metrics`` (the app's
+    :class:`ApiMetrics`, when there is one) counts every delivery by outcome."""
 
     settings: Settings
     verifier: FalWebhookVerifier
     inbox: WebhookInbox
+    metrics: ApiMetrics | None = None
 
     @classmethod
-    def build(cls, settings: Settings, client: redis.Redis) -> FalWebhookReceiver:
+    def build(
+        cls, settings: Settings, client: redis.Redis, metrics: ApiMetrics | None = None
+    ) -> FalWebhookReceiver:
         """A receiver for ``settings`` writing to ``client``."""
-        return cls(settings, FalWebhookVerifier(settings), WebhookInbox(client, settings))
+        return cls(settings, FalWebhookVerifier(settings), WebhookInbox(client, settings), metrics)
+
+    def _answer(self, outcome: FalWebhookOutcome, status: int) -> Response:
+        if self.metrics is not None:
+            self.metrics.fal_webhook(outcome)
+        return Response(status_code=status)
 
     async def receive(self, request: Request) -> Response:
         """Handle one delivery (see the module docstring for the answers)."""
         if self.settings.webhook_secret is None:
-            return Response(status_code=404)
+            return self._answer("disabled", 404)
         body = await request.body()
         token = request.query_params.get("t", "")
         owner = read_token(self.settings, token) if token else None
         if owner is None:
             log.warning("fal webhook refused: missing or invalid attempt token")
-            return Response(status_code=401)
+            return self._answer("rejected_token", 401)
         try:
             hook = await self.verifier.verify(request.headers, body)
         except WebhookRejected as why:
             log.warning("fal webhook for job %s refused: %s", owner[0], why)
-            return Response(status_code=401)
+            return self._answer("rejected_signature", 401)
         except Exception:
             log.warning("fal webhook for job %s: JWKS unavailable", owner[0], exc_info=True)
-            return Response(status_code=503)
+            return self._answer("unavailable", 503)
         job_id, attempt = owner
         try:
             fresh = await asyncio.to_thread(
@@ -76,7 +87,7 @@ class FalWebhookReceiver:
             )
         except redis.RedisError:
             log.warning("fal webhook %s for job %s not recorded: Redis unavailable", hook.request_id, job_id)
-            return Response(status_code=503)
+            return self._answer("unavailable", 503)
         log.info(
             "fal webhook %s for job %s attempt %s: %s",
             hook.request_id,
@@ -84,10 +95,10 @@ class FalWebhookReceiver:
             attempt,
             "queued" if fresh else "duplicate",
         )
-        return Response(status_code=204)
+        return self._answer("accepted" if fresh else "duplicate", 204)
 
 
-def make_router(settings: Settings, client: redis.Redis) -> APIRouter:
+def make_router(settings: Settings, client: redis.Redis, metrics: ApiMetrics | None = None) -> APIRouter:
     """A router whose receiver uses ``settings`` and ``client`` (built on first request)."""
     out = APIRouter()
     holder: list[FalWebhookReceiver] = []
@@ -95,7 +106,7 @@ def make_router(settings: Settings, client: redis.Redis) -> APIRouter:
     @out.post(WEBHOOK_PATH, status_code=204, include_in_schema=False)
     async def fal_webhook(request: Request) -> Response:
         if not holder:
-            holder.append(FalWebhookReceiver.build(settings, client))
+            holder.append(FalWebhookReceiver.build(settings, client, metrics))
         return await holder[0].receive(request)
 
     return out
@@ -106,7 +117,8 @@ def _receiver_of(request: Request) -> FalWebhookReceiver:
     found = getattr(state, "fal_webhook_receiver", None)
     if found is None:
         services = state.services
-        found = FalWebhookReceiver.build(services.settings, services.r)
+        metrics = getattr(state, "metrics", None)  # the app's ApiMetrics (reframe/api/app.py)
+        found = FalWebhookReceiver.build(services.settings, services.r, metrics)
         state.fal_webhook_receiver = found
     assert isinstance(found, FalWebhookReceiver)
     return found

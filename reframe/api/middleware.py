@@ -10,9 +10,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reframe.api.problems import body_too_large
@@ -22,14 +22,23 @@ access_log = logging.getLogger("reframe.api.access")
 #: Latency buckets (seconds) of the request histogram: enqueue sits in the low milliseconds.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
 
+#: What became of one fal webhook delivery (``reframe/api/fal_webhook.py``): recorded for a worker
+#: (accepted), recognised by its request id (duplicate), refused for its URL token or its signature,
+#: not recordable now (unavailable: JWKS or Redis down, fal retries) or webhooks are off (disabled).
+FalWebhookOutcome = Literal[
+    "accepted", "duplicate", "rejected_token", "rejected_signature", "unavailable", "disabled"
+]
+FAL_WEBHOOK_OUTCOMES: Final[tuple[FalWebhookOutcome, ...]] = get_args(FalWebhookOutcome)
+
 
 class ApiMetrics:
-    """Request count and latency by route template, method and status class (``2xx``...).
+    """Request count and latency by route template, method and status class (``2xx``...), fal
+    webhook deliveries by outcome, and whether webhooks are on (``webhooks_on``).
 
     Labels never hold a key, a job id or a raw path: an unmatched path is ``route="unmatched"``.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, webhooks_on: bool = False) -> None:
         self.registry = registry
         self.requests = Counter(
             "reframe_api_requests",
@@ -44,6 +53,28 @@ class ApiMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
+        self.fal_webhooks = Counter(
+            "reframe_api_fal_webhooks",
+            "fal completion webhooks received, by outcome: accepted, duplicate, rejected_token, "
+            "rejected_signature, unavailable (JWKS or Redis down: 503, fal retries), disabled.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in FAL_WEBHOOK_OUTCOMES:  # born at 0, so rate() and alerts see the first one
+            self.fal_webhooks.labels(outcome)
+        self.fal_webhooks_enabled = Gauge(
+            "reframe_api_fal_webhooks_enabled",
+            "1 when REFRAME_PUBLIC_URL is set: submits ask fal for completion webhooks, so they are "
+            "expected here (the alert ReframeFalWebhooksNotArriving uses it); else 0.",
+            registry=registry,
+        )
+        self.fal_webhooks_enabled.set(1 if webhooks_on else 0)
+
+    def fal_webhook(self, outcome: FalWebhookOutcome) -> None:
+        """Count one fal webhook delivery by what became of it."""
+        if outcome not in FAL_WEBHOOK_OUTCOMES:
+            raise ValueError(f"unknown fal webhook outcome {outcome!r}")
+        self.fal_webhooks.labels(outcome).inc()
 
 
 class BodyTooLarge(Exception):
