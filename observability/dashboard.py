@@ -7,8 +7,9 @@ The JSON is generated, never edited by hand: change this file and run
 
 Built with grafana-foundation-sdk (Grafana 11 dashboard schema). Every query filters on the
 ``$namespace`` variable; the ``$datasource`` variable picks the Prometheus data source. Metric names
-come from :mod:`worker.metrics` (per worker pod, summed here) and :mod:`reframe.exporter.collector`
-(one exporter per namespace, so ``max``/``sum`` over it is the same single value).
+come from :mod:`worker.metrics` (per worker pod, summed here), :mod:`reframe.api.middleware` (per
+``reframe serve`` pod) and :mod:`reframe.exporter.collector` (one exporter per namespace, so
+``max``/``sum`` over it is the same single value).
 
 tests/observability/test_dashboard.py checks that regenerating is byte-identical, that the JSON
 validates against Grafana's own schema, that every expression parses in promtool and that every
@@ -616,6 +617,96 @@ def tracker(d: Dashboard) -> Dashboard:
     )
 
 
+def http_api(d: Dashboard) -> Dashboard:
+    """``reframe serve`` (reframe/api/middleware.py): requests, latency, errors, fal webhooks, and how
+    workers learned each end of a fal request (worker/outcomes.py)."""
+    d = d.with_row(Row("HTTP API"))
+    requests = "reframe_api_requests_total"
+    d = d.with_panel(
+        ts(
+            "API request rate by route / status class",
+            "Requests answered per second by every reframe serve process, by route template (never an "
+            "id or key) and status class.",
+            [
+                q(
+                    f"sum by (route, status_class) (rate({requests}{sel()}[{RATE}]))",
+                    "{{route}} {{status_class}}",
+                )
+            ],
+            unit="reqps",
+            span=12,
+            stack=True,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "API latency p50 / p99 by route",
+            "Request latency to the end of the response body, per route template (SSE streams last "
+            "until the job ends or REFRAME_API_SSE_MAX_S).",
+            [
+                q(
+                    "histogram_quantile(0.5, sum by (le, route) "
+                    f"(rate(reframe_api_request_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "p50 {{route}}",
+                ),
+                q(
+                    "histogram_quantile(0.99, sum by (le, route) "
+                    f"(rate(reframe_api_request_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "p99 {{route}}",
+                ),
+            ],
+            unit="s",
+            span=12,
+        )
+    )
+    api_routes = L("route", "/v1/.*", "=~")
+    d = d.with_panel(
+        ts(
+            "API error ratio (5xx / all)",
+            "Share of /v1 requests answered 5xx (health, readiness and metrics routes excluded); the "
+            "alert ReframeApiErrorRatio fires above 5 %.",
+            [
+                q(
+                    f"(sum(rate({requests}{sel(api_routes + ', ' + L('status_class', '5xx'))}[{RATE}])) "
+                    f"or vector(0)) / sum(rate({requests}{sel(api_routes)}[{RATE}]))",
+                    "5xx ratio",
+                )
+            ],
+            unit="percentunit",
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "fal webhooks by outcome",
+            "fal completion webhooks per second: accepted, duplicate (fal's retries), rejected_token and "
+            "rejected_signature (verification failures: forged, stale or misrouted deliveries), "
+            "unavailable (JWKS or Redis down: 503, fal retries), disabled (no REFRAME_PUBLIC_URL here).",
+            [
+                q(
+                    f"sum by (outcome) (rate(reframe_api_fal_webhooks_total{sel()}[{RATE}]))",
+                    "{{outcome}}",
+                )
+            ],
+            unit="reqps",
+        )
+    )
+    return d.with_panel(
+        ts(
+            "Completions via webhook vs status",
+            "Ends of fal requests applied per second, by the path that learned them: fal's webhook, or "
+            "the tracker's status reads. With REFRAME_PUBLIC_URL set, status should only reconcile lost "
+            "webhooks (after REFRAME_WEBHOOK_GRACE_S); alert ReframeFalWebhooksNotArriving.",
+            [
+                q(
+                    f"sum by (via) (rate(reframe_job_completions_total{sel()}[{RATE}]))",
+                    "via {{via}}",
+                )
+            ],
+            unit="ops",
+        )
+    )
+
+
 def celery(d: Dashboard) -> Dashboard:
     """Celery tasks and the metrics pipeline itself."""
     d = d.with_row(Row("Celery tasks and exporter"))
@@ -699,7 +790,20 @@ def build() -> dict[str, Any]:
             .all_value(".*")
         )
     )
-    for section in (overview, queues, latency, fal_api, capacity, spend, failures, results, tracker, celery):
+    sections = (
+        overview,
+        queues,
+        latency,
+        fal_api,
+        capacity,
+        spend,
+        failures,
+        results,
+        tracker,
+        http_api,
+        celery,
+    )
+    for section in sections:
         d = section(d)
     built = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     # The SDK serialises the interval-variable fields (auto, auto_count, auto_min) on every

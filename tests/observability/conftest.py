@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from reframe.api.middleware import ApiMetrics
 from reframe.exporter.collector import metric_names as cluster_metric_names
 from worker.metrics import Metrics
 
@@ -59,10 +60,12 @@ def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProces
 
 
 def known_metric_names() -> set[str]:
-    """Every series name our code can export, with the suffixes Prometheus adds."""
+    """Every series name our code can export (workers, ``reframe serve``, the exporter), with the
+    suffixes Prometheus adds."""
     names: set[str] = set()
     registry = CollectorRegistry()
     Metrics(registry)
+    ApiMetrics(registry)
     for family in registry.collect():
         if not family.name.startswith("reframe_"):
             continue

@@ -108,6 +108,11 @@ def test_required_panels() -> None:
         "result publications",
         "tracked jobs",
         "task outcomes",
+        "api request rate by route / status class",
+        "api latency p50 / p99 by route",
+        "api error ratio",
+        "fal webhooks by outcome",
+        "completions via webhook vs status",
     ):
         assert needle in titles, needle
 

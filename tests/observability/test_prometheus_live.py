@@ -1,9 +1,11 @@
-"""A real Prometheus scrapes a worker-style and an exporter-style endpoint; every dashboard query
-and every alert expression must evaluate there without error, and the key series must have data.
+"""A real Prometheus scrapes a worker-style, an API-style and an exporter-style endpoint; every
+dashboard query and every alert expression must evaluate there without error, and the key series
+must have data.
 
-The targets are in-process: a HealthServer exposing a Metrics registry that a background thread
-keeps feeding (so rates are non-zero), and a HealthServer exposing a ClusterCollector over a
-populated Redis. Both get ``namespace="test"`` as a target label, like a ServiceMonitor would add.
+The targets are in-process: HealthServers exposing a worker Metrics registry and an API
+(``reframe serve``) ApiMetrics registry that a background thread keeps feeding (so rates are
+non-zero), and a HealthServer exposing a ClusterCollector over a populated Redis. All get
+``namespace="test"`` as a target label, like a ServiceMonitor would add.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from config import Settings
+from reframe.api.middleware import ApiMetrics
 from reframe.exporter.collector import ClusterCollector, exporter_redis_client
 from reframe.prom import PrometheusError, PrometheusServer, render_config, start_prometheus
 from tests.observability.conftest import RULES, alert_rules, dashboard_targets, require_tool
@@ -56,11 +59,21 @@ def populate(r: redis.Redis, settings: Settings) -> None:
     assert flow.budget.reserve("s1", 1_000_000).ok
 
 
-def feed(m: Metrics, stop: threading.Event) -> None:
-    """Keep every worker metric moving so rate() and histogram_quantile() have data."""
+def feed(m: Metrics, api: ApiMetrics, stop: threading.Event) -> None:
+    """Keep every worker and API metric moving so rate() and histogram_quantile() have data."""
     i = 0
     while not stop.is_set():
         i += 1
+        api.requests.labels("/v1/jobs", "POST", "2xx" if i % 10 else "5xx").inc()
+        api.latency.labels("/v1/jobs", "POST").observe(0.004 + (i % 5) / 1000)
+        api.requests.labels("/v1/fal/webhook", "POST", "2xx").inc()
+        api.latency.labels("/v1/fal/webhook", "POST").observe(0.002)
+        api.fal_webhook("accepted")
+        if i % 7 == 0:
+            api.fal_webhook("rejected_signature")
+        m.job_completion("webhook")
+        if i % 9 == 0:
+            m.job_completion("status")
         m.job_enqueued("high")
         m.job_finished("succeeded", "high", 40.0 + i % 7)
         if i % 5 == 0:
@@ -100,21 +113,24 @@ def live(
 
     worker_reg = CollectorRegistry()
     metrics = Metrics(worker_reg)
+    api_metrics = ApiMetrics(CollectorRegistry(), webhooks_on=True)
     exporter_reg = CollectorRegistry()
     exporter_client = exporter_redis_client(settings)
     exporter_reg.register(ClusterCollector(exporter_client, settings))
     worker = HealthServer("127.0.0.1", 0, worker_reg, readiness=lambda: True)
     exporter = HealthServer("127.0.0.1", 0, exporter_reg, readiness=lambda: True)
+    api = HealthServer("127.0.0.1", 0, api_metrics.registry, readiness=lambda: True)
     stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(metrics, stop), daemon=True)
+    feeder = threading.Thread(target=feed, args=(metrics, api_metrics, stop), daemon=True)
     worker.start()
     exporter.start()
+    api.start()
     feeder.start()
     server = None
     try:
         server = start_prometheus(
             workdir,
-            [f"127.0.0.1:{worker.port}", f"127.0.0.1:{exporter.port}"],
+            [f"127.0.0.1:{worker.port}", f"127.0.0.1:{exporter.port}", f"127.0.0.1:{api.port}"],
             [RULES],
             scrape_interval_s=1.0,
             labels={"namespace": NAMESPACE},
@@ -128,6 +144,7 @@ def live(
         feeder.join(5)
         worker.stop()
         exporter.stop()
+        api.stop()
         exporter_client.close()
 
 
@@ -181,6 +198,9 @@ def test_dashboard_and_alerts_in_real_prometheus(live: PrometheusServer) -> None
     assert one(f'max(reframe_queue_oldest_age_seconds{{where="celery", {ns}}})') >= 120
     assert one(f'sum(reframe_budget_reserved_usd{{period="day", {ns}}})') == pytest.approx(1.0)
     assert one(f'sum(rate(reframe_jobs_finished_total{{outcome="succeeded", {ns}}}[$__rate_interval]))') > 0
+    assert one(f"max(reframe_api_fal_webhooks_enabled{{{ns}}})") == 1
+    assert one(f'sum(rate(reframe_api_fal_webhooks_total{{outcome="accepted", {ns}}}[$__rate_interval]))') > 0
+    assert one(f'sum(rate(reframe_job_completions_total{{via="webhook", {ns}}}[$__rate_interval]))') > 0
 
     # Every alert expression evaluates, and Prometheus evaluated every rule without error.
     for rule in alert_rules():

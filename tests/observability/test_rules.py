@@ -31,6 +31,8 @@ REQUIRED_ALERTS = {
     "ReframeExporterRedisUnreachable",
     "ReframeExporterMetricsAbsent",
     "ReframeWorkerMetricsAbsent",
+    "ReframeApiErrorRatio",
+    "ReframeFalWebhooksNotArriving",
 }
 
 
