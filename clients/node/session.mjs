@@ -216,6 +216,7 @@ async function main(summary) {
       signatures: (signed["webhook-signature"] ?? "").split(" ").filter(Boolean).length,
       verified: payload !== null,
       payload,
+      raw: { headers: signed, body }, // so another library can check the same bytes
     };
     check("callback_verified", payload !== null, summary.verify_error);
     check("callback_is_this_job", payload?.job_id === jobId && payload?.state === "SUCCEEDED");
