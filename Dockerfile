@@ -3,6 +3,8 @@
 # Reframe Cluster image: one image, several commands (see docs/deploy.md).
 #   reframe worker    (default)  Celery worker, metrics/health on :17300
 #   reframe exporter             cluster-wide gauges on :17300 (one replica)
+#   reframe serve                HTTP API (FastAPI on uvicorn) on :8080 (REFRAME_API_PORT): /v1,
+#                                POST /v1/fal/webhook, /healthz, /readyz, /metrics on the same port
 #   reframe emulator             fal emulator for staging (the `emulator` extra is installed)
 #
 # Base image: both stages use exactly the same image, pinned to a Python patch release and a
@@ -42,7 +44,7 @@ RUN python -m venv /opt/venv \
 FROM python:3.11.14-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="reframe-cluster" \
-      org.opencontainers.image.description="Reframe Cluster: Celery workers, exporter and fal emulator" \
+      org.opencontainers.image.description="Reframe Cluster: Celery workers, exporter, HTTP API and fal emulator" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # UID/GID 10001 match runAsUser/runAsGroup in k8s/ (a test asserts both).
@@ -60,15 +62,21 @@ ENV PYTHONUNBUFFERED=1 \
 
 USER 10001:10001
 
-# Smoke test: every package imports, the console script runs and the emulator's ffmpeg is there.
-RUN python -c "import config, producer, worker, falemu, reframe.cli, imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()" \
- && reframe --help > /dev/null
+# Smoke test: every package imports (the API's app and server too), the console script runs and
+# the emulator's ffmpeg is there.
+RUN python -c "import config, producer, worker, falemu, reframe.cli, reframe.api.server, imageio_ffmpeg; imageio_ffmpeg.get_ffmpeg_exe()" \
+ && reframe --help > /dev/null \
+ && reframe serve --help > /dev/null
 
+# worker/exporter metrics and health
 EXPOSE 17300
+# reframe serve (REFRAME_API_PORT)
+EXPOSE 8080
 
 # Exec form: `reframe` is PID 1 and receives SIGTERM itself (Celery's main process only,
 # never the pool threads); Kubernetes sets REMAP_SIGTERM=SIGQUIT for the soft shutdown.
 # No HEALTHCHECK: Kubernetes ignores it (k8s/ defines startup/liveness/readiness probes), and
 # one image runs commands on different ports (see k8s/.checkov.yaml, CKV_DOCKER_2).
+# `reframe serve` stops on SIGTERM too (uvicorn: open streams get 5 s, reframe/api/server.py).
 ENTRYPOINT ["reframe"]
 CMD ["worker"]

@@ -55,12 +55,23 @@ def test_runtime_stage() -> None:
     assert json.loads(entry[-1].split(None, 1)[1]) == ["reframe"], 'exec-form ENTRYPOINT ["reframe"]'
     assert json.loads(cmd[-1].split(None, 1)[1]) == ["worker"]
     assert "EXPOSE 17300" in rt
+    assert "EXPOSE 8080" in rt, "reframe serve listens on REFRAME_API_PORT (8080)"
     # the smoke test runs as the final user, after the venv is in place
     runs = [i for i in rt if i.startswith("RUN")]
     assert any("reframe --help" in r and "import" in r for r in runs), (
         "import smoke test in the runtime stage"
     )
     assert text.index("USER 10001") < text.index("reframe --help")
+
+
+def test_header_documents_every_command_the_manifests_run() -> None:
+    """The header comment lists each `reframe` command of the image, with its port."""
+    header = DOCKERFILE.read_text().split("FROM", 1)[0]
+    for command in ("worker", "exporter", "serve", "emulator"):
+        assert re.search(rf"^#\s+reframe {command}\b", header, re.M), (
+            f"header does not list reframe {command}"
+        )
+    assert re.search(r"^#\s+reframe serve\b.*:8080", header, re.M), "the API's port"
 
 
 def test_builder_installs_the_wheel_with_the_emulator_extra() -> None:

@@ -94,7 +94,9 @@ def test_wheel_holds_only_the_packages(installed: Installed) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["worker"], ["exporter"], ["emulator"]], ids=["reframe", "worker", "exporter", "emulator"]
+    "args",
+    [[], ["worker"], ["exporter"], ["serve"], ["emulator"]],
+    ids=["reframe", "worker", "exporter", "serve", "emulator"],
 )
 def test_entry_point_help(installed: Installed, args: list[str]) -> None:
     rc, out = installed.reframe(*args, "--help")
@@ -108,6 +110,14 @@ def test_emulator_accepts_the_manifest_flags(installed: Installed) -> None:
     assert rc == 0, text
     for option in ("--host", "--port"):
         assert re.search(rf"{option}\b", text), f"`reframe emulator` has no {option} option"
+
+
+def test_serve_accepts_the_documented_flags(installed: Installed) -> None:
+    """`reframe serve --host --port --workers` (the Dockerfile header, docs/deploy.md)."""
+    rc, text = installed.reframe("serve", "--help")
+    assert rc == 0, text
+    for option in ("--host", "--port", "--workers"):
+        assert re.search(rf"{option}\b", text), f"`reframe serve` has no {option} option"
 
 
 def test_dockerfile_smoke_test_passes(installed: Installed) -> None:
