@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(url, script, connections=8, duration_s=3)  # warm-up: connections, scripts, caches
         rows = []
         for connections in args.connections:
-            before = r.zcard("{reframe}:api:tenant:bench:jobs")
+            before = r.zcard("{reframe}:tenant:bench:jobs")
             result = run_wrk(url, script, connections=connections, duration_s=args.duration_s)
-            made = r.zcard("{reframe}:api:tenant:bench:jobs") - before
+            made = r.zcard("{reframe}:tenant:bench:jobs") - before
             rows.append(("POST /v1/jobs", result, f"{made:,}"))
         # the framework alone (no auth, no Redis): the ceiling this machine allows one process
         baseline = run_wrk(f"{url}/healthz", None, connections=16, duration_s=max(3, args.duration_s // 2))

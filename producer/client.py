@@ -36,6 +36,7 @@ from worker.contracts.intake import (
     check_batch,
     check_call,
     check_enqueue,
+    index_horizon_ms,
 )
 from worker.contracts.keys import celery_queue_key
 from worker.contracts.models import (
@@ -48,6 +49,7 @@ from worker.contracts.models import (
     parse_input,
 )
 from worker.contracts.store import BudgetAction, Fence, JobStore, SlotAction
+from worker.contracts.tenants import DEFAULT_TENANT, check_tenant
 from worker.contracts.wire import CANCEL_TASK, task_message
 
 __all__ = [
@@ -145,6 +147,16 @@ class Job:
         )
 
 
+def _tenant(tenant: str | None) -> str:
+    """The tenant a call names (``default`` for None); :class:`InvalidRequest` naming ``tenant``."""
+    if tenant is None:
+        return DEFAULT_TENANT
+    try:
+        return check_tenant(tenant)
+    except ValueError as exc:
+        raise InvalidRequest([("tenant", str(exc).removeprefix("tenant: "))]) from None
+
+
 def _batch_arguments(requests: Any, max_batch: int) -> list[dict[str, Any] | str]:
     """Split each item of an ``enqueue_many`` batch into call arguments (a str = what is wrong)."""
     if isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Iterable):
@@ -184,7 +196,11 @@ class Producer:
             retention_s=settings.job_retention_s,
             stream_maxlen=settings.results_stream_maxlen,
         )
-        self.intake = Intake(self.store, default_deadline_s=settings.job_deadline_s)
+        self.intake = Intake(
+            self.store,
+            default_deadline_s=settings.job_deadline_s,
+            index_horizon_ms=index_horizon_ms(settings),
+        )
 
     def __enter__(self) -> Producer:
         return self
@@ -218,6 +234,7 @@ class Producer:
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
         deadline_s: float | None = None,
+        tenant: str | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id (see :meth:`enqueue_result` for more).
 
@@ -226,7 +243,8 @@ class Producer:
         the first job's id (nothing is enqueued again, whatever that job's state); the same key with
         a different input raises :class:`IdempotencyConflict`. ``callback_url`` needs
         ``REFRAME_CALLBACK_SIGNING_KEY`` (or ``REFRAME_CALLBACK_ALLOW_UNSIGNED=true``).
-        ``deadline_s`` shortens ``REFRAME_JOB_DEADLINE_S`` for this job.
+        ``deadline_s`` shortens ``REFRAME_JOB_DEADLINE_S`` for this job. ``tenant`` names who the
+        job belongs to (``default`` when None); idempotency keys are per tenant.
         """
         return self.enqueue_result(
             request,
@@ -235,6 +253,7 @@ class Producer:
             metadata=metadata,
             callback_url=callback_url,
             deadline_s=deadline_s,
+            tenant=tenant,
         ).job_id
 
     def enqueue_result(
@@ -246,14 +265,17 @@ class Producer:
         metadata: Mapping[str, Any] | None = None,
         callback_url: str | None = None,
         deadline_s: float | None = None,
+        tenant: str | None = None,
     ) -> EnqueueResult:
         """:meth:`enqueue`, returning whether a job was created or an existing one returned, and its
         state (``result.describe()`` gives ``returned existing job X (FAILED)``)."""
         item = EnqueueRequest(request, idempotency_key, priority, metadata, callback_url, deadline_s)
         call = check_enqueue(item.arguments(), self.limits)
-        return self.intake.write([call], batch=False)[0]
+        return self.intake.write([call], batch=False, tenant=_tenant(tenant))[0]
 
-    def enqueue_many(self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]) -> list[str]:
+    def enqueue_many(
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, tenant: str | None = None
+    ) -> list[str]:
         """Validate every request, then enqueue all of them atomically; return the job ids in order.
 
         All or nothing: if any item is invalid, :class:`InvalidRequest` lists every bad field of
@@ -262,16 +284,18 @@ class Producer:
         Items whose key already maps to the same input return that job's id, so **retrying the same
         batch is safe** (no second job, nobody pays twice). Repeated keys inside one batch: same
         input = one job, different input = conflict. At most ``REFRAME_ENQUEUE_MAX_BATCH`` items
-        per call (one Redis script must stay short); split larger batches.
+        per call (one Redis script must stay short); split larger batches. Every job of the batch
+        belongs to ``tenant`` (``default`` when None).
         """
-        return [r.job_id for r in self.enqueue_many_results(requests)]
+        return [r.job_id for r in self.enqueue_many_results(requests, tenant=tenant)]
 
     def enqueue_many_results(
-        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]]
+        self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, tenant: str | None = None
     ) -> list[EnqueueResult]:
         """:meth:`enqueue_many`, returning one :class:`EnqueueResult` per item."""
+        chosen = _tenant(tenant)
         calls = check_batch(_batch_arguments(requests, self.limits.max_batch), self.limits)
-        return self.intake.write(calls, batch=True)
+        return self.intake.write(calls, batch=True, tenant=chosen)
 
     # ------------------------------------------------------------------ observe
     def get(self, job_id: str) -> Job | None:

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
 from config.settings import redact_url, settings_environment
+from worker.contracts.tenants import check_tenant
 
 app = typer.Typer(
     name="reframe",
@@ -262,6 +263,9 @@ def enqueue(
         list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable.")
     ] = None,
     callback_url: Annotated[str | None, typer.Option(help="POSTed (signed) when the job ends.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Who the job belongs to (default: the `default` tenant).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job ends.")] = False,
     timeout_s: Annotated[
         float, typer.Option(help="With --wait: give up after this many seconds.", callback=_positive_seconds)
@@ -289,6 +293,11 @@ def enqueue(
     }
     request = {k: v for k, v in request.items() if v is not None}
     meta = _metadata(metadata)
+    if tenant is not None:
+        try:
+            check_tenant(tenant)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     with Producer(settings) as producer:
         if not _is_url(source):
             # Every other field first, so a typo never costs an upload; then the file itself.
@@ -308,6 +317,7 @@ def enqueue(
                 priority=priority,
                 metadata=meta,
                 callback_url=callback_url,
+                tenant=tenant,
             )
         except (InvalidRequest, IdempotencyConflict) as exc:
             raise fail(str(exc)) from None

@@ -24,11 +24,9 @@ import redis.asyncio as aioredis
 
 from worker.contracts.keys import Keys
 from worker.contracts.lua import load_lua, script_path
+from worker.contracts.tenants import check_tenant
 
 TOKEN_PREFIX = "rfk_"  # noqa: S105 - a public prefix that marks our tokens, not a secret
-TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
-"""Tenant names: short and safe in a Redis key, an idempotency-key namespace and a log line."""
-_TENANT = re.compile(TENANT_PATTERN)
 _TOKEN = re.compile(r"^rfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -86,13 +84,6 @@ class KeyInfo:
 def token_hash(token: str) -> str:
     """Hex SHA-256 of a token (what Redis stores)."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def check_tenant(tenant: str) -> str:
-    """``tenant`` if it is a valid tenant name; :class:`ValueError` naming the rule otherwise."""
-    if not _TENANT.fullmatch(tenant):
-        raise ValueError(f"tenant: {tenant!r} must match {TENANT_PATTERN}")
-    return tenant
 
 
 class KeyStore:

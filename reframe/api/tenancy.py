@@ -1,13 +1,12 @@
-"""Tenants of the HTTP API: who owns a job, and the per-tenant index that lists jobs.
+"""Listing jobs by tenant over HTTP: the cursor and the pages of the listing indexes.
 
-A job enqueued over HTTP carries its tenant in its record (field ``tenant``, written by
-``lua/tenant_tag.lua`` right after the enqueue script) and is indexed by created time in two
-ZSETs: ``P:api:tenant:<tenant>:jobs`` and ``P:api:jobs`` (every tenant, for admins). Ownership is
-read from the record itself, so checking it costs nothing beyond reading the job. Index entries
-older than the longest a record can live are trimmed on every enqueue; entries whose record
-expired sooner are skipped (and removed) when a listing meets them.
-
-Idempotency keys are namespaced by tenant (``<tenant>:<key>``), so two tenants never share one.
+Every job carries its tenant in its record (field ``tenant``) and is indexed by created time in
+two ZSETs, both written by the enqueue script itself (worker/contracts/lua/enqueue.lua), so a job
+is never without its tenant or its index entry: ``Keys.tenant_jobs(tenant)`` and
+``Keys.jobs_index`` (every tenant, for admins). Ownership is read from the record, so checking it
+costs nothing beyond reading the job. The enqueue script trims index entries older than the
+longest a record can live; entries whose record expired sooner are skipped (and removed) when a
+listing meets them.
 """
 
 from __future__ import annotations
@@ -22,18 +21,9 @@ import redis
 
 from config import Settings
 from worker.contracts.keys import Keys
-from worker.contracts.lua import load_lua, script_path
 
 #: Most index entries one listing request reads (a state filter may need to skip many).
 MAX_SCAN_PER_PAGE = 2000
-#: One extra day past the longest record life covers clock skew and slow finishing.
-_SLACK_S = 86400.0
-
-
-def index_horizon_ms(settings: Settings) -> int:
-    """How long an index entry may be needed: the longest a job record can live after its creation."""
-    life_s = settings.job_deadline_s + max(settings.job_retention_s, settings.dlq_retention_s) + _SLACK_S
-    return int(life_s * 1000)
 
 
 @dataclass(frozen=True)
@@ -62,31 +52,11 @@ class Cursor:
 
 
 class TenantIndex:
-    """The tenant tag on job records and the listing indexes."""
+    """Pages of the listing indexes."""
 
     def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.keys = Keys(settings.key_prefix)
-        self.all_jobs = f"{self.keys.root}:api:jobs"
-        self.horizon_ms = index_horizon_ms(settings)
-        self._tag = r.register_script(load_lua(script_path(__file__, "tenant_tag")))
-
-    def tenant_jobs(self, tenant: str) -> str:
-        """The index ZSET of one tenant."""
-        return f"{self.keys.root}:api:tenant:{tenant}:jobs"
-
-    @staticmethod
-    def idempotency_key(tenant: str, key: str) -> str:
-        """The library idempotency key for a tenant's key."""
-        return f"{tenant}:{key}"
-
-    def tag(self, tenant: str, job_ids: Sequence[str]) -> int:
-        """Bind existing jobs to ``tenant`` and index them; returns how many records exist."""
-        if not job_ids:
-            return 0
-        unique = list(dict.fromkeys(job_ids))
-        keys = [self.tenant_jobs(tenant), self.all_jobs, *(self.keys.job(j) for j in unique)]
-        return int(self._tag(keys=keys, args=[tenant, self.horizon_ms, *unique]))
 
     def page(
         self,
@@ -98,7 +68,7 @@ class TenantIndex:
         count: int,
     ) -> list[tuple[str, int]]:
         """Up to ``count`` (job id, created ms) entries after ``after``, oldest first, in range."""
-        index = self.all_jobs if tenant is None else self.tenant_jobs(tenant)
+        index = self.keys.jobs_index if tenant is None else self.keys.tenant_jobs(tenant)
         low = created_from_ms if created_from_ms is not None else 0
         if after is not None:
             low = max(low, after.created_at_ms)
@@ -125,9 +95,9 @@ class TenantIndex:
         if not job_ids:
             return
         pipe = self.r.pipeline(transaction=False)
-        pipe.zrem(self.all_jobs, *job_ids)
+        pipe.zrem(self.keys.jobs_index, *job_ids)
         if tenant is not None:
-            pipe.zrem(self.tenant_jobs(tenant), *job_ids)
+            pipe.zrem(self.keys.tenant_jobs(tenant), *job_ids)
         pipe.execute()
 
 

@@ -63,9 +63,9 @@ def test_rate_limit_answers_429_with_retry_after_and_enqueues_nothing(api: Api) 
     with api.client(token) as c:
         assert c.post("/v1/jobs", json=api.body()).status_code == 201
         assert c.post("/v1/jobs", json=api.body()).status_code == 201
-        before = _job_count(api), api.redis.zcard("{reframe}:api:tenant:limited:jobs")
+        before = _job_count(api), api.redis.zcard("{reframe}:tenant:limited:jobs")
         refused = [c.post("/v1/jobs", json=api.body()) for _ in range(5)]
-        after = _job_count(api), api.redis.zcard("{reframe}:api:tenant:limited:jobs")
+        after = _job_count(api), api.redis.zcard("{reframe}:tenant:limited:jobs")
     for r in refused:
         assert r.status_code == 429 and r.headers["content-type"] == PROBLEM
         assert int(r.headers["retry-after"]) >= 1

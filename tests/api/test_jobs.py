@@ -81,7 +81,7 @@ def test_ten_concurrent_identical_requests_make_one_job(api: Api) -> None:
         answers = list(pool.map(post, range(10)))
     assert sorted(a.status_code for a in answers) == [200] * 9 + [201]
     assert len({a.json()["id"] for a in answers}) == 1
-    listed = api.redis.zrange("{reframe}:api:tenant:crowd:jobs", 0, -1)
+    listed = api.redis.zrange("{reframe}:tenant:crowd:jobs", 0, -1)
     assert len(listed) == 1
 
 
@@ -109,7 +109,7 @@ def test_batch_is_atomic_and_names_conflicting_items(api: Api) -> None:
         assert len(set(ids)) == 3
         again = c.post("/v1/jobs/batch", json={"items": items})
         assert again.status_code == 200 and [i["id"] for i in again.json()["items"]] == ids
-        before = api.redis.zcard("{reframe}:api:tenant:batch:jobs")
+        before = api.redis.zcard("{reframe}:tenant:batch:jobs")
         clash = [api.body(), api.body(idempotency_key=f"{k}-1", aspect_ratio="1:1")]
         r = c.post("/v1/jobs/batch", json={"items": clash})
         assert r.status_code == 409
@@ -117,7 +117,7 @@ def test_batch_is_atomic_and_names_conflicting_items(api: Api) -> None:
         invalid = c.post("/v1/jobs/batch", json={"items": [api.body(), {"video_url": api.sample_url}]})
         assert invalid.status_code == 422
         assert invalid.json()["errors"][0]["field"].startswith("items[1]")
-        assert api.redis.zcard("{reframe}:api:tenant:batch:jobs") == before
+        assert api.redis.zcard("{reframe}:tenant:batch:jobs") == before
 
 
 def test_list_is_per_tenant_with_cursor_pagination_and_filters(api: Api) -> None:

@@ -284,6 +284,8 @@ def inprocess_cases(media: dict[str, Path]) -> list[Case]:
         Case(["enqueue", *url, "-a", "2:1"], "aspect_ratio"),
         Case(["enqueue", *url, "-a", ""], "aspect_ratio"),
         Case(["enqueue", "ftp://x.test/a.mp4", "-a", "1:1"], "video_url"),
+        Case(["enqueue", *url, "-a", "1:1", "--tenant", "Bad Tenant"], "tenant"),
+        Case(["enqueue", *url, "-a", "1:1", "--tenant", "a" * 41], "tenant"),
         Case(["enqueue", "javascript:alert(1)", "-a", "1:1"], "video_url"),
         Case(["enqueue", "https://", "-a", "1:1"], "video_url"),
         Case([*enq, "--priority", "urgent"], "priority:"),

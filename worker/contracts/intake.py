@@ -18,8 +18,8 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -31,6 +31,8 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from redis.asyncio import Redis as AsyncRedis
+from redis.commands.core import AsyncScript
 
 from config import Settings
 from worker.contracts.lua import load_lua, script_path
@@ -43,6 +45,7 @@ from worker.contracts.models import (
     ReframeInput,
 )
 from worker.contracts.store import JobStore
+from worker.contracts.tenants import DEFAULT_TENANT, check_tenant, tenant_idempotency_key
 from worker.contracts.urlpolicy import UrlPolicy, check_callback_url
 
 #: Idempotency keys: safe in a Redis key name and a log line; long enough for "tenant:order:uuid".
@@ -385,9 +388,15 @@ class IdempotencyConflict(ValueError):
 
 # ---------------------------------------------------------------------------------- writing
 def record_fields(
-    job_id: str, call: EnqueueCall, request: ReframeInput, *, default_deadline_s: float
+    job_id: str,
+    call: EnqueueCall,
+    request: ReframeInput,
+    *,
+    default_deadline_s: float,
+    idempotency_key: str | None,
 ) -> list[str]:
-    """The initial hash fields of a job, flattened for the enqueue script."""
+    """The initial hash fields of a job, flattened for the enqueue script (``idempotency_key`` as
+    stored: namespaced by tenant)."""
     fields = {
         "id": job_id,
         "state": JobState.QUEUED.value,
@@ -396,7 +405,7 @@ def record_fields(
         "fingerprint": request.fingerprint(),
         "metadata": encode_metadata(call.metadata),
         "callback_url": call.callback_url or "",
-        "idempotency_key": call.idempotency_key or "",
+        "idempotency_key": idempotency_key or "",
         "attempts": "0",
         "deadline_s": repr(float(call.deadline_s or default_deadline_s)),
     }
@@ -425,39 +434,118 @@ def _dedupe(calls: Sequence[EnqueueCall], *, batch: bool) -> tuple[list[int], di
     return unique, alias
 
 
-class Intake:
-    """Writes validated batches with ``lua/enqueue.lua``: every record, claim and message, or none."""
+#: Slack past the longest a record can live before its listing-index entry is trimmed (clock skew,
+#: slow finishing).
+_INDEX_SLACK_S = 86400.0
 
-    def __init__(self, store: JobStore, *, default_deadline_s: float) -> None:
+
+def index_horizon_ms(settings: Settings) -> int:
+    """How long a listing-index entry may be needed: the longest a job record can live after its
+    creation (deadline, then the longer of the result and dead-letter retention), plus a day."""
+    life_s = (
+        settings.job_deadline_s + max(settings.job_retention_s, settings.dlq_retention_s) + _INDEX_SLACK_S
+    )
+    return int(life_s * 1000)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call of ``lua/enqueue.lua``: which calls it carries, and its keys and arguments."""
+
+    unique: list[int]
+    alias: dict[int, int]
+    keys: list[str]
+    argv: list[str]
+
+
+class Intake:
+    """Writes validated batches with ``lua/enqueue.lua``: every record, claim, message and index
+    entry, or none. :meth:`write` uses the store's Redis client; :meth:`write_async` an asyncio
+    client (the HTTP API's event loop), with the same script and the same answers."""
+
+    def __init__(self, store: JobStore, *, default_deadline_s: float, index_horizon_ms: int) -> None:
         self.store = store
         self.default_deadline_s = default_deadline_s
-        self._script = store.r.register_script(load_lua(script_path(__file__, "enqueue")))
+        self.index_horizon_ms = index_horizon_ms
+        self.source = load_lua(script_path(__file__, "enqueue"))
+        self._script = store.r.register_script(self.source)
+        self._async_scripts: dict[int, AsyncScript] = {}
 
-    def write(self, calls: Sequence[EnqueueCall], *, batch: bool) -> list[EnqueueResult]:
-        """Write the jobs of ``calls`` atomically; return one result per call, in order.
+    def write(
+        self, calls: Sequence[EnqueueCall], *, batch: bool, tenant: str = DEFAULT_TENANT
+    ) -> list[EnqueueResult]:
+        """Write the jobs of ``calls`` for ``tenant`` atomically; return one result per call, in order.
 
         Duplicate idempotency keys inside ``calls`` collapse to one job when their inputs match and
         are a conflict otherwise. Raises :class:`IdempotencyConflict` (nothing written) when any key
         is taken by a different request.
         """
+        plan = self._plan(calls, batch=batch, tenant=tenant)
+        if plan is None:
+            return []
+        raw: Any = self._script(keys=plan.keys, args=plan.argv)
+        results, existing = self._results(calls, plan, raw, batch=batch)
+        if not existing:
+            return results
+        pipe = self.store.r.pipeline(transaction=False)
+        for job_id in existing:
+            pipe.hget(self.store.keys.job(job_id), "state")
+        return _with_states(results, dict(zip(existing, pipe.execute(), strict=True)))
+
+    async def write_async(
+        self, client: AsyncRedis, calls: Sequence[EnqueueCall], *, batch: bool, tenant: str = DEFAULT_TENANT
+    ) -> list[EnqueueResult]:
+        """:meth:`write` over an asyncio Redis client (no thread per request)."""
+        plan = self._plan(calls, batch=batch, tenant=tenant)
+        if plan is None:
+            return []
+        script = self._async_scripts.get(id(client))
+        if script is None:
+            script = self._async_scripts[id(client)] = client.register_script(self.source)
+        raw: Any = await script(keys=plan.keys, args=plan.argv)
+        results, existing = self._results(calls, plan, raw, batch=batch)
+        if not existing:
+            return results
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in existing:
+                pipe.hget(self.store.keys.job(job_id), "state")
+            states = await pipe.execute()
+        return _with_states(results, dict(zip(existing, states, strict=True)))
+
+    def _plan(self, calls: Sequence[EnqueueCall], *, batch: bool, tenant: str) -> _Plan | None:
+        check_tenant(tenant)
         unique, alias = _dedupe(calls, batch=batch)
         if not unique:
-            return []
-
+            return None
         store, keys_of = self.store, self.store.keys
         keys: list[str] = []
         # an empty idempotency key is refused by the contract, so this key can never be a claim
-        argv: list[str] = [store.keys.idem(""), str(len(unique))]
+        argv: list[str] = [keys_of.idem(""), str(len(unique)), tenant, str(self.index_horizon_ms)]
         for i in unique:
             call = calls[i]
             job_id = uuid.uuid4().hex
-            priority = call.priority_enum
-            list_key, message = store.submit_message(job_id, priority)
-            idem = keys_of.idem(call.idempotency_key) if call.idempotency_key else keys_of.idem("")
-            keys += [keys_of.job(job_id), idem, list_key]
-            fields = record_fields(job_id, call, call.input, default_deadline_s=self.default_deadline_s)
+            list_key, message = store.submit_message(job_id, call.priority_enum)
+            stored_key = (
+                tenant_idempotency_key(tenant, call.idempotency_key) if call.idempotency_key else None
+            )
+            keys += [keys_of.job(job_id), keys_of.idem(stored_key or ""), list_key]
+            fields = record_fields(
+                job_id,
+                call,
+                call.input,
+                default_deadline_s=self.default_deadline_s,
+                idempotency_key=stored_key,
+            )
             argv += [job_id, call.input.fingerprint(), message, str(len(fields) // 2), *fields]
-        raw: Any = self._script(keys=[*keys, keys_of.queued], args=argv)
+        keys += [keys_of.queued, keys_of.tenant_jobs(tenant), keys_of.jobs_index]
+        return _Plan(unique, alias, keys, argv)
+
+    @staticmethod
+    def _results(
+        calls: Sequence[EnqueueCall], plan: _Plan, raw: Any, *, batch: bool
+    ) -> tuple[list[EnqueueResult], list[str]]:
+        """The results in call order, and the ids of existing jobs whose state is still to read."""
+        unique, alias = plan.unique, plan.alias
         if int(raw[0]) == 0:
             found = []
             for k in range(1, len(raw), 2):
@@ -468,26 +556,23 @@ class Intake:
         by_index: dict[int, tuple[str, bool]] = {}
         for n, i in enumerate(unique):
             by_index[i] = (_text(raw[3 + 2 * n]), int(raw[2 + 2 * n]) == 1)
-        existing_ids = [job_id for job_id, created in by_index.values() if not created]
-        states = dict(zip(existing_ids, self._states(existing_ids), strict=True))
         results: list[EnqueueResult] = []
         for i, call in enumerate(calls):
             job_id, created = by_index[alias.get(i, i)]
-            created = created and i not in alias
-            state = JobState.QUEUED if created else states.get(job_id)
-            if i in alias and by_index[alias[i]][1]:
-                state = JobState.QUEUED  # an in-batch duplicate of a job created just now
-            results.append(EnqueueResult(job_id, created, state, call.idempotency_key))
-        return results
+            # an in-batch duplicate of a job created just now is QUEUED, not "existing"
+            state = JobState.QUEUED if created else None
+            results.append(EnqueueResult(job_id, created and i not in alias, state, call.idempotency_key))
+        existing = list(dict.fromkeys(r.job_id for r in results if r.state is None))
+        return results, existing
 
-    def _states(self, job_ids: Iterable[str]) -> list[JobState | None]:
-        ids = list(job_ids)
-        if not ids:
-            return []
-        pipe = self.store.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(self.store.keys.job(job_id), "state")
-        return [JobState(_text(s)) if s else None for s in pipe.execute()]
+
+def _with_states(results: list[EnqueueResult], states: Mapping[str, Any]) -> list[EnqueueResult]:
+    """``results`` with the read states of existing jobs filled in (None: the record expired)."""
+    out = []
+    for result in results:
+        raw = states.get(result.job_id) if result.state is None else None
+        out.append(replace(result, state=JobState(_text(raw))) if raw else result)
+    return out
 
 
 def _text(value: Any) -> str:

@@ -37,6 +37,15 @@ class Keys:
         """An idempotency-key claim."""
         return f"{self.root}:idem:{key}"
 
+    @property
+    def jobs_index(self) -> str:
+        """ZSET job id -> created ms of every job (listings across tenants; trimmed past a horizon)."""
+        return f"{self.root}:jobs:index"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """ZSET job id -> created ms of one tenant's jobs (its listings)."""
+        return f"{self.root}:tenant:{tenant}:jobs"
+
     def wait(self, priority: Priority | str) -> str:
         """The FIFO of jobs of one priority waiting for a slot."""
         return f"{self.root}:wait:{Priority(priority).value}"

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from producer import CancelOutcome, IdempotencyConflict, InvalidRequest, Job
 from reframe.api.keys import Principal, Scope
@@ -34,6 +33,7 @@ from worker.contracts.intake import (
 )
 from worker.contracts.models import JobState
 from worker.contracts.store import decode_record
+from worker.contracts.tenants import TENANT_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -83,13 +83,11 @@ def own_job(svc: Services, principal: Principal, job_id: str) -> tuple[Job, str 
     return Job.from_record(rec), tenant
 
 
-def write_and_tag(
+async def write(
     svc: Services, principal: Principal, calls: list[EnqueueCall], *, batch: bool
 ) -> list[EnqueueResult]:
-    """Enqueue atomically (the library's intake), then bind the jobs to the caller's tenant."""
-    results = svc.producer.intake.write(calls, batch=batch)
-    svc.tenants.tag(principal.tenant, [r.job_id for r in results])
-    return results
+    """Enqueue for the caller's tenant atomically (the library's intake, on the event loop)."""
+    return await svc.producer.intake.write_async(svc.ar, calls, batch=batch, tenant=principal.tenant)
 
 
 def _enqueued(result: EnqueueResult) -> Enqueued:
@@ -126,13 +124,13 @@ async def create_job(
     svc = services(request)
     args = split_body(await json_body(request))
     if idempotency_key is not None:
-        args["idempotency_key"] = svc.tenants.idempotency_key(principal.tenant, idempotency_key)
+        args["idempotency_key"] = idempotency_key
     try:
         call = check_enqueue(args, svc.producer.limits)
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
     try:
-        result = (await run_in_threadpool(write_and_tag, svc, principal, [call], batch=False))[0]
+        result = (await write(svc, principal, [call], batch=False))[0]
     except IdempotencyConflict as exc:
         raise ProblemError(
             409,
@@ -182,15 +180,13 @@ async def create_batch(
         if isinstance(key, str) and len(key) > 120:
             args.append("idempotency_key: at most 120 characters")
             continue
-        if isinstance(key, str):
-            one["idempotency_key"] = svc.tenants.idempotency_key(principal.tenant, key)
         args.append(one)
     try:
         calls = check_batch(args, svc.producer.limits)
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
     try:
-        results = await run_in_threadpool(write_and_tag, svc, principal, calls, batch=True)
+        results = await write(svc, principal, calls, batch=True)
     except IdempotencyConflict as exc:
         errors = []
         for c in exc.conflicts:
@@ -228,14 +224,14 @@ def list_jobs(
     created_from_ms: Annotated[int | None, Query(ge=0, description="Created at or after (ms).")] = None,
     created_to_ms: Annotated[int | None, Query(ge=0, description="Created at or before (ms).")] = None,
     tenant: Annotated[
-        str | None, Query(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$", description="Admins: one tenant's jobs.")
+        str | None, Query(pattern=TENANT_PATTERN, description="Admins: one tenant's jobs.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
 ) -> JobPage:
-    """Jobs enqueued over HTTP, oldest first, from the per-tenant index (cursor pagination).
+    """Jobs, oldest first, from the listing indexes (cursor pagination).
 
     A tenant key lists its own tenant; an admin lists every tenant or the one named by ``tenant``.
     """
