@@ -193,7 +193,7 @@ def test_reframe_containers_run_a_reframe_command(overlay: Rendered) -> None:
     for where, _p, c in containers(overlay):
         if is_reframe(overlay, c):
             assert "command" not in c, f"{where}: keep the image's ENTRYPOINT (reframe) as PID 1"
-            assert c["args"][0] in {"worker", "exporter", "emulator"}, where
+            assert c["args"][0] in {"worker", "exporter", "serve", "emulator"}, where
 
 
 # --- settings and secrets -------------------------------------------------------------------
@@ -372,6 +372,8 @@ def test_prod_components(rendered: dict[str, Rendered]) -> None:
         "PrometheusRule",
         "NetworkPolicy",
         "PodDisruptionBudget",
+        "Ingress",
+        "HorizontalPodAutoscaler",
     } <= kinds
     assert not {"StatefulSet"} & kinds, "prod uses a managed Redis, not the in-cluster one"
     assert not [d for d in prod.of_kind("Deployment") if d["metadata"]["name"] == "reframe-emulator"]
