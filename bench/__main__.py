@@ -1,7 +1,7 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -15,15 +15,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis
 
+from bench.clusters import cluster_with_clip, inflight_env
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
+from bench.webhooks import bench_webhooks
 from producer import JobState, Producer
-from reframe.demo import make_sample_video
-from reframe.localcluster import LocalCluster, start_cluster, upload_file
 from reframe.localproc import start_redis, wait_until
 
 
@@ -58,12 +57,6 @@ def bench_enqueue(work: Path) -> list[Row]:
     ]
 
 
-def _cluster(work: Path, name: str, **kw: Any) -> tuple[LocalCluster, str]:
-    cluster = start_cluster(work / name, **kw)
-    clip = make_sample_video(work / f"{name}.mp4", duration_s=2, size="320x180")
-    return cluster, upload_file(cluster.settings(), clip)
-
-
 def _finished(p: Producer, ids: list[str]) -> int:
     return sum(1 for j in p.get_many(ids) if j is not None and j.terminal)
 
@@ -78,7 +71,7 @@ def bench_e2e(work: Path) -> list[Row]:
         "REFRAME_SUBMIT_RATE_PER_S": "1000",
         "REFRAME_SUBMIT_BURST": "200",
     }
-    cluster, url = _cluster(
+    cluster, url = cluster_with_clip(
         work, "e2e", workers=2, emulator_concurrency=40, emulator_processing_time_s=0.0, env=env
     )
     try:
@@ -114,17 +107,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def bench_inflight(work: Path, n: int = 1000, window_s: float = 60.0) -> list[Row]:
-    env = {
-        "REFRAME_MAX_CONCURRENCY": str(n),
-        "REFRAME_SUBMIT_RATE_PER_S": "300",
-        "REFRAME_SUBMIT_BURST": "100",
-        "REFRAME_TRACKER_MAX_JOBS": str(2 * n),
-        "REFRAME_WORKER_CONCURRENCY": "8",
-        # 1,000 two-second jobs cost $120: above the default daily cap, which would block them.
-        "REFRAME_BUDGET_DAILY_USD": "10000",
-        "REFRAME_BUDGET_MONTHLY_USD": "100000",
-    }
-    cluster, url = _cluster(
+    env = inflight_env(n)  # 1,000 two-second jobs cost $120: above the default daily cap
+    cluster, url = cluster_with_clip(
         work, "inflight", workers=1, emulator_concurrency=40, emulator_processing_time_s=3600.0, env=env
     )
     try:
@@ -172,7 +156,7 @@ def bench_flow(work: Path, n_slots: int = 8, processing_s: float = 2.0, jobs: in
         "REFRAME_SUBMIT_RATE_PER_S": "100",
         "REFRAME_SUBMIT_BURST": "20",
     }
-    cluster, url = _cluster(
+    cluster, url = cluster_with_clip(
         work,
         "flow",
         workers=3,
@@ -222,6 +206,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "inflight": ("Completion tracking: 1,000 jobs in flight in one worker process", bench_inflight),
     "flow": ("Flow control under backlog (3 workers)", bench_flow),
     "recovery": ("Recovery: worker kills, takeover, N = 40 at defaults (bench/recovery.py)", bench_recovery),
+    "webhooks": (
+        "fal webhooks vs the status stream: latency, status requests, memory (bench/webhooks.py)",
+        bench_webhooks,
+    ),
 }
 
 

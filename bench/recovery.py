@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,21 +19,13 @@ from typing import Any
 
 import redis
 
-from bench.report import Row, console, mean_open, pct, table
+from bench.clusters import BUDGET_ENV, cluster_with_clip
+from bench.report import Parts, Row, mean_open, parts_main, pct, run_parts
 from producer import Producer
-from reframe.demo import make_sample_video
-from reframe.localcluster import LocalCluster, WorkerProcess, start_cluster, upload_file
+from reframe.localcluster import LocalCluster, WorkerProcess
 from reframe.localproc import wait_until
 
 PREFIX = "{reframe}"
-#: A budget that never blocks these runs (the defaults would stop a long backlog after $100).
-BUDGET_ENV = {"REFRAME_BUDGET_DAILY_USD": "100000", "REFRAME_BUDGET_MONTHLY_USD": "1000000"}
-
-
-def _cluster(work: Path, name: str, **kw: Any) -> tuple[LocalCluster, str]:
-    cluster = start_cluster(work / name, **kw)
-    clip = make_sample_video(work / f"{name}.mp4", duration_s=2, size="320x180")
-    return cluster, upload_file(cluster.settings(), clip)
 
 
 def _ok_completions(cluster: LocalCluster, start: float, end: float) -> int:
@@ -54,7 +44,7 @@ def bench_kill_throughput(
 ) -> list[Row]:
     """Completions per second in a steady window, without faults and with a SIGKILL every 5 s."""
     env = {"REFRAME_MAX_CONCURRENCY": str(n), **BUDGET_ENV}
-    cluster, url = _cluster(
+    cluster, url = cluster_with_clip(
         work, "kills", workers=3, emulator_concurrency=n, emulator_processing_time_s=processing_s, env=env
     )
     rng = random.Random(10)
@@ -163,7 +153,7 @@ def bench_follow_again(work: Path, *, n: int = 24, kills: int = 8) -> list[Row]:
     """Kill a worker holding tracker claims; time until each of its jobs is claimed by another process."""
     env = {"REFRAME_MAX_CONCURRENCY": str(n), **BUDGET_ENV}
     # Jobs stay at fal for the whole run: every claim is live when its owner dies.
-    cluster, url = _cluster(
+    cluster, url = cluster_with_clip(
         work, "follow", workers=3, emulator_concurrency=n, emulator_processing_time_s=3600.0, env=env
     )
     rng = random.Random(11)
@@ -230,7 +220,7 @@ def bench_default_n40(
 ) -> list[Row]:
     """Default settings (rate 50/s, burst 10, ...) with N = 40 and 5 s jobs under a backlog."""
     env = {"REFRAME_MAX_CONCURRENCY": str(n), **BUDGET_ENV}
-    cluster, url = _cluster(
+    cluster, url = cluster_with_clip(
         work, "n40", workers=3, emulator_concurrency=n, emulator_processing_time_s=processing_s, env=env
     )
     ideal = n / processing_s
@@ -259,7 +249,7 @@ def bench_default_n40(
     ]
 
 
-SCENARIOS = {
+SCENARIOS: Parts = {
     "kills": ("Throughput under a worker SIGKILL every 5 s", bench_kill_throughput),
     "follow": ("Worker death -> its jobs followed again", bench_follow_again),
     "n40": ("Default settings at N = 40", bench_default_n40),
@@ -268,15 +258,7 @@ SCENARIOS = {
 
 def run(work: Path, names: list[str] | None = None, *, print_parts: bool = False) -> list[Row]:
     """Run the recovery benchmarks (all by default); returns every row."""
-    rows: list[Row] = []
-    for name in names or list(SCENARIOS):
-        title, fn = SCENARIOS[name]
-        started = time.perf_counter()
-        part = fn(work)
-        if print_parts:
-            table(f"{title} ({time.perf_counter() - started:.0f}s)", part)
-        rows += part
-    return rows
+    return run_parts(work, SCENARIOS, names, print_parts=print_parts)
 
 
 def bench_recovery(work: Path) -> list[Row]:
@@ -285,16 +267,7 @@ def bench_recovery(work: Path) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    names = list(argv if argv is not None else sys.argv[1:]) or None
-    console.print(
-        f"Reframe Cluster recovery benchmarks on {Path('/proc/cpuinfo').read_text().count('processor')} cores, "
-        f"Python {sys.version.split()[0]}"
-    )
-    with tempfile.TemporaryDirectory(prefix="reframe-recovery-") as tmp:
-        rows = run(Path(tmp), names, print_parts=True)
-    table("Recovery (issue #10)", rows)
-    return 0
+    return parts_main("recovery", "Recovery (issue #10)", SCENARIOS, argv)
 
 
 if __name__ == "__main__":
