@@ -262,6 +262,12 @@ class Settings(BaseSettings):
         default=3600.0,
         description="How long an ambiguous submit keeps its slot: fal may still run a request we cannot see.",
     )
+    ambiguous_webhook_wait_s: PosFloat = Field(
+        default=900.0,
+        description="With fal webhooks on: how long an ambiguous submit waits (SUBMITTING, slot and "
+        "reservation held) for its attempt's webhook, which adopts the request, before "
+        "REFRAME_AMBIGUOUS_SUBMIT_POLICY applies.",
+    )
     result_read_deadline_s: PosFloat = Field(
         default=3600.0,
         description="How long to keep retrying a result read fal answers with errors before calling it "

@@ -26,8 +26,8 @@ from worker.runtime import get_runtime
 from worker.signals import install_celery_signal_handlers
 from worker.submit import Submitter
 from worker.watchdog import EXIT_UNRECOVERABLE, TaskWatchdog, guard_kombu_restore
-from worker.webhooks import WEBHOOK_TASK, RetryLater
-from worker.webhooks import handle as handle_webhook
+from worker.webhooks import WEBHOOK_TASK
+from worker.webhooks import run as run_webhook
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ def _register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=WEBHOOK_TASK, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
     def webhook(self: Task, request_id: str) -> str:
         # A fal completion webhook recorded by the receiver (worker/webhooks.py).
-        try:
-            return handle_webhook(get_runtime(), request_id)
-        except RetryLater as wait:
-            raise self.retry(countdown=wait.delay_s) from None
+        return run_webhook(get_runtime(), request_id)
 
     @app.task(name=CALLBACK_TASK, bind=True, acks_late=True)  # type: ignore[untyped-decorator]
     def callback(self: Task, job_id: str) -> str:

@@ -35,7 +35,8 @@ from worker.outbox import STREAM_KEEP
 from worker.outcomes import receipt_from_record
 from worker.presence import Presence
 from worker.runtime import Runtime
-from worker.submit import Submitter
+from worker.submit import Outcome, Submitter
+from worker.webhooks import PENDING_LEASE_MS, dispatch_pending, pending_key
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class Housekeeper:
         """One pass of every duty that is due (each step first checks the lock is still ours)."""
         duties = (
             ("due", 0.0, self.dispatch_due),
+            ("webhooks", 1.0, self.dispatch_pending_webhooks),
             ("takeover", 1.0, self.take_over_dead),
             ("leases", 1.0, self.check_expired_leases),
             ("admit", 2.0, lambda: self.rt.dispatch(self.rt.flow.slots.admit())),
@@ -215,6 +217,14 @@ class Housekeeper:
         ids = [text(x) for x in raw]
         self.rt.dispatch(ids)
         return ids
+
+    def dispatch_pending_webhooks(self) -> list[str]:
+        """Send again the tasks of recorded fal webhooks not handled yet (a worker died holding the
+        message, or the delivery waits for its submitter: ``worker/webhooks.py``)."""
+        raw = self._due(keys=[pending_key(self.keys)], args=[500, PENDING_LEASE_MS])
+        due = [text(x) for x in raw]
+        dispatch_pending(self.rt, due)
+        return due
 
     def retry_blocked(self, limit: int = 200) -> None:
         """Budget-blocked jobs try the gate again once there is room (a raised cap, a new period).
@@ -358,8 +368,10 @@ class Housekeeper:
             self._check_at_fal(rec)
             return
         if rec.state.value == "SUBMITTING":
-            self.submitter.resolve_unknown(rec)
-            self.rt.flow.slots.renew([job_id], ttl_ms=10_000)
+            if self.submitter.resolve_unknown(rec) is Outcome.DUPLICATE:
+                # Its submitter may still be waiting for fal's answer: look again soon. (Any other
+                # outcome set the lease itself: an ambiguous hold or the wait for a webhook.)
+                self.rt.flow.slots.renew([job_id], ttl_ms=10_000)
             return
         if rec.state in PRE_SUBMIT_STATES:
             # Admitted but its dispatch was lost (or it sat out a rate pause): send it again.

@@ -457,10 +457,17 @@ def reserved_micro(rt: Runtime, rec: JobRecord) -> int:
 def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool:
     """A submit whose outcome is unknown: fal may hold (and bill) the request.
 
-    The money is settled as charged (the estimate) and the slot is held for
-    ``ambiguous_slot_hold_s``: fal may be running the request we cannot see, and the cap N must
-    count it. By policy the job is dead-lettered (replay needs an explicit force) or resubmitted.
+    With fal webhooks on, the job first stays SUBMITTING for ``ambiguous_webhook_wait_s``, holding
+    its slot and reservation (:func:`await_webhook`): a request fal accepted always ends with a
+    webhook naming the attempt, which adopts it (nothing is submitted again, the result is kept).
+    Without webhooks, or once that wait is over, the policy applies: the money is settled as
+    charged (the estimate) and the slot is held for ``ambiguous_slot_hold_s`` (fal may be running
+    the request we cannot see, and the cap N must count it); the job is dead-lettered (replay
+    needs an explicit force) or resubmitted.
     """
+    if rt.settings.public_url and not webhook_wait_over(rt, rec):
+        return await_webhook(rt, rec, attempt, reason=reason)
+    counted: dict[str, int] = {} if rec.get("ambiguous_since_ms") else {"ambiguous_count": 1}
     policy = rt.settings.ambiguous_submit_policy.value
     rt.metrics.ambiguous_submit(policy)
     charge = reserved_micro(rt, rec)
@@ -478,7 +485,7 @@ def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool
             budget=BudgetAction.SETTLE,
             settle_micro=charge,
             fields={"last_error": {"type": "ambiguous_submit", "message": reason}},
-            incr={"ambiguous_count": 1},
+            incr=counted,
         )
         if moved.ok:
             rt.metrics.spent(charge / 1e6)
@@ -494,3 +501,47 @@ def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool
         budget=BudgetAction.SETTLE,
         settle_micro=charge,
     )
+
+
+def webhook_wait_over(rt: Runtime, rec: JobRecord) -> bool:
+    """True once an ambiguous submit has waited ``ambiguous_webhook_wait_s`` for its webhook."""
+    since_ms = int(rec.get("ambiguous_since_ms") or 0)
+    return since_ms > 0 and rt.now_ms() - since_ms >= int(rt.settings.ambiguous_webhook_wait_s * 1000)
+
+
+def awaiting_webhook(rec: JobRecord) -> bool:
+    """True while an ambiguous submit waits for its attempt's webhook (its submitter gave up)."""
+    return rec.state == JobState.SUBMITTING and bool(rec.get("ambiguous_since_ms"))
+
+
+def await_webhook(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool:
+    """Keep an ambiguous submit SUBMITTING, slot and reservation held, until its webhook adopts it
+    or ``ambiguous_webhook_wait_s`` runs out (then the slot lease expires and the housekeeper's
+    lease check applies the policy through :func:`ambiguous`). Idempotent: later calls only renew."""
+    wait_ms = int(rt.settings.ambiguous_webhook_wait_s * 1000)
+    since_ms = int(rec.get("ambiguous_since_ms") or 0)
+    if since_ms == 0:
+        moved = rt.store.move(
+            rec.id,
+            JobState.SUBMITTING,
+            attempt_fence(attempt, states=[JobState.SUBMITTING]),
+            fields={
+                "ambiguous_since_ms": rt.now_ms(),
+                "last_error": {"type": "ambiguous_submit", "message": reason},
+            },
+            incr={"ambiguous_count": 1},
+        )
+        if not moved.ok:
+            return False
+        since_ms = moved.at_ms
+        rt.metrics.ambiguous_submit("await_webhook")
+        log.warning(
+            "ambiguous submit of job %s attempt %s (%s): waiting up to %.0f s for its fal webhook",
+            rec.id,
+            attempt,
+            reason,
+            wait_ms / 1000,
+        )
+    # The lease runs out with the wait: the housekeeper's lease check then applies the policy.
+    rt.flow.slots.renew([rec.id], ttl_ms=max(1000, since_ms + wait_ms - rt.now_ms()))
+    return True

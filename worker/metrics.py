@@ -49,7 +49,7 @@ JOB_OUTCOMES: Final = ("succeeded", "failed", "cancelled", "dead_lettered")
 FAL_OPS: Final = ("submit", "status", "stream", "result", "cancel", "upload", "token")
 STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network")
 """``error`` is "no usable response" when the caller cannot tell a timeout from a network error."""
-AMBIGUOUS_ACTIONS: Final = ("dead_letter", "resubmit")
+AMBIGUOUS_ACTIONS: Final = ("await_webhook", "dead_letter", "resubmit")
 """The ``ambiguous_submit_policy`` that was applied."""
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 BUDGET_PERIODS: Final = ("day", "month")
@@ -241,7 +241,8 @@ class Metrics:
         self.ambiguous_submits = Counter(
             f"{p}_ambiguous_submits_total",
             "Submits whose outcome was unknown (timeout or dropped connection after sending), by the "
-            "policy applied: dead_letter (never pay twice) or resubmit (risk of a double charge).",
+            "step taken: await_webhook (webhooks on: wait for the attempt's webhook to adopt it), then "
+            "the policy: dead_letter (never pay twice) or resubmit (risk of a double charge).",
             ["action"],
             registry=registry,
         )

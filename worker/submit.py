@@ -272,6 +272,10 @@ class Submitter:
     def _accepted(self, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> Outcome:
         moved = lifecycle.accepted(self.rt, rec, attempt, receipt)
         if not moved.ok:
+            now = self.rt.store.record(rec.id)
+            if now is not None and now.attempt == attempt and now.fal_request_id == receipt.request_id:
+                # fal's webhook arrived first and adopted this very request: it is ours, keep it.
+                return Outcome.SUBMITTED
             self._cancel_late(receipt)
             return Outcome.LOST
         if rec.attempts == 0 and rec.created_at_ms:
@@ -357,11 +361,12 @@ class Submitter:
     def resolve_unknown(self, rec: JobRecord, *, submitter_dead: bool = False) -> Outcome:
         """A job found in SUBMITTING with no fal request id: its submitter died or timed out mid-call.
 
-        Unless its process is known dead (no heartbeat), the submitter gets the whole submit
-        timeout first: it may still be waiting for fal's answer.
+        Unless its process is known dead (no heartbeat) or it already gave up (an ambiguous submit
+        waiting for its webhook), the submitter gets the whole submit timeout first: it may still
+        be waiting for fal's answer.
         """
         in_time = self.rt.now_ms() - rec.submit_started_at_ms < (submit_timeout_s(self.rt) + 5) * 1000
-        if in_time and not submitter_dead:
+        if in_time and not submitter_dead and not lifecycle.awaiting_webhook(rec):
             return Outcome.DUPLICATE
         done = lifecycle.ambiguous(self.rt, rec, rec.attempt, reason="worker lost during submit")
         return Outcome.AMBIGUOUS if done else Outcome.LOST

@@ -45,6 +45,7 @@ from worker.contracts.wire import task_message
 from worker.fal import FalError, FalModelError, QueueStatus, ReframeOutput, classify_response
 from worker.fal.webhooks import FalWebhook
 from worker.lifecycle import AT_FAL
+from worker.presence import Presence
 from worker.runtime import Runtime
 from worker.submit import submit_timeout_s
 
@@ -63,6 +64,16 @@ def seen_key(keys: Keys, request_id: str) -> str:
 def delivery_key(keys: Keys, request_id: str) -> str:
     """HASH ``P:webhook:{request id}``: the recorded delivery (raw body, job id, attempt)."""
     return f"{keys.root}:webhook:{request_id}"
+
+
+def pending_key(keys: Keys) -> str:
+    """ZSET ``P:webhook:pending``: request id -> when its task is sent again (until it is handled)."""
+    return f"{keys.root}:webhook:pending"
+
+
+#: A recorded delivery whose task message was lost (its worker died holding it) is sent again
+#: after this long; handling it takes milliseconds.
+PENDING_LEASE_MS = 30_000
 
 
 class WebhookInbox:
@@ -84,8 +95,9 @@ class WebhookInbox:
                 seen_key(self.keys, hook.request_id),
                 delivery_key(self.keys, hook.request_id),
                 celery_queue_key(queue, WEBHOOK_PRIORITY),
+                pending_key(self.keys),
             ],
-            args=[ttl_ms, raw_body, job_id, attempt, message, now_ms],
+            args=[ttl_ms, raw_body, job_id, attempt, message, now_ms, PENDING_LEASE_MS, hook.request_id],
         )
         return int(raw) == 1
 
@@ -100,7 +112,8 @@ class Delivery:
 
 
 class RetryLater(Exception):
-    """The submitter may still be waiting for fal's answer: look again after ``delay_s``."""
+    """The submitter may still be waiting for fal's answer: look again after ``delay_s``
+    (:func:`run` parks the delivery in the pending set; the housekeeper sends it again)."""
 
     def __init__(self, delay_s: float) -> None:
         super().__init__(f"retry in {delay_s:.1f}s")
@@ -120,6 +133,32 @@ def read_delivery(rt: Runtime, request_id: str) -> Delivery | None:
     if not isinstance(body, dict):
         return None
     return Delivery(entry.get("job_id", ""), entry.get("attempt", ""), FalWebhook(request_id, body))
+
+
+def run(rt: Runtime, request_id: str) -> str:
+    """The ``reframe.webhook`` task: :func:`handle` one delivery, then take it out of the pending
+    set, or park it there until ``RetryLater`` says (no Celery countdown: a message held by a
+    worker that dies would wait for the visibility timeout; the pending set is in Redis)."""
+    pending = pending_key(rt.store.keys)
+    try:
+        outcome = handle(rt, request_id)
+    except RetryLater as wait:
+        rt.redis.zadd(pending, {request_id: rt.now_ms() + int(wait.delay_s * 1000)})
+        return "retry_later"
+    rt.redis.zrem(pending, request_id)
+    return outcome
+
+
+def dispatch_pending(rt: Runtime, due: list[str]) -> None:
+    """Send the task of each due pending delivery (the housekeeper leased them)."""
+    if not due:
+        return
+    queue = rt.settings.queue_name
+    pipe = rt.redis.pipeline(transaction=False)
+    for request_id in due:
+        message = task_message(WEBHOOK_TASK, [request_id], queue=queue, priority=WEBHOOK_PRIORITY)
+        pipe.lpush(celery_queue_key(queue, WEBHOOK_PRIORITY), message)
+    pipe.execute()
 
 
 def handle(rt: Runtime, request_id: str) -> str:
@@ -143,7 +182,10 @@ def handle(rt: Runtime, request_id: str) -> str:
     if rec.state == JobState.SUBMITTING and not rec.fal_request_id:
         waited_ms = rt.now_ms() - rec.submit_started_at_ms
         limit_ms = int((submit_timeout_s(rt) + 5) * 1000)
-        if waited_ms < limit_ms:
+        # Adopt at once when nobody can still be waiting for fal's answer: the submitter gave up
+        # (an ambiguous submit awaiting this webhook) or its process is dead (no heartbeat).
+        gave_up = lifecycle.awaiting_webhook(rec) or not _submitter_alive(rt, rec)
+        if not gave_up and waited_ms < limit_ms:
             raise RetryLater(max(1.0, (limit_ms - waited_ms) / 1000))
         moved = lifecycle.adopted(rt, rec, delivery.attempt, rt.fal.receipt_for(request_id))
         log.info(
@@ -164,6 +206,13 @@ def handle(rt: Runtime, request_id: str) -> str:
         return "stale"
     finished = _finish(rt, rec, delivery.hook)
     return outcome or finished
+
+
+def _submitter_alive(rt: Runtime, rec: JobRecord) -> bool:
+    """True while the process that began the submit still beats (worker/presence.py)."""
+    if not rec.submit_process:
+        return False
+    return Presence.from_settings(rt.redis, rt.settings).is_alive(rec.submit_process)
 
 
 def _finish(rt: Runtime, rec: JobRecord, hook: FalWebhook) -> str:
@@ -249,8 +298,11 @@ __all__ = [
     "RetryLater",
     "WebhookInbox",
     "delivery_key",
+    "dispatch_pending",
     "handle",
+    "pending_key",
     "read_delivery",
     "reconcile",
+    "run",
     "seen_key",
 ]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from producer import JobState, Producer
 from reframe.localproc import wait_until
-from tests.chaos.conftest import KEYS, budget_day, events, explained, new_tag, redis_of
+from tests.chaos.conftest import KEYS, budget_day, events, explained, new_tag, redis_of, worker_of
 from tests.cluster.conftest import upload, wait_terminal
 from tests.webhooks.conftest import WebhookCluster
 
@@ -204,33 +204,121 @@ def test_duplicated_webhooks_finish_each_job_once(webhook_cluster: Factory, whol
         assert budget_day(r) == (2 * 3 * PRICE_MICRO_PER_S, 0)
 
 
-def test_an_ambiguous_submit_is_resolved_by_its_webhook_and_billed_once(
-    webhook_cluster: Factory, whole_clip: Path
+def _assert_adopted_and_billed_once(wc: WebhookCluster, job_id: str) -> None:
+    """The job ended SUCCEEDED through the request its webhook revealed: one submit at fal, one
+    bill, the budget charged exactly that, nothing held, one event, no dead letter."""
+    r = redis_of(wc.cluster)
+    rec = r.hgetall(KEYS.job(job_id))
+    book = wc.ledger()
+    assert len(book["submits"]) == 1  # never submitted again
+    (request_id,) = _request_ids(book)
+    assert rec["state"] == "SUCCEEDED", rec
+    assert rec["fal_request_id"] == request_id and rec["adopted_by"] == "webhook"
+    assert int(rec["cost_actual_micro"]) == 3 * PRICE_MICRO_PER_S
+    assert book["billed_requests"] == 1 and book["billed_seconds"] == 3
+    assert budget_day(r) == (3 * PRICE_MICRO_PER_S, 0)  # settled from the reservation, once
+    assert r.zscore(KEYS.slots, job_id) is None and r.zcard(KEYS.dlq) == 0
+    assert _job_events(wc, [job_id]) == {job_id: [f"{job_id}.1"]}
+    assert _follow_calls(book, {request_id}) == []
+    assert r.zcard("{reframe}:webhook:pending") == 0  # every recorded delivery was handled
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "resubmit"])
+def test_an_ambiguous_submit_waits_for_its_webhook_and_is_adopted_not_paid_twice(
+    webhook_cluster: Factory, whole_clip: Path, policy: str
 ) -> None:
-    """fal takes the submit but the answer is lost: the job is dead-lettered as ambiguous (nothing
-    is submitted again). Its webhook names the attempt, so the request is recorded, the slot held
-    for it is freed and the budget charges what fal billed instead of the estimate."""
-    wc = webhook_cluster(workers=1)
+    """fal takes the submit but the answer is lost. With webhooks on, the job stays SUBMITTING
+    (slot and reservation held) instead of being dead-lettered or resubmitted: the webhook names
+    the attempt, so the request is adopted and the job succeeds, under either policy."""
+    wc = webhook_cluster(workers=1, env={"REFRAME_AMBIGUOUS_SUBMIT_POLICY": policy})
     control = wc.cluster.emulator_control
     assert control is not None
-    control.set_faults([{"op": "submit", "kind": "drop", "after_handling": True}])
+    # the webhook comes 3 s after the lost answer: the job is seen waiting for it first
+    control.set_faults(
+        [
+            {"op": "submit", "kind": "drop", "after_handling": True},
+            {"op": "webhook", "kind": "slow", "delay_s": 3},
+        ]
+    )
     url = upload(wc.cluster.settings(), whole_clip)
     r = redis_of(wc.cluster)
     ids: list[str] = []
     with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
-        ids.append(p.enqueue(_inputs(url, new_tag("webhook-ambiguous"), 1)[0]))
+        ids.append(p.enqueue(_inputs(url, new_tag(f"webhook-ambiguous-{policy}"), 1)[0]))
         job_id = ids[0]
+        wait_until(
+            lambda: r.hget(KEYS.job(job_id), "ambiguous_since_ms") is not None,
+            timeout_s=60,
+            what="ambiguous submit waiting for its webhook",
+        )
+        assert r.hget(KEYS.job(job_id), "state") == "SUBMITTING"
+        assert r.zscore(KEYS.slots, job_id) is not None  # N still counts the request fal may run
+        assert budget_day(r)[1] > 0  # and its money stays reserved
+        wait_terminal(p, ids, timeout_s=120)
+        _assert_adopted_and_billed_once(wc, job_id)
+
+
+def test_a_submitter_killed_mid_post_is_adopted_by_the_webhook(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    """The worker is SIGKILLed while its submit POST waits for fal's answer (fal has the request).
+    fal's webhook arrives for an attempt whose submitter is dead: the request is adopted at once,
+    by the other worker, nothing is submitted again and fal bills once."""
+    wc = webhook_cluster(workers=2)
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults([{"op": "submit", "kind": "slow", "delay_s": 25}])
+    url = upload(wc.cluster.settings(), whole_clip)
+    r = redis_of(wc.cluster)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids.append(p.enqueue(_inputs(url, new_tag("webhook-killed-submitter"), 1)[0]))
+        job_id = ids[0]
+        wait_until(lambda: len(wc.ledger()["submits"]) == 1, timeout_s=60, what="fal took the submit")
+        rec = r.hgetall(KEYS.job(job_id))
+        assert rec["state"] == "SUBMITTING" and not rec.get("fal_request_id")
+        wc.cluster.kill_worker(worker_of(wc.cluster, rec["submit_process"]))
+        wait_terminal(p, ids, timeout_s=120)
+        _assert_adopted_and_billed_once(wc, job_id)
+
+
+def test_a_webhook_later_than_the_wait_resolves_the_dead_letter(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    """The webhook of an ambiguous submit is later than REFRAME_AMBIGUOUS_WEBHOOK_WAIT_S: the policy
+    (dead_letter) applies, then the late webhook records the request, corrects the charge to what
+    fal billed and frees the held slot, without reopening the job."""
+    wc = webhook_cluster(workers=1, env={"REFRAME_AMBIGUOUS_WEBHOOK_WAIT_S": "2"})
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults(
+        [
+            {"op": "submit", "kind": "drop", "after_handling": True},
+            {"op": "webhook", "kind": "slow", "delay_s": 12},
+        ]
+    )
+    url = upload(wc.cluster.settings(), whole_clip)
+    r = redis_of(wc.cluster)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids.append(p.enqueue(_inputs(url, new_tag("webhook-ambiguous-late"), 1)[0]))
+        job_id = ids[0]
+        wait_until(
+            lambda: r.hget(KEYS.job(job_id), "dead_letter_reason") == "ambiguous_submit",
+            timeout_s=60,
+            what="dead-lettered once the wait ran out",
+        )
+        assert r.zscore(KEYS.slots, job_id) is not None  # held for the request fal may run
         wait_until(
             lambda: r.hget(KEYS.job(job_id), "ambiguous_resolved") is not None,
             timeout_s=120,
-            what="ambiguous submit resolved by its webhook",
+            what="ambiguous submit resolved by its late webhook",
         )
         rec = r.hgetall(KEYS.job(job_id))
         book = wc.ledger()
         assert len(book["submits"]) == 1  # never submitted again
         (request_id,) = _request_ids(book)
-        assert rec["state"] == "FAILED" and rec["dead_letter_reason"] == "ambiguous_submit"
-        assert rec["fal_request_id"] == request_id
+        assert rec["state"] == "FAILED" and rec["fal_request_id"] == request_id
         assert rec["ambiguous_resolved"] == "succeeded_at_fal"
         assert int(rec["cost_actual_micro"]) == 3 * PRICE_MICRO_PER_S
         assert json.loads(rec["result"])["video"]["url"]
@@ -238,8 +326,6 @@ def test_an_ambiguous_submit_is_resolved_by_its_webhook_and_billed_once(
         assert budget_day(r) == (3 * PRICE_MICRO_PER_S, 0)  # the estimate (with margin) was corrected
         assert r.zscore(KEYS.slots, job_id) is None  # the slot held for the unseen request is free
         assert _job_events(wc, ids) == {job_id: [f"{job_id}.1"]}  # the life is not reopened
-        assert _follow_calls(book, {request_id}) == []
-        assert [w["status"] for w in book["webhooks"]] == [204]
 
 
 def test_the_attempt_token_and_signature_scheme_match_fal(webhook_cluster: Factory) -> None:
