@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         description="With webhooks on, a job at fal is first checked by a tracker only after this long: "
         "a lost webhook costs this much latency, never the job.",
     )
+    webhook_recheck_s: PosFloat = Field(
+        default=60.0,
+        description="With webhooks on, after the grace a tracker checks a job's status once (one GET) "
+        "every this many seconds until it ends or its webhook arrives; no stream is held per job.",
+    )
 
     # --- flow control ------------------------------------------------------------------------
     max_concurrency: PosInt = Field(default=2, description="Cluster-wide cap of fal requests in flight.")

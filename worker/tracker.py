@@ -157,6 +157,8 @@ class Tracker:
             await asyncio.to_thread(self._drop, job_id)
             return
         receipt = receipt_from_record(rec, self.rt)
+        if self.s.webhooks_on and await self._checked_once(rec, receipt):
+            return
         failures = 0
         not_found_since: float | None = None
         while True:
@@ -183,6 +185,28 @@ class Tracker:
             if final is not None:
                 await self._finish(rec, receipt, final)
                 return
+
+    async def _checked_once(self, rec: JobRecord, receipt: SubmitReceipt) -> bool:
+        """Webhook mode: the job's webhook is late (the grace ran out). One status GET: the end is
+        handled now, a running request is looked at again in ``webhook_recheck_s`` (claim handed
+        back, slot lease kept); no connection stays open per job. False when fal's answer was an
+        error: the caller follows the request as usual (404 confirmation, backoff)."""
+        try:
+            status = await self.rt.fal.status(receipt)
+        except (FalError, OSError):
+            return False
+        self.rt.metrics.tracker_poll("ok")
+        if await self._observe(rec, status):
+            await self._finish(rec, receipt, status)
+            return True
+        recheck_ms = int(self.s.webhook_recheck_s * 1000)
+        await asyncio.to_thread(
+            self.rt.flow.slots.renew, [rec.id], ttl_ms=recheck_ms + int(self.s.slot_lease_ttl_s * 1000)
+        )
+        await asyncio.to_thread(
+            self._handback, keys=self._claim_keys, args=[rec.id, self.rt.process_id, recheck_ms]
+        )
+        return True
 
     def _drop(self, job_id: str) -> None:
         # Nothing to follow (finished, or never submitted): give the claim up if it is ours.

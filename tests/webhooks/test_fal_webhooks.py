@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -175,10 +176,42 @@ def test_lost_webhooks_are_reconciled_by_the_tracker_after_the_grace(
         submitted_at = {s["request_id"]: s["t"] for s in book["submits"]}
         calls = _follow_calls(book, rids)
         assert {c["request_id"] for c in calls} == rids  # the tracker reconciled both
+        # by one status GET each (the request had ended by then) and its result: no stream held
+        assert sorted(c["op"] for c in calls) == ["result", "result", "status", "status"]
         # and only after the grace (0.5 s of slack between the emulator's and Redis' clocks)
         assert all(c["t"] >= submitted_at[c["request_id"]] + grace_s - 0.5 for c in calls)
         assert all(len(e) == 1 for e in _job_events(wc, ids).values())
         assert budget_day(redis_of(wc.cluster)) == (2 * 3 * PRICE_MICRO_PER_S, 0)
+
+
+def test_a_late_webhook_is_rechecked_by_single_status_reads_not_a_held_stream(
+    webhook_cluster: Factory, whole_clip: Path
+) -> None:
+    """The request runs past the grace and its webhook is lost: a tracker reads its status once per
+    REFRAME_WEBHOOK_RECHECK_S (no stream held open per job) until it ends, then finishes it."""
+    wc = webhook_cluster(
+        workers=1,
+        env={"REFRAME_WEBHOOK_GRACE_S": "1", "REFRAME_WEBHOOK_RECHECK_S": "2"},
+        emulator_processing_time_s=6.0,
+    )
+    control = wc.cluster.emulator_control
+    assert control is not None
+    control.set_faults([{"op": "webhook", "kind": "drop"}])
+    url = upload(wc.cluster.settings(), whole_clip)
+    ids: list[str] = []
+    with Producer(wc.cluster.settings()) as p, explained(wc.cluster, ids):
+        ids.append(p.enqueue(_inputs(url, new_tag("webhook-recheck"), 1)[0]))
+        wait_terminal(p, ids, timeout_s=120)
+        assert p.get(ids[0]).state is JobState.SUCCEEDED  # type: ignore[union-attr]
+        book = wc.ledger()
+        (rid,) = _request_ids(book)
+        calls = _follow_calls(book, {rid})
+        statuses = [c["t"] for c in calls if c["op"] == "status"]
+        assert [c["op"] for c in calls if c["op"] != "status"] == ["result"]  # no stream
+        assert len(statuses) >= 2  # still running at the first check
+        gaps = [b - a for a, b in itertools.pairwise(statuses)]
+        assert all(g >= 2 - 0.5 for g in gaps), gaps  # one read per recheck interval
+        assert book["billed_requests"] == 1
 
 
 def test_duplicated_webhooks_finish_each_job_once(webhook_cluster: Factory, whole_clip: Path) -> None:
