@@ -1,6 +1,6 @@
 """HTTP enqueue throughput and latency of one ``reframe serve`` process, measured with ``wrk``.
 
-    .venv/bin/python -m bench.http                 # 1 uvicorn process, 16 and 64 connections
+    .venv/bin/python -m bench.http                 # 1 uvicorn process, 4, 16 and 64 connections
     .venv/bin/python -m bench.http --workers 2 --duration-s 20
 
 Starts a real redis-server and a real ``reframe serve`` (no workers: the jobs only queue, so the
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1, help="uvicorn processes of reframe serve")
     parser.add_argument("--duration-s", type=int, default=15)
-    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--connections", type=int, nargs="+", default=[4, 16, 64])
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = None
     try:
         port = free_port()
-        env = child_environment({"REFRAME_REDIS_URL": server.url, "REFRAME_LOG_LEVEL": "WARNING"})
+        env = child_environment({"REFRAME_REDIS_URL": server.url, "REFRAME_LOG_LEVEL": "INFO"})
         argv_serve = [
             sys.executable,
             "-m",
