@@ -1,7 +1,7 @@
 """fal webhooks as the completion path (issue #12), beside the status-stream path (webhooks off).
 Real processes; prints a table; asserts nothing.
 
-    python -m bench.webhooks                 # latency and status requests, then memory (~6 minutes)
+    python -m bench.webhooks                 # latency and status requests, then memory (~3 minutes)
     python -m bench.webhooks latency         # a part: latency, memory
     python -m bench webhooks                 # the same through the bench runner
 
