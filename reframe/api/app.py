@@ -2,20 +2,19 @@
 
 The app is stateless: every job, key, index and limit lives in Redis, so any number of processes
 can serve one cluster. Routers: ``routes/jobs.py``, ``routes/dead_letters.py``,
-``routes/quotes.py``, ``routes/uploads.py``, ``routes/ops.py``, and ``fal_webhook.py`` when that
-module exists (fal webhooks; it finds what it needs on ``app.state.services``).
+``routes/quotes.py``, ``routes/uploads.py``, ``routes/ops.py`` and ``fal_webhook.py`` (fal webhooks;
+it finds what it needs on ``app.state.services``).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
@@ -23,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from config import Settings
+from reframe.api import fal_webhook
 from reframe.api.middleware import ApiMetrics, BodyLimitMiddleware, BodyTooLarge, ObserveMiddleware
 from reframe.api.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -39,22 +39,6 @@ from reframe.api.services import Services
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
-#: The optional router of fal webhooks (another module of this package; included when present).
-FAL_WEBHOOK_MODULE = "reframe.api.fal_webhook"
-
-
-def optional_routers() -> list[APIRouter]:
-    """Routers of modules that may not exist yet: ``reframe/api/fal_webhook.py`` (``router``)."""
-    try:
-        module = importlib.import_module(FAL_WEBHOOK_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != FAL_WEBHOOK_MODULE:
-            raise  # the module exists but something it imports does not: that is a bug, say so
-        return []
-    router = getattr(module, "router", None)
-    if not isinstance(router, APIRouter):
-        raise TypeError(f"{FAL_WEBHOOK_MODULE}.router must be a FastAPI APIRouter")
-    return [router]
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:
@@ -152,8 +136,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.state.metrics = ApiMetrics(CollectorRegistry(auto_describe=True), webhooks_on=settings.webhooks_on)
     for router in (jobs.router, dead_letters.router, quotes.router, uploads.router, ops.router):
         app.include_router(router)
-    for router in optional_routers():
-        app.include_router(router)
+    app.include_router(fal_webhook.router)
     _install_handlers(app)
 
     def limit_for(path: str) -> int:

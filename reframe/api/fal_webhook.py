@@ -16,9 +16,8 @@ proven to be fal's webhook for one of our attempts (nothing is written), 503 whe
 unreachable (fal retries). No secret and no body is ever logged. Each delivery is counted in
 ``reframe_api_fal_webhooks_total{outcome}`` (:class:`reframe.api.middleware.ApiMetrics`).
 
-Wiring: the ``reframe serve`` app includes :data:`router`, which finds the settings and Redis
-client on ``app.state.services`` (``.settings``, ``.r``); or include ``make_router(settings, redis)``
-to pass them explicitly.
+Wiring: the ``reframe serve`` app (``reframe/api/app.py``) includes :data:`router`, which finds the
+settings and Redis client on ``app.state.services`` (``.settings``, ``.r``).
 """
 
 from __future__ import annotations
@@ -98,20 +97,6 @@ class FalWebhookReceiver:
         return self._answer("accepted" if fresh else "duplicate", 204)
 
 
-def make_router(settings: Settings, client: redis.Redis, metrics: ApiMetrics | None = None) -> APIRouter:
-    """A router whose receiver uses ``settings`` and ``client`` (built on first request)."""
-    out = APIRouter()
-    holder: list[FalWebhookReceiver] = []
-
-    @out.post(WEBHOOK_PATH, status_code=204, include_in_schema=False)
-    async def fal_webhook(request: Request) -> Response:
-        if not holder:
-            holder.append(FalWebhookReceiver.build(settings, client, metrics))
-        return await holder[0].receive(request)
-
-    return out
-
-
 def _receiver_of(request: Request) -> FalWebhookReceiver:
     state: Any = request.app.state
     found = getattr(state, "fal_webhook_receiver", None)
@@ -133,4 +118,4 @@ async def fal_webhook(request: Request) -> Response:
     return await _receiver_of(request).receive(request)
 
 
-__all__ = ["FalWebhookReceiver", "make_router", "router"]
+__all__ = ["FalWebhookReceiver", "router"]
