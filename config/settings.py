@@ -254,6 +254,11 @@ class Settings(BaseSettings):
     dlq_retention_s: PosFloat = Field(
         default=30 * 86400.0, description="How long dead-lettered job records (and their dlq entries) live."
     )
+    ledger_retention_days: Annotated[int, Field(ge=1, le=36_600)] = Field(
+        default=400,
+        description="How long cost-ledger entries (P:ledger, one per settlement or correction) are "
+        "kept: the housekeeper trims older ones (XTRIM MINID).",
+    )
     billing_unit_s: Annotated[float, Field(ge=0, le=60)] = Field(
         default=1.0,
         description="fal's billing unit: output seconds are rounded up to whole units when a job is "
@@ -348,6 +353,11 @@ class Settings(BaseSettings):
     metrics_host: str = Field(default="0.0.0.0", description="Bind address of /metrics and health.")
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=DEFAULT_METRICS_PORT, description="Port of /metrics, /livez, /readyz (0 disables)."
+    )
+    metrics_top_tenants: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=10,
+        description="Tenants the exporter names in per-tenant spend and budget metrics (the most "
+        'spent this month); the rest are summed as tenant="other".',
     )
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = Field(
         default=500, description="How often a worker process publishes its presence (limits + beat)."

@@ -31,7 +31,18 @@ from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
 from config.settings import redact_url, settings_environment
+from worker.contracts.keys import Keys
+from worker.contracts.ledger import (
+    GroupBy,
+    LedgerError,
+    cost_report,
+    micro_usd,
+    parse_when,
+    read_entries,
+    report_csv_rows,
+)
 from worker.contracts.tenants import check_tenant
+from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
 
 app = typer.Typer(
     name="reframe",
@@ -46,6 +57,11 @@ callbacks_app = typer.Typer(help="Inspect and redeliver callbacks that were give
 app.add_typer(callbacks_app, name="callbacks")
 keys_app = typer.Typer(help="Create, list and revoke API keys of `reframe serve`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+costs_app = typer.Typer(
+    help="Report spend from the cost ledger, or reconcile it with fal's usage export.",
+    invoke_without_command=True,
+)
+app.add_typer(costs_app, name="costs")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -745,6 +761,139 @@ def callbacks_redeliver(
             console.print(f"{event_id} {'queued for delivery' if ok else 'unknown or expired'}")
     if missed:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------- costs
+def _window(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    """``--since``/``--until`` as epoch ms (since inclusive, until exclusive); exit 2 when bad."""
+    try:
+        since_ms = parse_when(since, "--since") if since is not None else None
+        until_ms = parse_when(until, "--until") if until is not None else None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        raise fail(f"--until: {until!r} is not after --since {since!r}")
+    return since_ms, until_ms
+
+
+def _write_csv(rows: Sequence[Sequence[Any]]) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerows(rows)
+    sys.stdout.flush()
+
+
+SINCE_HELP = "From this UTC time on (inclusive): YYYY-MM-DD, YYYY-MM or ISO 8601."
+UNTIL_HELP = "Before this UTC time (exclusive): YYYY-MM-DD, YYYY-MM or ISO 8601."
+
+
+@costs_app.callback()
+def costs(
+    ctx: typer.Context,
+    by: Annotated[GroupBy, typer.Option(help="Group by tenant, UTC day or UTC month.")] = GroupBy.TENANT,
+    since: Annotated[str | None, typer.Option(help=SINCE_HELP)] = None,
+    until: Annotated[str | None, typer.Option(help=UNTIL_HELP)] = None,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV (exact dollars) instead of a table.")
+    ] = False,
+) -> None:
+    """Spend from the cost ledger: dollars charged, seconds fal billed and jobs, per group."""
+    if ctx.invoked_subcommand is not None:
+        return
+    since_ms, until_ms = _window(since, until)
+    settings = settings_or_exit()
+    client = _redis_client(settings)
+    try:
+        report = cost_report(
+            client, Keys(settings.key_prefix).ledger, by.value, since_ms=since_ms, until_ms=until_ms
+        )
+    except LedgerError as exc:
+        raise fail(str(exc), code=1) from None
+    finally:
+        client.close()
+    rows = report_csv_rows(report)
+    if as_csv:
+        _write_csv(rows)
+        return
+    table = Table(*("dollars" if c == "usd" else c for c in rows[0]))
+    for row in rows[1:]:
+        table.add_row(*row, style="bold" if row[0] == "total" else None)
+    console.print(table)
+
+
+@costs_app.command("reconcile")
+def costs_reconcile(
+    usage_file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="fal's usage export: CSV of billing events, or its JSON.")
+    ],
+    since: Annotated[str | None, typer.Option(help=SINCE_HELP)] = None,
+    until: Annotated[str | None, typer.Option(help=UNTIL_HELP)] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Only billing events of this endpoint (default REFRAME_FAL_MODEL_ID).")
+    ] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print the differences as CSV.")] = False,
+) -> None:
+    """Compare the ledger with fal's billed usage request by request; exit 1 when anything differs.
+
+    Lists every request charged in one and not the other, or with other billed seconds or dollars,
+    and every charge without a fal request id. Give the window the export covers.
+    """
+    since_ms, until_ms = _window(since, until)
+    try:
+        text = sys.stdin.read() if str(usage_file) == "-" else usage_file.read_text(encoding="utf-8")
+        events = parse_usage(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(
+            f"FILE: cannot read {str(usage_file)!r} ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    except UsageError as exc:
+        raise fail(f"FILE: {exc}") from None
+    settings = settings_or_exit()
+    slack_ms = 86_400_000  # a request billed near a bound may be settled on the other side of it
+    client = _redis_client(settings)
+    try:
+        entries = list(
+            read_entries(
+                client,
+                Keys(settings.key_prefix).ledger,
+                since_ms=None if since_ms is None else since_ms - slack_ms,
+                until_ms=None if until_ms is None else until_ms + slack_ms,
+            )
+        )
+    except LedgerError as exc:
+        raise fail(str(exc), code=1) from None
+    finally:
+        client.close()
+    result = reconcile(
+        entries, events, endpoint_id=endpoint or settings.fal_model_id, since_ms=since_ms, until_ms=until_ms
+    )
+    rows = [[d.as_dict()[c] for c in DIFFERENCE_COLUMNS] for d in result.differences]
+    summary = (
+        f"{result.requests} requests compared: ledger ${micro_usd_text(result.ledger_micro)}, "
+        f"fal ${micro_usd_text(result.fal_micro)}; {len(result.differences)} differences"
+        + (f"; {result.ignored_events} billing events of other endpoints or outside the window ignored"
+           if result.ignored_events else "")
+    )  # fmt: skip
+    if as_csv:
+        _write_csv([list(DIFFERENCE_COLUMNS), *rows])
+        note(summary)
+    else:
+        if rows:
+            table = Table()
+            for column in DIFFERENCE_COLUMNS:  # ids and amounts are shown whole, folded if need be
+                table.add_column(column.replace("_usd", " $").replace("_billed_s", " s"), overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        console.print(summary, highlight=False)
+    if result.differences:
+        raise typer.Exit(1)
+
+
+def micro_usd_text(micro: Any) -> str:
+    """Micro-dollars as exact dollars (6 decimals)."""
+    return format(micro_usd(micro), "f")
 
 
 # --------------------------------------------------------------------------------------------- processes

@@ -120,6 +120,11 @@ class Keys:
         return f"{self.root}:housekeeper"
 
     @property
+    def ledger(self) -> str:
+        """STREAM of the cost ledger: one entry per settlement or correction (worker/contracts/ledger.py)."""
+        return f"{self.root}:ledger"
+
+    @property
     def late_receipts(self) -> str:
         """STREAM of fal requests accepted for an attempt that had already lost (audited, cancelled)."""
         return f"{self.root}:late_receipts"
