@@ -16,11 +16,13 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import av
 
+from worker.contracts.quotes import MediaInfo
 from worker.netguard import GuardedFetcher
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,13 @@ def _refuse_nested_open(url: str, flags: int, options: dict[str, Any]) -> Any:
     raise PermissionError("the duration probe opens no further resources")
 
 
-def _duration_of(source: io.RawIOBase | io.BytesIO, *, format: str | None = None) -> float | None:
+def _media_of(
+    source: io.RawIOBase | io.BytesIO | io.BufferedReader,
+    *,
+    size_bytes: int | None,
+    format: str | None = None,
+) -> MediaInfo:
+    """Duration and resolution from the container header (plain containers only, no nested opens)."""
     with av.open(
         source,
         mode="r",
@@ -189,12 +197,51 @@ def _duration_of(source: io.RawIOBase | io.BytesIO, *, format: str | None = None
         options={"format_whitelist": ALLOWED_DEMUXERS, "protocol_whitelist": "none"},
         io_open=_refuse_nested_open,
     ) as container:
-        if container.duration is not None:
-            return float(container.duration) / 1_000_000
         stream = container.streams.video[0] if container.streams.video else None
-        if stream is not None and stream.duration is not None and stream.time_base is not None:
-            return float(stream.duration * stream.time_base)
-    return None
+        duration_s: float | None = None
+        if container.duration is not None:
+            duration_s = float(container.duration) / 1_000_000
+        elif stream is not None and stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        width = height = None
+        if stream is not None:
+            width, height = stream.codec_context.width or None, stream.codec_context.height or None
+    return MediaInfo(duration_s=duration_s, size_bytes=size_bytes, width=width, height=height)
+
+
+def _duration_of(source: io.RawIOBase | io.BytesIO, *, format: str | None = None) -> float | None:
+    return _media_of(source, size_bytes=None, format=format).duration_s
+
+
+def probe_media(
+    url: str,
+    *,
+    fetcher: GuardedFetcher,
+    timeout_s: float,
+    max_bytes: int = DEFAULT_PROBE_MAX_BYTES,
+    clock: Callable[[], float] = time.monotonic,
+) -> MediaInfo:
+    """Size, duration and resolution of the video at ``url`` (http(s) or ``data:``); None where unknown.
+
+    The size is what the server says in its first Range answer (``Content-Range``), or the decoded
+    payload of a ``data:`` URI, so it is known even for a file too large to read; the rest comes from
+    the container header through ``fetcher``: at most ``max_bytes`` in total and ``timeout_s``
+    overall. Never raises: a blocked URL, a timeout or a decode failure leaves fields None; the
+    reason is logged without the URL.
+    """
+    deadline = clock() + timeout_s
+    size: int | None = None
+    try:
+        if url[:5].lower() == "data:":
+            data = decode_data_uri(url, max_bytes=max_bytes)
+            size = len(data)
+            return _media_of(io.BytesIO(data), size_bytes=size)
+        with RangeFile(fetcher, url, max_total_bytes=max_bytes, deadline=deadline, clock=clock) as source:
+            size = source.size
+            return _media_of(source, size_bytes=size)
+    except Exception as exc:  # noqa: BLE001 - any failure means "unknown"; the caller has a fallback
+        log.info("could not read the video (%s: %s)", type(exc).__name__, _safe_reason(exc))
+    return MediaInfo(size_bytes=size)
 
 
 def video_duration_s(
@@ -208,19 +255,32 @@ def video_duration_s(
     """Duration in seconds of the video at ``url`` (http(s) or ``data:``), or None when unknown.
 
     Reads only what the demuxer needs (the header of a fast-start MP4: usually one Range request)
-    through ``fetcher``; at most ``max_bytes`` in total and ``timeout_s`` overall. A blocked URL,
-    a timeout or any decode failure gives None (callers fall back to the configured maximum); the
-    reason is logged without the URL.
+    through ``fetcher``: :func:`probe_media`'s duration.
     """
-    deadline = clock() + timeout_s
-    try:
-        if url[:5].lower() == "data:":
-            return _duration_of(io.BytesIO(decode_data_uri(url, max_bytes=max_bytes)))
-        with RangeFile(fetcher, url, max_total_bytes=max_bytes, deadline=deadline, clock=clock) as source:
-            return _duration_of(source)
-    except Exception as exc:  # noqa: BLE001 - any failure means "unknown"; the caller has a fallback
-        log.info("could not read video duration (%s: %s)", type(exc).__name__, _safe_reason(exc))
-    return None
+    info = probe_media(url, fetcher=fetcher, timeout_s=timeout_s, max_bytes=max_bytes, clock=clock)
+    return info.duration_s
+
+
+class UnreadableVideo(ValueError):
+    """A local file that is not a readable video; the message says why (never the contents)."""
+
+
+def read_local_video(path: Path) -> MediaInfo:
+    """Size, duration and resolution of a local video file, read here (container header only).
+
+    The same restricted open as a URL's probe (plain containers, no nested opens), so a playlist or
+    concat file cannot make PyAV read other files or URLs. Raises :class:`UnreadableVideo` for a
+    file that is not a video with a video stream, :class:`OSError` when it cannot be opened.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        try:
+            info = _media_of(handle, size_bytes=size)
+        except Exception as exc:  # noqa: BLE001 - PyAV raises many types for "not a video"
+            raise UnreadableVideo(f"is not a readable video ({type(exc).__name__})") from None
+    if info.width is None:
+        raise UnreadableVideo("has no video stream")
+    return info
 
 
 def _safe_reason(exc: BaseException) -> str:

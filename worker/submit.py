@@ -31,6 +31,7 @@ from enum import StrEnum
 from config import UnknownDurationPolicy
 from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
+from worker.contracts.quotes import ModelLimits
 from worker.contracts.record import JobRecord
 from worker.contracts.store import Fence
 from worker.fal import (
@@ -45,7 +46,7 @@ from worker.flow import BreakerState, RateDecision
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
 from worker.lifecycle import Failure, attempt_fence, record_breaker
-from worker.media import video_duration_s
+from worker.media import probe_media
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -189,34 +190,34 @@ class Submitter:
     def _estimate_micro(self, rec: JobRecord) -> int | Failure:
         """Budget estimate from the input's duration (plus a margin), read through the guarded fetcher.
 
-        A failure (nothing was sent to fal) when the input is longer than ``max_video_duration_s``,
-        or when its duration cannot be read and ``unknown_duration_policy`` is ``refuse``: without
-        a duration no reservation is an upper bound, and the budget must never be under-reserved.
+        A failure (nothing was sent to fal) when the input is over the model's limits
+        (``max_upload_bytes``, ``max_video_duration_s``: worker/contracts/quotes.py, the rule quotes
+        and the producer use too), or when its duration cannot be read and
+        ``unknown_duration_policy`` is ``refuse``: without a duration no reservation is an upper
+        bound, and the budget must never be under-reserved.
         """
         if rec.estimate_micro:
             return rec.estimate_micro
         url = str(rec.input.get("video_url", ""))
-        limit = self.s.max_video_duration_s
-        duration = (
-            video_duration_s(
-                url,
-                fetcher=self.rt.fetcher,
-                timeout_s=self.s.probe_timeout_s,
-                max_bytes=self.s.probe_max_bytes,
-            )
-            if url
-            else None
+        limits = ModelLimits.from_settings(self.s)
+        info = probe_media(
+            url, fetcher=self.rt.fetcher, timeout_s=self.s.probe_timeout_s, max_bytes=self.s.probe_max_bytes
         )
-        if duration is not None and duration > limit:
-            return Failure("input_too_long", f"video_url: the video is longer than {limit:g}s")
-        if duration is None or duration <= 0:
+        too_large = limits.size_problem(info.size_bytes)
+        if too_large:
+            return Failure("input_too_large", f"video_url: the video {too_large}")
+        duration = info.known_duration_s
+        too_long = limits.duration_problem(duration)
+        if too_long:
+            return Failure("input_too_long", f"video_url: the video {too_long}")
+        if duration is None:
             if self.s.unknown_duration_policy is not UnknownDurationPolicy.RESERVE_MAX:
                 return Failure(
                     "duration_unknown",
                     "video_url: the input's duration could not be read, so no reservation is an upper "
                     "bound (REFRAME_UNKNOWN_DURATION_POLICY=reserve_max reserves the maximum instead)",
                 )
-            duration = limit
+            duration = limits.max_duration_s
             micro = self.flow.budget.estimate_micro(duration)
         else:
             micro = self.flow.budget.estimate_micro(duration + self.s.estimate_margin_s)
