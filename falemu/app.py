@@ -25,6 +25,7 @@ from falemu.faults import Fault
 from falemu.gateway import RAW_SEND_KEY, GatewayMiddleware, split_app_path
 from falemu.state import COMPLETED, IN_QUEUE, EmulatorState, QueueRequest
 from falemu.storage import file_url
+from falemu.usage import parse_time, usage_csv
 
 NO_USER = "No user found for Key ID and Secret"
 BAD_FORMAT = "Invalid Key Authorization header format. Expected '<key_id>:<key_secret>'."
@@ -300,6 +301,20 @@ async def control_ledger(request: Request) -> Response:
     return _json(_state(request).ledger.snapshot())
 
 
+async def control_usage(request: Request) -> Response:
+    """``GET /_emulator/usage.csv[?start=ISO&end=ISO]``: billed requests as fal's usage export."""
+    state = _state(request)
+    try:
+        start, end = (
+            parse_time(request.query_params[name]) if request.query_params.get(name) else None
+            for name in ("start", "end")
+        )
+    except ValueError as exc:
+        return _json({"detail": f"bad start or end: {exc}"}, 400)
+    text = usage_csv(state.ledger.billed, state.config.unit_price_usd, start=start, end=end)
+    return Response(text, media_type="text/csv; charset=utf-8")
+
+
 async def control_faults(request: Request) -> Response:
     """``POST`` appends scripted faults, ``DELETE`` clears them, ``GET`` lists the pending ones."""
     book = _state(request).faults
@@ -368,6 +383,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
     routes = [
         Route("/_emulator/ledger", control_ledger, methods=["GET"]),
+        Route("/_emulator/usage.csv", control_usage, methods=["GET"]),
         Route("/_emulator/faults", control_faults, methods=["GET", "POST", "DELETE"]),
         Route("/_emulator/config", control_config, methods=["GET", "POST"]),
         Route("/_emulator/reset", control_reset, methods=["POST"]),

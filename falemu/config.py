@@ -18,6 +18,7 @@ RUNTIME_FIELDS = frozenset(
         "result_ttl_s",
         "webhook_retry_delays_s",
         "max_queue_length",
+        "unit_price_usd",
     }
 )
 
@@ -84,6 +85,8 @@ class EmulatorConfig:
     #: Billing unit: a success is billed its output's seconds rounded up to a whole number of units
     #: (``0`` bills the exact fractional seconds).
     billing_unit_s: float = 1.0
+    #: Dollars per billed second in the usage export (Luma Ray 2 Flash Reframe: $0.06 per second).
+    unit_price_usd: float = 0.06
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update of run-time fields; raises ``ValueError`` on unknown or invalid ones."""
@@ -106,6 +109,8 @@ class EmulatorConfig:
             raise ValueError("submit_burst must be >= 1")
         if self.max_queue_length is not None and self.max_queue_length < 0:
             raise ValueError("max_queue_length must be >= 0 or null")
+        if not 0 <= self.unit_price_usd < 1e6:
+            raise ValueError("unit_price_usd must be >= 0")
         if any(d < 0 for d in self.webhook_retry_delays_s):
             raise ValueError("webhook_retry_delays_s must be non-negative")
 
@@ -122,7 +127,7 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"{name} cannot be null")
     if name in {"concurrency", "submit_burst", "max_queue_length"}:
         return int(value)
-    if name in {"processing_time_s", "submit_rate_per_s", "result_ttl_s"}:
+    if name in {"processing_time_s", "submit_rate_per_s", "result_ttl_s", "unit_price_usd"}:
         return float(value)
     if name in {"valid_keys", "locked_keys"}:
         return [str(v) for v in value]

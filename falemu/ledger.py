@@ -43,6 +43,8 @@ class Ledger:
     cancelled: int = 0
     count_429: int = 0
     completions: list[dict[str, Any]] = field(default_factory=list)
+    #: One row per billed request (what fal's usage export lists): request_id, endpoint_id, t, billed_s.
+    billed: list[dict[str, Any]] = field(default_factory=list)
     open_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @classmethod
@@ -107,14 +109,24 @@ class Ledger:
         self.max_open = max(self.max_open, open_)
 
     def record_terminal(
-        self, *, ok: bool, cancelled: bool, billed_s: float, request_id: str | None = None
+        self,
+        *,
+        ok: bool,
+        cancelled: bool,
+        billed_s: float,
+        request_id: str | None = None,
+        endpoint_id: str = "",
     ) -> None:
         """A request reached COMPLETED; only successes are billed (failures and cancels are free)."""
+        now = time.time()
         self.completed += 1
-        self.completions.append({"t": time.time(), "request_id": request_id, "ok": ok})
+        self.completions.append({"t": now, "request_id": request_id, "ok": ok})
         if ok:
             self.billed_seconds += billed_s
             self.billed_requests += 1
+            self.billed.append(
+                {"request_id": request_id, "endpoint_id": endpoint_id, "t": now, "billed_s": billed_s}
+            )
         elif cancelled:
             self.cancelled += 1
         else:
@@ -139,5 +151,6 @@ class Ledger:
             "cancels": list(self.cancels),
             "webhooks": list(self.webhooks),
             "completions": list(self.completions),
+            "billed": list(self.billed),
             "open_timeline": [list(x) for x in self.open_timeline],
         }

@@ -114,6 +114,13 @@ class EmulatorServer:
         result: dict[str, Any] = self._call("GET", "/_emulator/ledger")
         return result
 
+    def usage_csv(self, start: str | None = None, end: str | None = None) -> str:
+        """``GET /_emulator/usage.csv``: the billed requests as fal's usage export (falemu/usage.py)."""
+        params = {k: v for k, v in (("start", start), ("end", end)) if v}
+        response = httpx.get(self.url + "/_emulator/usage.csv", params=params, timeout=10.0)
+        response.raise_for_status()
+        return response.text
+
     def set_faults(self, faults: list[dict[str, Any]]) -> None:
         """Append scripted faults (``POST /_emulator/faults``)."""
         self._call("POST", "/_emulator/faults", {"faults": faults})
@@ -156,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-url", default=None, help="base URL to hand out (default: from Host header)")
     parser.add_argument("--data-dir", default=None, help="uploads and render cache (default: temp dir)")
     parser.add_argument("--render-workers", type=int, default=2)
+    parser.add_argument(
+        "--unit-price-usd", type=float, default=0.06, help="dollars per billed second (usage export)"
+    )
     parser.add_argument("--access-log", action="store_true")
     return parser
 
@@ -176,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         public_url=args.public_url,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         render_workers=args.render_workers,
+        unit_price_usd=args.unit_price_usd,
     )
 
 
@@ -191,9 +202,48 @@ async def _serve(config: EmulatorConfig, host: str, port: int, access_log: bool)
     await task
 
 
+def build_usage_parser() -> argparse.ArgumentParser:
+    """The ``falemu usage`` flags: fetch a running emulator's usage export."""
+    parser = argparse.ArgumentParser(
+        prog="falemu usage",
+        description="Write a running emulator's billed requests as fal's usage export (CSV).",
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8765", help="the emulator's base URL")
+    parser.add_argument("--out", default="-", help="file to write ('-': standard output)")
+    parser.add_argument("--start", default=None, help="ISO 8601 time: only requests billed from then")
+    parser.add_argument("--end", default=None, help="ISO 8601 time: only requests billed before then")
+    return parser
+
+
+def usage_main(argv: Sequence[str]) -> int:
+    """``falemu usage``: fetch ``/_emulator/usage.csv`` and write it; returns the exit code."""
+    args = build_usage_parser().parse_args(list(argv))
+    params = {k: v for k, v in (("start", args.start), ("end", args.end)) if v}
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/_emulator/usage.csv", params=params, timeout=30.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"falemu usage: {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if args.out == "-":
+        sys.stdout.write(response.text)
+    else:
+        try:
+            with open(args.out, "w", encoding="utf-8", newline="") as out:
+                out.write(response.text)
+        except OSError as exc:
+            print(f"falemu usage: --out: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """Run the emulator in the foreground until SIGINT/SIGTERM; returns the exit code."""
-    args = build_parser().parse_args(list(argv) if argv is not None else sys.argv[1:])
+    """Run the emulator in the foreground until SIGINT/SIGTERM (or ``usage``: write its usage
+    export); returns the exit code."""
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if given[:1] == ["usage"]:
+        return usage_main(given[1:])
+    args = build_parser().parse_args(given)
     config = config_from_args(args)
     try:
         config.validate()

@@ -115,6 +115,11 @@ class QueueRequest:
         stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         self.logs.append({"message": message, "level": level, "source": "USER", "timestamp": stamp})
 
+    @property
+    def endpoint_id(self) -> str:
+        """The full endpoint id as fal's usage export names it (``owner/app/path``)."""
+        return "/".join(p for p in (self.app_prefix, self.endpoint.strip("/")) if p)
+
     def urls(self) -> dict[str, str]:
         """response_url, status_url and cancel_url (owner/app form: fal drops the endpoint path)."""
         root = f"{self.base_url}/{self.app_prefix}/requests/{self.id}"
@@ -392,6 +397,7 @@ class EmulatorState:
             cancelled=outcome.error_type == "client_cancelled",
             billed_s=outcome.billed_s,
             request_id=req.id,
+            endpoint_id=req.endpoint_id,
         )
         self._schedule()
         if req.webhook_url:
