@@ -224,10 +224,19 @@ class Settings(BaseSettings):
         default=0.06, description="fal price per second of video."
     )
     max_video_duration_s: PosFloat = Field(
-        default=30.0, description="Longest input accepted; also the estimate when it cannot be read."
+        default=30.0,
+        description="The model's limit: longest input accepted (refused before any fal call); also the "
+        "estimate when the duration cannot be read.",
     )
     max_upload_bytes: PosInt = Field(
-        default=100 * 1024 * 1024, description="Largest local file `reframe enqueue` uploads to fal storage."
+        default=100 * 1024 * 1024,
+        description="The model's limit: largest input accepted (refused before any fal call), and the "
+        "largest local file `reframe enqueue` uploads to fal storage.",
+    )
+    enqueue_probe_input: bool = Field(
+        default=False,
+        description="Read each video_url at enqueue (guarded fetcher) and refuse inputs over the model's "
+        "limits there; the submitter always checks before any fal call.",
     )
     probe_timeout_s: PosFloat = Field(default=10.0, description="Timeout to read a video's duration.")
     ambiguous_submit_policy: AmbiguousSubmitPolicy = Field(

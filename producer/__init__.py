@@ -10,6 +10,7 @@ from producer.client import (
     IdempotencyConflict,
     Job,
     Producer,
+    Quote,
     ReplayOutcome,
 )
 from producer.results import ResultConsumer, ResultEvent
@@ -27,6 +28,7 @@ __all__ = [
     "JobState",
     "Priority",
     "Producer",
+    "Quote",
     "ReframeInput",
     "ReplayOutcome",
     "ResultConsumer",

@@ -16,16 +16,20 @@ Example::
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from config import Settings
 from worker.contracts.intake import (
+    EnqueueCall,
     EnqueueResult,
     IdempotencyConflict,
     Intake,
@@ -48,9 +52,13 @@ from worker.contracts.models import (
     ReframeInput,
     parse_input,
 )
+from worker.contracts.quotes import MediaInfo, ModelLimits, Quote, build_quote, read_budgets
 from worker.contracts.store import BudgetAction, Fence, JobStore, SlotAction
 from worker.contracts.tenants import DEFAULT_TENANT, check_tenant
 from worker.contracts.wire import CANCEL_TASK, task_message
+
+if TYPE_CHECKING:
+    from worker.netguard import GuardedFetcher
 
 __all__ = [
     "CancelOutcome",
@@ -60,6 +68,7 @@ __all__ = [
     "InvalidRequest",
     "Job",
     "Producer",
+    "Quote",
 ]
 
 
@@ -201,6 +210,8 @@ class Producer:
             default_deadline_s=settings.job_deadline_s,
             index_horizon_ms=index_horizon_ms(settings),
         )
+        self._fetcher: GuardedFetcher | None = None
+        self._fetcher_lock = threading.Lock()
 
     def __enter__(self) -> Producer:
         return self
@@ -212,6 +223,8 @@ class Producer:
         """Close the Redis connection pool if this producer created it."""
         if self._own_client:
             self.r.close()
+        if self._fetcher is not None:
+            self._fetcher.close()
 
     # ------------------------------------------------------------------ enqueue
     def validate(self, request: ReframeInput | Mapping[str, Any]) -> ReframeInput:
@@ -271,7 +284,10 @@ class Producer:
         state (``result.describe()`` gives ``returned existing job X (FAILED)``)."""
         item = EnqueueRequest(request, idempotency_key, priority, metadata, callback_url, deadline_s)
         call = check_enqueue(item.arguments(), self.limits)
-        return self.intake.write([call], batch=False, tenant=_tenant(tenant))[0]
+        chosen = _tenant(tenant)
+        if self.settings.enqueue_probe_input:
+            self._refuse_over_limits([call], batch=False)
+        return self.intake.write([call], batch=False, tenant=chosen)[0]
 
     def enqueue_many(
         self, requests: Iterable[EnqueueRequest | Mapping[str, Any]], *, tenant: str | None = None
@@ -295,7 +311,98 @@ class Producer:
         """:meth:`enqueue_many`, returning one :class:`EnqueueResult` per item."""
         chosen = _tenant(tenant)
         calls = check_batch(_batch_arguments(requests, self.limits.max_batch), self.limits)
+        if self.settings.enqueue_probe_input:
+            self._refuse_over_limits(calls, batch=True)
         return self.intake.write(calls, batch=True, tenant=chosen)
+
+    def _refuse_over_limits(self, calls: Sequence[EnqueueCall], *, batch: bool) -> None:
+        """With ``REFRAME_ENQUEUE_PROBE_INPUT``: read every input (one probe per distinct URL, one
+        after another) and raise :class:`InvalidRequest` naming each one over the model's limits.
+        An input that cannot be read is let through: the submitter decides (worker/submit.py)."""
+        limits = ModelLimits.from_settings(self.settings)
+        found: dict[str, list[str]] = {}
+        problems: list[tuple[str, str]] = []
+        for i, call in enumerate(calls):
+            url = call.input.video_url
+            if url not in found:
+                found[url] = limits.problems(self._probe(url))
+            where = f"items[{i}].video_url" if batch else "video_url"
+            problems += [(where, f"the video {problem}; nothing was enqueued") for problem in found[url]]
+        if problems:
+            raise InvalidRequest(problems)
+
+    # ------------------------------------------------------------------ quotes
+    def quote(
+        self,
+        request_or_url: ReframeInput | Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        tenant: str | None = None,
+    ) -> Quote:
+        """What a job would cost and whether it would be accepted now; nothing is enqueued.
+
+        ``request_or_url`` is a request (checked like :meth:`enqueue`'s), a video URL (http(s) or
+        ``data:``; read through the guarded fetcher: Range requests, at most
+        ``REFRAME_PROBE_MAX_BYTES`` within ``REFRAME_PROBE_TIMEOUT_S``) or a local file as a
+        :class:`pathlib.Path` (read here, never uploaded). The :class:`Quote` gives the duration,
+        size and resolution, the price (what the job is charged when it succeeds: the duration in
+        whole ``REFRAME_BILLING_UNIT_S`` at ``REFRAME_PRICE_PER_S_USD``), the reservation it would
+        hold, whether it fits the model's limits and, now, the cluster's and ``tenant``'s budgets
+        (``default`` when None), with the reasons. Raises :class:`InvalidRequest` for a bad request,
+        URL, tenant or a local file that is not a readable video.
+        """
+        chosen = _tenant(tenant)
+        if isinstance(request_or_url, os.PathLike):
+            info, source = self._read_file(Path(request_or_url)), "file"
+        else:
+            url = self._video_url(request_or_url)
+            info, source = self._probe(url), "data" if url[:5].lower() == "data:" else "url"
+        budgets = read_budgets(self.r, prefix=self.settings.key_prefix, settings=self.settings, tenant=chosen)
+        return build_quote(info, self.settings, budgets, tenant=chosen, source=source)
+
+    def _video_url(self, request_or_url: object) -> str:
+        """The checked ``video_url`` of a request or of a bare URL (errors name ``video_url``)."""
+        if isinstance(request_or_url, str):
+            probe = {"input": {"video_url": request_or_url, "aspect_ratio": "16:9"}}
+            return check_enqueue(probe, self.limits).input.video_url
+        if isinstance(request_or_url, ReframeInput | Mapping):
+            return check_enqueue({"input": request_or_url}, self.limits).input.video_url
+        raise InvalidRequest([("input", "must be a request, a video URL or a local file (pathlib.Path)")])
+
+    def _guarded_fetcher(self) -> GuardedFetcher:
+        # Loaded on first use: importing the producer never loads httpx (tests/unit/test_packaging.py).
+        from worker.netguard import GuardedFetcher
+
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                self._fetcher = GuardedFetcher.from_settings(self.settings)
+            return self._fetcher
+
+    def _probe(self, url: str) -> MediaInfo:
+        """Size, duration and resolution of ``url`` through the guarded fetcher (None where unknown)."""
+        from worker.media import probe_media
+
+        s = self.settings
+        return probe_media(
+            url, fetcher=self._guarded_fetcher(), timeout_s=s.probe_timeout_s, max_bytes=s.probe_max_bytes
+        )
+
+    @staticmethod
+    def _read_file(path: Path) -> MediaInfo:
+        """A local video's facts, read here; :class:`InvalidRequest` naming ``video_url`` otherwise."""
+        from worker.media import UnreadableVideo, read_local_video
+
+        shown = repr(str(path))
+        if not path.is_file():
+            raise InvalidRequest([("video_url", f"{shown} is neither a URL nor an existing file")])
+        try:
+            if path.stat().st_size == 0:
+                raise InvalidRequest([("video_url", f"{shown} is empty")])
+            return read_local_video(path)
+        except UnreadableVideo as exc:
+            raise InvalidRequest([("video_url", f"{shown} {exc}")]) from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise InvalidRequest([("video_url", f"{shown} is not readable ({reason})")]) from None
 
     # ------------------------------------------------------------------ observe
     def get(self, job_id: str) -> Job | None:
