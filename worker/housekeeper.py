@@ -14,7 +14,8 @@ another holder's; and every action a sweep takes is a fenced lifecycle step anyw
 * takes over the tracker claims and in-flight submits of processes whose heartbeat stopped
   (``REFRAME_HEARTBEAT_TTL_MS``), so a dead worker's jobs are followed again within seconds;
 * trims the result stream below the slowest consumer group, drops dead-letter entries whose record
-  expired, and reconciles budget reservations whose job has ended (nothing grows without bound).
+  expired, and reconciles budget reservations whose job has ended (nothing grows without bound);
+* trims cost-ledger entries past their retention (by age only: the ledger outlives job records).
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class Housekeeper:
             ("callbacks", 60.0, self.sweep_failed_callbacks),
             ("reservations", 30.0, self.reconcile_reservations),
             ("queued", 15.0, self.redispatch_lost_queued),
+            ("ledger", 600.0, self.trim_ledger),
         )
         for name, period_s, duty in duties:
             if not self.holding:
@@ -268,6 +270,12 @@ class Housekeeper:
         if gone:
             self.rt.redis.zrem(self.keys.dlq, *gone)
         return len(gone)
+
+    def trim_ledger(self) -> int:
+        """Drop cost-ledger entries older than ``REFRAME_LEDGER_RETENTION_DAYS`` (``XTRIM MINID``: the
+        stream ids are Redis time); never by length. Returns how many (worker/contracts/ledger.py)."""
+        min_ms = self.rt.now_ms() - self.rt.settings.ledger_retention_days * 86_400_000
+        return int(self.rt.redis.xtrim(self.keys.ledger, minid=str(max(0, min_ms)), approximate=False))
 
     def sweep_failed_callbacks(self, batch: int = 500) -> int:
         """Drop given-up callback ids whose entry has expired (``dlq_retention_s``); returns how many."""
