@@ -26,6 +26,7 @@ and budget semantics are exactly the workers'.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -150,6 +151,38 @@ _SPECS: Final = (
         "Spend cap of the period (budget_daily_usd / budget_monthly_usd).",
         ("period",),
     ),
+    _Spec(
+        "reframe_tenant_spent_usd",
+        "Dollars settled by a tenant in the current UTC day/month (its budget period hash); the "
+        "REFRAME_METRICS_TOP_TENANTS tenants that spent most this month by name, the rest summed as "
+        "tenant=other.",
+        ("tenant", "period"),
+    ),
+    _Spec(
+        "reframe_tenant_reserved_usd",
+        "Dollars reserved by a tenant's jobs in flight in the current period (same tenants as spent).",
+        ("tenant", "period"),
+    ),
+    _Spec(
+        "reframe_tenant_budget_cap_usd",
+        "A named tenant's own spend cap of the period (P:tenant:<t>:limits; absent: no tenant cap); "
+        "for tenant=other the sum of the caps of the other tenants that have one.",
+        ("tenant", "period"),
+    ),
+    _Spec(
+        "reframe_tenant_budget_headroom_usd",
+        "A named tenant's cap minus spent minus reserved in the current period (negative: fal billed "
+        "more than estimated); only for tenants with a cap; for tenant=other the sum over the other "
+        "tenants that have one.",
+        ("tenant", "period"),
+    ),
+    _Spec("reframe_tenants", "Tenants known: with limits (P:tenants) or charged this month (the ledger)."),
+    _Spec(
+        "reframe_tenants_at_budget_cap",
+        "Tenants (all, named or not) whose spent + reserved has reached their own cap of the period.",
+        ("period",),
+    ),
+    _Spec("reframe_ledger_entries", "Entries in the cost ledger (XLEN P:ledger)."),
     _Spec("reframe_dead_letter_jobs", "Jobs in the dead-letter set (ZCARD P:dlq)."),
     _Spec("reframe_result_stream_length", "Entries in the result stream (XLEN P:events)."),
 )
@@ -284,6 +317,7 @@ class ClusterCollector(Collector):
         self._errors = 0
         self._errors_lock = threading.Lock()
         self._last_error_log = 0.0
+        self._tenants = TenantSpend(self._keys, top=settings.metrics_top_tenants)
 
     # --- Collector protocol --------------------------------------------------------------------
 
@@ -438,6 +472,7 @@ class ClusterCollector(Collector):
             ("reframe_result_stream_length", (), float(raw.events_n)),
         ]
         out.extend(self._flow_samples(now_ms))
+        out.extend(self._tenants.samples(self._r, now_ms))
         return out
 
     def _celery_age(
@@ -485,6 +520,150 @@ class ClusterCollector(Collector):
             ("reframe_budget_reserved_usd", ("day",), micro_to_usd(budget.day_reserved)),
             ("reframe_budget_reserved_usd", ("month",), micro_to_usd(budget.month_reserved)),
         ]
+        return out
+
+
+#: Label of the tenants not named (a tenant really called "other" is always counted in it).
+OTHER_TENANT: Final = "other"
+PERIODS: Final = ("day", "month")
+#: Ledger entries read per scrape while catching up with the month (a restarted exporter reads the
+#: month's ledger over a few scrapes instead of in one).
+LEDGER_READ_PER_SCRAPE: Final = 20_000
+
+
+def _usd(raw: Any) -> float:
+    """Micro-dollars of a budget hash field as dollars; 0 when absent or unreadable."""
+    parsed = _int_or_none(raw)
+    return micro_to_usd(parsed) if parsed is not None else 0.0
+
+
+def _cap_usd(raw: Any) -> float | None:
+    """A tenant cap (dollars as text); ``None`` when absent, empty or unreadable (no cap)."""
+    if raw is None or _text(raw).strip() == "":
+        return None
+    try:
+        value = float(_text(raw))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+@dataclass
+class _TenantPeriods:
+    spent: dict[str, float] = field(default_factory=dict)
+    reserved: dict[str, float] = field(default_factory=dict)
+    cap: dict[str, float | None] = field(default_factory=dict)
+
+
+class TenantSpend:
+    """Per-tenant spend and budget headroom with bounded labels (``reframe exporter`` only).
+
+    Tenants are the members of ``P:tenants`` (tenants with limits) plus every tenant charged this
+    UTC month in the cost ledger, which this object tails incrementally (worker/contracts/ledger.py;
+    a cursor kept between scrapes, at most :data:`LEDGER_READ_PER_SCRAPE` entries per scrape). For
+    each it reads the tenant's budget period hashes of the current day and month
+    (``P:fc:budget:tenant:<t>:day:<YYYY-MM-DD>`` / ``...:month:<YYYY-MM>``, fields ``spent`` and
+    ``reserved`` in micro-dollars) and its caps (``P:tenant:<t>:limits``, ``daily_budget_usd`` and
+    ``monthly_budget_usd``; absent = no cap), all in one pipelined round trip: 3 commands per tenant.
+    The ``top`` tenants with the most spent + reserved this month are named; the rest are summed as
+    ``tenant="other"`` (caps and headroom over those that have a cap), so a scrape has at most
+    ``(top + 1) * 2`` series per metric. ``reframe_tenants_at_budget_cap`` counts every tenant.
+    """
+
+    def __init__(self, keys: Keys, *, top: int) -> None:
+        self._keys = keys
+        self._top = top
+        self._month = ""
+        self._cursor = "-"
+        self._charged: set[str] = set()  # tenants with a ledger entry this month
+
+    def _tail_ledger(self, r: redis.Redis, month: str, month_start_ms: int) -> None:
+        if month != self._month:
+            self._month, self._cursor, self._charged = month, str(month_start_ms), set()
+        start, left = self._cursor, LEDGER_READ_PER_SCRAPE
+        charged = set(self._charged)
+        while left > 0:
+            count = min(left, 5000)
+            page = list(r.xrange(self._keys.ledger, start, "+", count=count) or [])
+            for _stream_id, fields in page:
+                raw = {_text(k): v for k, v in (fields or {}).items()}
+                charged.add(_text(raw.get("tenant", "")) or "default")
+            if page:
+                start = "(" + _text(page[-1][0])
+            left -= len(page)
+            if len(page) < count:
+                break
+        self._cursor, self._charged = start, charged
+
+    def _read(self, r: redis.Redis, now_ms: int) -> tuple[list[str], int, dict[str, _TenantPeriods]]:
+        when = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+        day, month = when.strftime("%Y-%m-%d"), when.strftime("%Y-%m")
+        month_start_ms = int(datetime(when.year, when.month, 1, tzinfo=UTC).timestamp() * 1000)
+        self._tail_ledger(r, month, month_start_ms)
+        members = {_text(m) for m in (r.smembers(f"{self._keys.root}:tenants") or ())}
+        tenants = sorted(members | self._charged)
+        root = self._keys.root
+        pipe = r.pipeline(transaction=False)
+        for t in tenants:
+            pipe.hmget(f"{root}:fc:budget:tenant:{t}:day:{day}", ["spent", "reserved"])
+            pipe.hmget(f"{root}:fc:budget:tenant:{t}:month:{month}", ["spent", "reserved"])
+            pipe.hmget(f"{root}:tenant:{t}:limits", ["daily_budget_usd", "monthly_budget_usd"])
+        pipe.xlen(self._keys.ledger)
+        replies = pipe.execute()
+        per: dict[str, _TenantPeriods] = {}
+        for i, t in enumerate(tenants):
+            day_v, month_v, caps = replies[3 * i : 3 * i + 3]
+            p = per[t] = _TenantPeriods()
+            for period, values, cap in (("day", day_v, caps[0]), ("month", month_v, caps[1])):
+                p.spent[period], p.reserved[period], p.cap[period] = (
+                    _usd(values[0]),
+                    _usd(values[1]),
+                    _cap_usd(cap),
+                )
+        return tenants, int(replies[-1]), per
+
+    def samples(self, r: redis.Redis, now_ms: int) -> list[Sample]:
+        """The per-tenant samples of one scrape."""
+        tenants, ledger_entries, per = self._read(r, now_ms)
+        ranked = sorted(
+            (
+                t
+                for t in tenants
+                if t != OTHER_TENANT and per[t].spent["month"] + per[t].reserved["month"] > 0
+            ),
+            key=lambda t: (-(per[t].spent["month"] + per[t].reserved["month"]), t),
+        )
+        named = ranked[: self._top]
+        out: list[Sample] = []
+        at_cap = dict.fromkeys(PERIODS, 0)
+        other = _TenantPeriods(spent=dict.fromkeys(PERIODS, 0.0), reserved=dict.fromkeys(PERIODS, 0.0))
+        other_cap, other_room = dict.fromkeys(PERIODS, 0.0), dict.fromkeys(PERIODS, 0.0)
+        for t in tenants:
+            p = per[t]
+            for period in PERIODS:
+                cap = p.cap[period]
+                used = p.spent[period] + p.reserved[period]
+                at_cap[period] += cap is not None and used >= cap
+                if t in named:
+                    out.append(("reframe_tenant_spent_usd", (t, period), p.spent[period]))
+                    out.append(("reframe_tenant_reserved_usd", (t, period), p.reserved[period]))
+                    if cap is not None:
+                        out.append(("reframe_tenant_budget_cap_usd", (t, period), cap))
+                        out.append(("reframe_tenant_budget_headroom_usd", (t, period), cap - used))
+                else:
+                    other.spent[period] += p.spent[period]
+                    other.reserved[period] += p.reserved[period]
+                    if cap is not None:
+                        other_cap[period] += cap
+                        other_room[period] += cap - used
+        for period in PERIODS:
+            out.append(("reframe_tenant_spent_usd", (OTHER_TENANT, period), other.spent[period]))
+            out.append(("reframe_tenant_reserved_usd", (OTHER_TENANT, period), other.reserved[period]))
+            out.append(("reframe_tenant_budget_cap_usd", (OTHER_TENANT, period), other_cap[period]))
+            out.append(("reframe_tenant_budget_headroom_usd", (OTHER_TENANT, period), other_room[period]))
+            out.append(("reframe_tenants_at_budget_cap", (period,), float(at_cap[period])))
+        out.append(("reframe_tenants", (), float(len(tenants))))
+        out.append(("reframe_ledger_entries", (), float(ledger_entries)))
         return out
 
 
