@@ -507,6 +507,51 @@ def spend(d: Dashboard) -> Dashboard:
     )
 
 
+def spend_by_tenant(d: Dashboard) -> Dashboard:
+    """Money per tenant: the exporter names the REFRAME_METRICS_TOP_TENANTS tenants that spent most
+    this month and sums the rest as tenant="other" (reframe/exporter/collector.py TenantSpend)."""
+    d = d.with_row(Row("Spend by tenant"))
+    for period, title in (("day", "Spend by tenant (UTC day)"), ("month", "Spend by tenant (UTC month)")):
+        d = d.with_panel(
+            ts(
+                title,
+                "Dollars settled per tenant in the current period, from each tenant's budget hash (the "
+                'same script that settles writes the cost ledger). Tenants outside the top are "other".',
+                [q(f"sum by (tenant) (reframe_tenant_spent_usd{sel(L('period', period))})", "{{tenant}}")],
+                unit="currencyUSD",
+                span=8,
+                stack=True,
+            )
+        )
+    d = d.with_panel(
+        ts(
+            "Tenant budget headroom",
+            "Each named tenant's cap minus spent minus reserved, per period (only tenants with a cap). "
+            "At or below zero the tenant's jobs wait BLOCKED while other tenants go on.",
+            [
+                q(
+                    "min by (tenant, period) "
+                    f"(reframe_tenant_budget_headroom_usd{sel(L('tenant', 'other', '!='))})",
+                    "{{tenant}} {{period}}",
+                )
+            ],
+            unit="currencyUSD",
+            span=5,
+            min_zero=False,
+        )
+    )
+    return d.with_panel(
+        single(
+            "Tenants at their cap",
+            "Tenants (all of them, named or not) whose spent + reserved reached their own daily or "
+            "monthly cap: their jobs wait BLOCKED.",
+            f"max(sum by (period) (reframe_tenants_at_budget_cap{sel()}))",
+            steps=((None, "green"), (1, "orange")),
+            decimals=0,
+        )
+    )
+
+
 def failures(d: Dashboard) -> Dashboard:
     """Outcomes and dead letters."""
     d = d.with_row(Row("Failures and dead letters"))
@@ -797,6 +842,7 @@ def build() -> dict[str, Any]:
         fal_api,
         capacity,
         spend,
+        spend_by_tenant,
         failures,
         results,
         tracker,
