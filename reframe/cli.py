@@ -192,47 +192,41 @@ def _is_url(source: str) -> bool:
 
 
 def check_local_video(settings: Settings, path: Path) -> float:
-    """The duration of a local video file, or exit 2 unless it is a readable video within limits.
+    """The duration of a local video file, or exit 2 unless it is a readable video within the model's
+    limits (worker/contracts/quotes.py ``ModelLimits``: the rule quotes and the submitter use).
 
-    Only the container header is read (PyAV); nothing leaves the machine.
+    Only the container header is read (PyAV, worker/media.py ``read_local_video``); nothing leaves
+    the machine.
     """
-    import av
+    from worker.contracts.quotes import ModelLimits
+    from worker.media import UnreadableVideo, read_local_video
 
+    shown = repr(str(path))
     if not path.is_file():
-        raise fail(f"video_url: {str(path)!r} is neither a URL nor an existing file")
+        raise fail(f"video_url: {shown} is neither a URL nor an existing file")
     try:
         size_bytes = path.stat().st_size
         with path.open("rb"):
             pass
     except OSError as exc:
-        raise fail(
-            f"video_url: {str(path)!r} is not readable ({exc.strerror or type(exc).__name__})"
-        ) from None
+        raise fail(f"video_url: {shown} is not readable ({exc.strerror or type(exc).__name__})") from None
     if size_bytes == 0:
-        raise fail(f"video_url: {str(path)!r} is empty")
-    if size_bytes > settings.max_upload_bytes:
-        raise fail(
-            f"video_url: {str(path)!r} is {size_bytes} bytes; "
-            f"REFRAME_MAX_UPLOAD_BYTES allows {settings.max_upload_bytes}"
-        )
-    duration_s: float | None = None
-    has_video = False
+        raise fail(f"video_url: {shown} is empty")
+    limits = ModelLimits.from_settings(settings)
+    too_large = limits.size_problem(size_bytes)
+    if too_large:
+        raise fail(f"video_url: {shown} {too_large}")
     try:
-        with av.open(str(path), timeout=(settings.probe_timeout_s, settings.probe_timeout_s)) as container:
-            has_video = bool(container.streams.video)
-            if container.duration is not None:
-                duration_s = float(container.duration) / 1_000_000
-    except Exception as exc:  # noqa: BLE001 - PyAV raises many types for "not a video"
-        raise fail(f"video_url: {str(path)!r} is not a readable video ({type(exc).__name__})") from None
-    if not has_video:
-        raise fail(f"video_url: {str(path)!r} has no video stream")
-    if duration_s is None or not math.isfinite(duration_s) or duration_s <= 0:
-        raise fail(f"video_url: {str(path)!r} has no readable duration")
-    if duration_s > settings.max_video_duration_s:
-        raise fail(
-            f"video_url: {str(path)!r} lasts {duration_s:.1f}s; "
-            f"REFRAME_MAX_VIDEO_DURATION_S allows {settings.max_video_duration_s:g}s"
-        )
+        duration_s = read_local_video(path).known_duration_s
+    except UnreadableVideo as exc:
+        raise fail(f"video_url: {shown} {exc}") from None
+    except OSError as exc:
+        raise fail(f"video_url: {shown} is not readable ({exc.strerror or type(exc).__name__})") from None
+    if duration_s is None:
+        raise fail(f"video_url: {shown} has no readable duration")
+    too_long = limits.duration_problem(duration_s)
+    if too_long:
+        raise fail(f"video_url: {shown} {too_long}")
     return duration_s
 
 
@@ -351,6 +345,88 @@ def enqueue(
             _print_outcomes([job_id], [job])
             if job is None or job.state.value != "SUCCEEDED":
                 raise typer.Exit(1)
+
+
+@app.command()
+def quote(
+    source: Annotated[
+        str,
+        typer.Argument(help="Video URL (http/https/data:) or a local video file (read here, not uploaded)."),
+    ],
+    tenant: Annotated[
+        str | None, typer.Option(help="Whose budget to check (default: the `default` tenant).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the quote as one JSON object.")] = False,
+) -> None:
+    """What a job would cost and whether it would be accepted now; nothing is enqueued or uploaded.
+
+    Reads the input's duration, size and resolution (a URL through the guarded fetcher with bounded
+    Range requests, a local file here), prices it as fal bills it (whole REFRAME_BILLING_UNIT_S at
+    REFRAME_PRICE_PER_S_USD) and checks the model's limits (REFRAME_MAX_VIDEO_DURATION_S,
+    REFRAME_MAX_UPLOAD_BYTES) and the cluster's and the tenant's budgets now. Exit 0 when the job
+    would be accepted, 1 when not (the reasons say why), 2 on errors.
+    """
+    from producer import InvalidRequest, Producer
+
+    settings = settings_or_exit()
+    if tenant is not None:
+        try:
+            check_tenant(tenant)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    with Producer(settings) as producer:
+        try:
+            found = producer.quote(source if _is_url(source) else Path(source), tenant=tenant)
+        except InvalidRequest as exc:
+            raise fail(str(exc)) from None
+    if as_json:
+        sys.stdout.write(json.dumps(found.model_dump(mode="json"), sort_keys=True) + "\n")
+    else:
+        for line in _quote_lines(found):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if not found.would_accept:
+        raise typer.Exit(1)
+
+
+def _money(usd: float | None) -> str:
+    if usd is None:
+        return "unknown"
+    return f"${usd:,.2f}" if round(usd, 2) == usd else f"${usd:,.6f}".rstrip("0")
+
+
+def _quote_lines(q: Any) -> list[str]:
+    """A quote for people, one fact per line."""
+    size = "unknown size" if q.size_bytes is None else f"{q.size_bytes:,} bytes"
+    resolution = f"{q.width}x{q.height}" if q.width and q.height else "unknown resolution"
+    duration = "unreadable" if q.duration_s is None else f"{q.duration_s:.2f} s"
+    unit = f"whole {q.billing_unit_s:g} s units" if q.billing_unit_s > 0 else "exact seconds"
+    price = (
+        "unknown (duration unreadable)"
+        if q.price_usd is None
+        else f"{_money(q.price_usd)}  ({q.billed_s:g} s billed at {_money(q.price_per_s_usd)}/s, {unit})"
+    )
+    reserve = "none" if q.estimate_usd is None else f"{_money(q.estimate_usd)}  ({q.billable_s:g} s)"
+    fits = {True: "yes", False: "no", None: "unknown"}
+    b = q.budget
+    tenant_room = (
+        "no cap"
+        if b.tenant_day_headroom_usd is None and b.tenant_month_headroom_usd is None
+        else f"{_money(b.tenant_day_headroom_usd)} today, {_money(b.tenant_month_headroom_usd)} this month"
+    )
+    lines = [
+        f"source        {q.source}",
+        f"duration      {duration}",
+        f"size          {size}",
+        f"resolution    {resolution}",
+        f"price         {price}",
+        f"reserved      {reserve} while it runs",
+        f"model limits  {fits[q.fits_model_limits]}  (at most {q.max_video_duration_s:g} s "
+        f"and {q.max_upload_bytes:,} bytes)",
+        f"budget now    {fits[q.fits_budget_now]}  (cluster: {_money(b.day_headroom_usd)} today, "
+        f"{_money(b.month_headroom_usd)} this month; tenant {b.tenant}: {tenant_room})",
+        f"would accept  {fits[q.would_accept]}",
+    ]
+    return lines + [f"  - {reason}" for reason in q.reasons]
 
 
 def _follow_jobs(producer: Any, job_ids: list[str], *, timeout_s: float) -> None:

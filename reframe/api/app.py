@@ -2,8 +2,9 @@
 
 The app is stateless: every job, key, index and limit lives in Redis, so any number of processes
 can serve one cluster. Routers: ``routes/jobs.py``, ``routes/dead_letters.py``,
-``routes/quotes.py``, ``routes/uploads.py``, ``routes/ops.py`` and ``fal_webhook.py`` (fal webhooks;
-it finds what it needs on ``app.state.services``).
+``routes/quotes.py``, ``routes/uploads.py``, ``routes/ops.py``, ``routes/job_views.py`` (timeline,
+job-change stream), ``routes/operator.py`` (``/v1/me``, ``/v1/cluster``) and ``fal_webhook.py`` (fal
+webhooks; it finds what it needs on ``app.state.services``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from reframe.api.problems import (
     body_too_large,
     invalid,
 )
-from reframe.api.routes import dead_letters, jobs, ops, quotes, uploads
-from reframe.api.schemas import BatchCreate, JobCreate, ReplayIn
+from reframe.api.routes import dead_letters, job_views, jobs, operator, ops, quotes, uploads
+from reframe.api.schemas import BatchCreate, JobCreate, PurgeIn, ReplayIn
 from reframe.api.services import Services
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (JobCreate, BatchCreate, ReplayIn, Problem):
+    for model in (JobCreate, BatchCreate, ReplayIn, PurgeIn, Problem):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -134,7 +135,9 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.state.services = svc
     app.state.settings = settings
     app.state.metrics = ApiMetrics(CollectorRegistry(auto_describe=True), webhooks_on=settings.webhooks_on)
-    for router in (jobs.router, dead_letters.router, quotes.router, uploads.router, ops.router):
+    for router in (jobs.router, job_views.router, dead_letters.router, operator.router, quotes.router):
+        app.include_router(router)
+    for router in (uploads.router, ops.router):
         app.include_router(router)
     app.include_router(fal_webhook.router)
     _install_handlers(app)

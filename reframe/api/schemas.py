@@ -141,6 +141,20 @@ class ReplayOut(BaseModel):
     job: JobOut | None
 
 
+class PurgeIn(BaseModel):
+    """Purge confirmation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    confirm: bool = Field(description="Must be true: every dead letter of every tenant is dropped.")
+
+
+class PurgeOut(BaseModel):
+    """What a purge did."""
+
+    purged: int = Field(description="Dead letters removed from the set.")
+
+
 class DeadLetterPage(BaseModel):
     """Dead-lettered jobs, oldest first."""
 

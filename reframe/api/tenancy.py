@@ -66,24 +66,33 @@ class TenantIndex:
         created_from_ms: int | None,
         created_to_ms: int | None,
         count: int,
+        newest_first: bool = False,
     ) -> list[tuple[str, int]]:
-        """Up to ``count`` (job id, created ms) entries after ``after``, oldest first, in range."""
+        """Up to ``count`` (job id, created ms) entries after ``after``, oldest first (newest first
+        with ``newest_first``), in range."""
         index = self.keys.jobs_index if tenant is None else self.keys.tenant_jobs(tenant)
-        low = created_from_ms if created_from_ms is not None else 0
-        if after is not None:
-            low = max(low, after.created_at_ms)
+        low: Any = created_from_ms if created_from_ms is not None else 0
         high: Any = created_to_ms if created_to_ms is not None else "+inf"
+        if after is not None and newest_first:
+            high = after.created_at_ms if high == "+inf" else min(high, after.created_at_ms)
+        elif after is not None:
+            low = max(low, after.created_at_ms)
         out: list[tuple[str, int]] = []
         offset = 0
         while len(out) < count:
-            chunk: Any = self.r.zrangebyscore(index, low, high, start=offset, num=count + 1, withscores=True)
+            if newest_first:
+                chunk: Any = self.r.zrevrangebyscore(
+                    index, high, low, start=offset, num=count + 1, withscores=True
+                )
+            else:
+                chunk = self.r.zrangebyscore(index, low, high, start=offset, num=count + 1, withscores=True)
             if not chunk:
                 break
             offset += len(chunk)
             for member, score in chunk:
                 job_id, ms = _text(member), int(score)
                 # ties in created time are ordered by id (ZSET order), so the cursor is exact
-                if after is not None and (ms, job_id) <= (after.created_at_ms, after.job_id):
+                if after is not None and _passed((ms, job_id), after, newest_first=newest_first):
                     continue
                 out.append((job_id, ms))
                 if len(out) == count:
@@ -99,6 +108,12 @@ class TenantIndex:
         if tenant is not None:
             pipe.zrem(self.keys.tenant_jobs(tenant), *job_ids)
         pipe.execute()
+
+
+def _passed(entry: tuple[int, str], after: Cursor, *, newest_first: bool) -> bool:
+    """True when ``entry`` is at or before the cursor in the listing's order."""
+    mark = (after.created_at_ms, after.job_id)
+    return entry >= mark if newest_first else entry <= mark
 
 
 def _text(value: Any) -> str:

@@ -33,6 +33,10 @@ CHECKS = [
     response_schema_conformance,
 ]
 
+#: Streams that stay open while their jobs live (a valid request never ends within an example's
+#: timeout); tests/console/test_api_views.py checks them.
+OPEN_ENDED = {"/v1/job-events"}
+
 
 def _requests_served(api: Api) -> float:
     text = httpx.get(f"{api.url}/metrics", timeout=10).text
@@ -51,7 +55,12 @@ def test_every_operation_answers_within_its_schema(api: Api) -> None:
     failures: dict[str, str] = {}
     tried = 0
     before = _requests_served(api)
-    operations = [(result.ok(), mode) for result in schema.get_all_operations() for mode in GenerationMode]
+    operations = [
+        (result.ok(), mode)
+        for result in schema.get_all_operations()
+        for mode in GenerationMode
+        if result.ok().path not in OPEN_ENDED
+    ]
     for operation, mode in operations:
         tried += 1
 

@@ -129,7 +129,7 @@ def test_unknowns_and_refusals_are_explained(make_settings: Callable[..., Settin
     )
     assert q.fits_budget_now is False and q.would_accept is False
     assert q.budget.tenant_day_headroom_usd == 0.1 and q.budget.tenant_month_headroom_usd is None
-    assert "over tenant 't''s day budget now: the job would wait BLOCKED" in q.reasons
+    assert "over tenant t's day budget now: the job would wait BLOCKED" in q.reasons
     broke = Headroom(day_cap=1_000_000, day_used=0, month_cap=100, month_used=0)
     q = build_quote(
         MediaInfo(duration_s=2.0, size_bytes=10), s, budgets(cluster=broke), tenant="t", source="url"
@@ -169,7 +169,7 @@ def test_read_budgets_reads_the_period_hashes_and_tenant_caps(
     assert other.tenant.cap_unreadable == "daily_budget_usd" and other.tenant.room() == (None, None)
     q = build_quote(MediaInfo(duration_s=1.0, size_bytes=1), s, other, tenant="other", source="url")
     assert q.fits_budget_now is None and q.would_accept is False
-    assert "tenant 'other''s daily_budget_usd is not a number >= 0" in q.reasons
+    assert "tenant other's daily_budget_usd is not a number >= 0" in q.reasons
 
 
 # ------------------------------------------------------------------------------ Producer.quote

@@ -308,12 +308,12 @@ def build_quote(info: MediaInfo, settings: Settings, budgets: Budgets, *, tenant
         if cluster_short:
             reasons.append(f"over the cluster's {cluster_short} budget now: the job would wait BLOCKED")
         if tenant_short:
-            reasons.append(f"over tenant {tenant!r}'s {tenant_short} budget now: the job would wait BLOCKED")
+            reasons.append(f"over tenant {tenant}'s {tenant_short} budget now: the job would wait BLOCKED")
         fits_budget = not (cluster_short or tenant_short)
         if fits_budget and budgets.tenant.cap_unreadable:
             fits_budget = None
     if budgets.tenant.cap_unreadable:
-        reasons.append(f"tenant {tenant!r}'s {budgets.tenant.cap_unreadable} is not a number >= 0")
+        reasons.append(f"tenant {tenant}'s {budgets.tenant.cap_unreadable} is not a number >= 0")
     day_room, month_room = budgets.cluster.room()
     tenant_day, tenant_month = budgets.tenant.room()
     return Quote(

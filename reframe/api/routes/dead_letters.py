@@ -1,4 +1,4 @@
-"""``/v1/dead-letters``: list, show and replay dead-lettered jobs (``Producer.replay``)."""
+"""``/v1/dead-letters``: list, show and replay dead-lettered jobs (``Producer.replay``); purge the set."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from producer import ReplayOutcome
 from reframe.api.keys import Principal, Scope
 from reframe.api.problems import ProblemError, invalid, not_found
 from reframe.api.routes.jobs import JobIdPath, json_body, own_job
-from reframe.api.schemas import DeadLetterPage, JobOut, ReplayIn, ReplayOut
+from reframe.api.schemas import DeadLetterPage, JobOut, PurgeIn, PurgeOut, ReplayIn, ReplayOut
 from reframe.api.services import require, services
 from worker.contracts.models import InvalidRequest
 
@@ -109,3 +109,32 @@ async def replay_dead_letter(
         raise not_found(f"job {job_id}")
     job, tenant = await run_in_threadpool(own_job, svc, principal, job_id)
     return ReplayOut(outcome="replayed", job=JobOut.of(job, tenant))
+
+
+@router.post(
+    "/dead-letters/purge",
+    response_model=PurgeOut,
+    summary="Purge the dead-letter set (admin)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PurgeIn"}}},
+        }
+    },
+)
+async def purge_dead_letters(
+    request: Request,
+    _principal: Annotated[Principal, Depends(require(Scope.ADMIN))],
+) -> PurgeOut:
+    """Empty the dead-letter set of every tenant, like ``reframe dlq purge --yes`` (the records
+    expire on their own); refused unless the body says ``{"confirm": true}``."""
+    svc = services(request)
+    try:
+        options = PurgeIn.model_validate(await json_body(request))
+    except ValidationError as exc:
+        raise invalid(InvalidRequest.from_validation_error(exc).errors) from None
+    if not options.confirm:
+        raise invalid([("confirm", 'purging every dead letter needs {"confirm": true}')])
+    from starlette.concurrency import run_in_threadpool
+
+    return PurgeOut(purged=await run_in_threadpool(svc.producer.purge_dead_letters))

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -230,8 +230,20 @@ def list_jobs(
     cursor: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="Only jobs whose id, idempotency key or metadata (as JSON) contain this text "
+            "(case-insensitive).",
+        ),
+    ] = None,
+    order: Annotated[
+        Literal["oldest", "newest"], Query(description="Oldest first (default) or newest first.")
+    ] = "oldest",
 ) -> JobPage:
-    """Jobs, oldest first, from the listing indexes (cursor pagination).
+    """Jobs, oldest (or newest) first, from the listing indexes (cursor pagination).
 
     A tenant key lists its own tenant; an admin lists every tenant or the one named by ``tenant``.
     """
@@ -255,6 +267,7 @@ def list_jobs(
             created_from_ms=created_from_ms,
             created_to_ms=created_to_ms,
             count=min(limit, MAX_SCAN_PER_PAGE - scanned),
+            newest_first=order == "newest",
         )
         if not batch:
             exhausted = True
@@ -270,12 +283,25 @@ def list_jobs(
             job = Job.from_record(rec)
             if wanted and job.state not in wanted:
                 continue
+            if q is not None and not _matches(rec, q):
+                continue
             items.append(JobOut.of(job, rec.get("tenant") or None))
             if len(items) == limit:
                 break
         svc.tenants.forget(scope_tenant, gone)
     next_cursor = None if exhausted or last is None or last == after else last.encode()
     return JobPage(items=items, next_cursor=next_cursor)
+
+
+def _matches(rec: dict[str, Any], text: str) -> bool:
+    """``text`` in the record's id, idempotency key or metadata JSON (case-insensitive)."""
+    needle = text.casefold()
+    haystack = (
+        str(rec.get("id") or ""),
+        str(rec.get("idempotency_key") or ""),
+        json.dumps(rec.get("metadata") or {}, ensure_ascii=False),
+    )
+    return any(needle in part.casefold() for part in haystack)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=CancelOut, summary="Cancel a job")
