@@ -407,6 +407,10 @@ class Settings(BaseSettings):
     api_sse_max_s: Annotated[float, Field(ge=1, le=86400)] = Field(
         default=3600.0, description="Longest one SSE stream stays open (the client reconnects after)."
     )
+    grafana_url: str | None = Field(
+        default=None,
+        description="Link to the Grafana dashboard shown by the operator console (/console); unset: no link.",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -426,7 +430,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// URL with a host")
         return value.rstrip("/")
 
-    @field_validator("public_url", "fal_jwks_url")
+    @field_validator("public_url", "fal_jwks_url", "grafana_url")
     @classmethod
     def _check_optional_http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":

@@ -4,7 +4,8 @@ The app is stateless: every job, key, index and limit lives in Redis, so any num
 can serve one cluster. Routers: ``routes/jobs.py``, ``routes/dead_letters.py``,
 ``routes/quotes.py``, ``routes/uploads.py``, ``routes/ops.py``, ``routes/job_views.py`` (timeline,
 job-change stream), ``routes/operator.py`` (``/v1/me``, ``/v1/cluster``) and ``fal_webhook.py`` (fal
-webhooks; it finds what it needs on ``app.state.services``).
+webhooks; it finds what it needs on ``app.state.services``). The operator console
+(``reframe/console/``) is served under ``/console``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from reframe.api.problems import (
 from reframe.api.routes import dead_letters, job_views, jobs, operator, ops, quotes, uploads
 from reframe.api.schemas import BatchCreate, JobCreate, PurgeIn, ReplayIn
 from reframe.api.services import Services
+from reframe.console import install as install_console
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     for router in (uploads.router, ops.router):
         app.include_router(router)
     app.include_router(fal_webhook.router)
+    install_console(app, settings)  # /console: pages and assets only; their data comes from /v1
     _install_handlers(app)
 
     def limit_for(path: str) -> int:
