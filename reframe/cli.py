@@ -41,8 +41,9 @@ from worker.contracts.ledger import (
     read_entries,
     report_csv_rows,
 )
-from worker.contracts.tenants import check_tenant
+from worker.contracts.tenants import LIMIT_FIELDS, TenantLimits, TenantRegistry, check_tenant
 from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
+from worker.flow import FlowControl
 
 app = typer.Typer(
     name="reframe",
@@ -57,6 +58,11 @@ callbacks_app = typer.Typer(help="Inspect and redeliver callbacks that were give
 app.add_typer(callbacks_app, name="callbacks")
 keys_app = typer.Typer(help="Create, list and revoke API keys of `reframe serve`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(
+    help="Per-tenant limits inside the cluster's: budgets, concurrency, fair-share weight, submit rate.",
+    no_args_is_help=True,
+)
+app.add_typer(tenants_app, name="tenants")
 costs_app = typer.Typer(
     help="Report spend from the cost ledger, or reconcile it with fal's usage export.",
     invoke_without_command=True,
@@ -1131,6 +1137,117 @@ def keys_revoke(
     if not _key_store(settings).revoke(key_id.strip()):
         raise fail(f"key_id: no key {key_id}")
     console.print(f"revoked key {key_id.strip()}", highlight=False)
+
+
+def _tenant_registry(settings: Settings) -> TenantRegistry:
+    return TenantRegistry(_redis_client(settings), Keys(settings.key_prefix))
+
+
+def _tenant_name(tenant: str) -> str:
+    try:
+        return check_tenant(tenant)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+_UNSET = "none"
+
+
+def _limit(name: str, raw: str | None, old: float | None, kind: type) -> Any:
+    """A limit option: absent keeps the old value, ``none`` clears it, else a number."""
+    if raw is None:
+        return old
+    if raw.strip().lower() == _UNSET:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise fail(f"{name}: {raw!r} is not a number (or 'none' to clear it)") from None
+
+
+@tenants_app.command("set")
+def tenants_set(
+    tenant: Annotated[str, typer.Argument(help="The tenant (a-z, 0-9, _ and -).")],
+    daily_budget_usd: Annotated[str | None, typer.Option(help="Dollars per UTC day; 'none' clears.")] = None,
+    monthly_budget_usd: Annotated[
+        str | None, typer.Option(help="Dollars per UTC month; 'none' clears.")
+    ] = None,
+    max_concurrent: Annotated[
+        str | None, typer.Option(help="Most concurrent fal requests; 'none' clears.")
+    ] = None,
+    weight: Annotated[str | None, typer.Option(help="Fair-share weight of the slots (default 1).")] = None,
+    submit_rate_per_s: Annotated[
+        str | None, typer.Option(help="Most submits per second; 'none' clears.")
+    ] = None,
+) -> None:
+    """Set a tenant's limits (options not given keep their value); workers apply them at once."""
+    settings = settings_or_exit()
+    name = _tenant_name(tenant)
+    registry = _tenant_registry(settings)
+    old = registry.get(name)
+    try:
+        limits = TenantLimits(
+            daily_budget_usd=_limit("daily_budget_usd", daily_budget_usd, old.daily_budget_usd, float),
+            monthly_budget_usd=_limit(
+                "monthly_budget_usd", monthly_budget_usd, old.monthly_budget_usd, float
+            ),
+            max_concurrent=_limit("max_concurrent", max_concurrent, old.max_concurrent, int),
+            weight=_weight(_limit("weight", weight, old.weight, float)),
+            submit_rate_per_s=_limit("submit_rate_per_s", submit_rate_per_s, old.submit_rate_per_s, float),
+        )
+        registry.set(name, limits)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"tenant {name}: {_describe_limits(limits)}", highlight=False)
+
+
+def _weight(value: float | None) -> float:
+    return 1.0 if value is None else value  # 'none' restores the default weight
+
+
+def _describe_limits(limits: TenantLimits) -> str:
+    parts = []
+    for field_name in LIMIT_FIELDS:
+        value = getattr(limits, field_name)
+        parts.append(f"{field_name}={'-' if value is None else f'{value:g}'}")
+    return " ".join(parts)
+
+
+def _tenant_row(settings: Settings, name: str) -> dict[str, Any]:
+    limits = _tenant_registry(settings).get(name)
+    spend = FlowControl.from_settings(_redis_client(settings), settings).budget.tenant_spend(name)
+    return {"tenant": name, **{f: getattr(limits, f) for f in LIMIT_FIELDS}, **spend}
+
+
+@tenants_app.command("show")
+def tenants_show(
+    tenant: Annotated[str, typer.Argument(help="The tenant.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A tenant's limits and today's and this month's spend and reservations (dollars)."""
+    settings = settings_or_exit()
+    row = _tenant_row(settings, _tenant_name(tenant))
+    if as_json:
+        print(json.dumps(row))
+        return
+    for key, value in row.items():
+        console.print(f"{key}: {'-' if value is None else value}", highlight=False)
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
+    """Every tenant with limits, with today's spend."""
+    settings = settings_or_exit()
+    rows = [_tenant_row(settings, name) for name in _tenant_registry(settings).names()]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table("tenant", *LIMIT_FIELDS, "day_spent_usd", "day_reserved_usd")
+    for row in rows:
+        cells = ["-" if row[f] is None else f"{row[f]:g}" for f in LIMIT_FIELDS]
+        table.add_row(row["tenant"], *cells, f"{row['day_spent_usd']:.2f}", f"{row['day_reserved_usd']:.2f}")
+    console.print(table)
 
 
 @app.command(

@@ -228,20 +228,47 @@ class Housekeeper:
         dispatch_pending(self.rt, due)
         return due
 
-    def retry_blocked(self, limit: int = 200) -> None:
+    def retry_blocked(self, limit: int = 200, scan: int = 5000) -> list[str]:
         """Budget-blocked jobs try the gate again once there is room (a raised cap, a new period).
 
-        Nothing is dispatched while the headroom is below one second of video: no job could fit.
+        Nothing is dispatched while the cluster's headroom is below one second of video: no job
+        could fit. A job blocked by its tenant's cap is skipped while that tenant has less room
+        than that, so a tenant over its cap neither churns the gate nor keeps the jobs of others
+        (blocked behind it in time) from their turn. Returns the ids dispatched.
         """
-        snap = self.rt.flow.budget.snapshot()
+        budget = self.rt.flow.budget
+        one_second = budget.estimate_micro(1.0)
+        snap = budget.snapshot()
         headroom = min(
             snap.day_cap - snap.day_spent - snap.day_reserved,
             snap.month_cap - snap.month_spent - snap.month_reserved,
         )
-        if headroom < self.rt.flow.budget.estimate_micro(1.0):
-            return
-        ids = [text(x) for x in self.rt.redis.zrange(self.keys.blocked, 0, limit - 1)]
-        self.rt.dispatch(ids)
+        if headroom < one_second:
+            return []
+        room_of: dict[str, int | None] = {}
+        chosen: list[str] = []
+        for start in range(0, scan, 500):
+            ids = [text(x) for x in self.rt.redis.zrange(self.keys.blocked, start, start + 499)]
+            if not ids:
+                break
+            pipe = self.rt.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), "blocked_scope", "tenant", "estimate_micro")
+            for job_id, (scope, tenant, estimate) in zip(ids, pipe.execute(), strict=True):
+                name = text(tenant or "")
+                if text(scope or "").startswith("tenant_") and name:
+                    if name not in room_of:
+                        room_of[name] = budget.tenant_headroom_micro(name)
+                    room = room_of[name]
+                    if room is not None and room < max(one_second, int(text(estimate or "0") or 0)):
+                        continue  # its tenant still has no room for it: not worth a gate run
+                chosen.append(job_id)
+                if len(chosen) >= limit:
+                    break
+            if len(chosen) >= limit:
+                break
+        self.rt.dispatch(chosen)
+        return chosen
 
     def trim_events(self, *, keep: int = STREAM_KEEP) -> tuple[int, int]:
         """Trim the result stream below every consumer group's needs (and past the hard ceiling).
@@ -347,7 +374,8 @@ class Housekeeper:
             if rec is not None and not rec.state.terminal:
                 continue
             if rec is not None and rec.cost_actual_micro is not None:
-                done = self.rt.flow.budget.settle(job_id, rec.cost_actual_micro)
+                entry = {"attempt": rec.attempt, "request_id": rec.fal_request_id or "", "kind": "settled"}
+                done = self.rt.flow.budget.settle(job_id, rec.cost_actual_micro, entry)
             else:
                 done = self.rt.flow.budget.release(job_id)
             fixed += int(done)

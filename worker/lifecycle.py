@@ -128,6 +128,7 @@ def defer(
     settle_micro: int = 0,
     fields: Mapping[str, Any] | None = None,
     incr: Mapping[str, int] | None = None,
+    ledger_kind: str = "settled",
 ) -> MoveOutcome:
     """Park the job until ``until_ms`` (+ jitter); the housekeeper dispatches it again then."""
     until_ms += rt.rng.randint(0, JITTER_MAX_MS)
@@ -147,6 +148,7 @@ def defer(
             **(fields or {}),
         },
         incr=incr,
+        ledger_kind=ledger_kind,
     )
     if moved.ok:
         rt.metrics.job_deferred(reason)
@@ -256,6 +258,7 @@ def resolve_ambiguous(
         fields=fields,
         day=f"{at.tm_year:04d}-{at.tm_mon:02d}-{at.tm_mday:02d}",
         month=f"{at.tm_year:04d}-{at.tm_mon:02d}",
+        tenant=rec.get("tenant"),
     )
     if not moved.ok:
         return moved
@@ -376,8 +379,13 @@ def finish(
     fields: Mapping[str, Any] | None = None,
     event: Mapping[str, Any] | None = None,
     callback: Mapping[str, Any] | None = None,
+    ledger_kind: str = "settled",
+    billed_s: float | None = None,
 ) -> bool:
-    """End the job's life once: state, resources, event and callback in one step. True if it did."""
+    """End the job's life once: state, resources, event and callback in one step. True if it did.
+
+    A settlement appends one cost-ledger entry of ``ledger_kind`` (``settled`` from the output,
+    ``estimate`` when the outcome is unknown), with ``billed_s`` when fal's bill is known."""
     record = dict(fields or {})
     ev = dict(event or {})
     cb: dict[str, Any] = {"video": None, "cost_usd": None, "error": None, **(callback or {})}
@@ -401,6 +409,8 @@ def finish(
         event=ev,
         callback=cb,
         idempotency_key=rec.idempotency_key,
+        ledger_kind=ledger_kind,
+        billed_s="" if billed_s is None else f"{billed_s:g}",
     )
     if not moved.ok:
         return False
@@ -426,6 +436,7 @@ def fail(
     slot: SlotAction = SlotAction.RELEASE,
     budget: BudgetAction = BudgetAction.RELEASE,
     settle_micro: int = 0,
+    ledger_kind: str = "settled",
 ) -> bool:
     """Finish the job FAILED (by default into the dead-letter set)."""
     return finish(
@@ -439,6 +450,7 @@ def fail(
         dead_letter=dead_letter,
         failure=failure,
         callback={"cost_usd": settle_micro / 1e6 if budget is BudgetAction.SETTLE else None},
+        ledger_kind=ledger_kind,
     )
 
 
@@ -486,6 +498,7 @@ def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool
             settle_micro=charge,
             fields={"last_error": {"type": "ambiguous_submit", "message": reason}},
             incr=counted,
+            ledger_kind="estimate",
         )
         if moved.ok:
             rt.metrics.spent(charge / 1e6)
@@ -500,6 +513,7 @@ def ambiguous(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> bool
         slot=SlotAction.HOLD,
         budget=BudgetAction.SETTLE,
         settle_micro=charge,
+        ledger_kind="estimate",
     )
 
 

@@ -52,7 +52,7 @@ STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "timeout", "network"
 AMBIGUOUS_ACTIONS: Final = ("await_webhook", "dead_letter", "resubmit")
 """The ``ambiguous_submit_policy`` that was applied."""
 BREAKER_STATES: Final = ("closed", "open", "half_open")
-BUDGET_PERIODS: Final = ("day", "month")
+BUDGET_PERIODS: Final = ("day", "month", "tenant_day", "tenant_month")
 RESULT_SINKS: Final = ("stream",)
 PUBLISH_OUTCOMES: Final = ("ok",)
 CALLBACK_OUTCOMES: Final = ("delivered", "failed", "gave_up")

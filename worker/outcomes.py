@@ -24,6 +24,7 @@ from worker.contracts.models import JobState
 from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.fal import FalError, FalModelError, QueueStatus, ReframeOutput, SubmitReceipt
+from worker.flow.budget import billable_s
 from worker.lifecycle import AT_FAL, Failure, attempt_fence, record_breaker
 from worker.media import video_duration_s
 from worker.runtime import Runtime
@@ -95,12 +96,14 @@ def runner_failed(
 def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueStatus, *, via: Via) -> bool:
     """Publish the result and settle what fal billed for the output; True if this call finished it."""
     duration = output_duration_s(rt, output)
+    billed_s: float | None = None
     if duration is None:
         # Cannot measure: settle the reservation as charged (never under-count spend).
         actual = lifecycle.reserved_micro(rt, rec)
     else:
         # fal bills whole seconds of output; the estimate rounds the input up the same way.
         actual = rt.flow.budget.estimate_micro(duration)
+        billed_s = billable_s(duration, rt.flow.budget.billing_unit_s)
     inference = (status.metrics or {}).get("inference_time")
     video = output.video
     done = lifecycle.finish(
@@ -124,6 +127,8 @@ def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueS
             "cost_usd": f"{actual / 1e6:.6f}",
         },
         callback={"video": video.model_dump(mode="json"), "cost_usd": actual / 1e6},
+        ledger_kind="estimate" if duration is None else "settled",
+        billed_s=billed_s,
     )
     if done and isinstance(inference, int | float):
         rt.metrics.fal_inference(float(inference))
@@ -139,6 +144,7 @@ def lost(rt: Runtime, rec: JobRecord, message: str, *, via: Via) -> None:
         fence=fence_of(rec),
         budget=BudgetAction.SETTLE,
         settle_micro=lifecycle.reserved_micro(rt, rec),
+        ledger_kind="estimate",
     )
     _counted(rt, via, done)
 

@@ -144,7 +144,9 @@ class Submitter:
             lifecycle.fail(self.rt, rec, estimate, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
             return Outcome.FAILED
         try:
-            budget = self.flow.budget.reserve(job_id, estimate, record_key=record_key, attempt=attempt)
+            budget = self.flow.budget.reserve(
+                job_id, estimate, record_key=record_key, attempt=attempt, tenant=rec.get("tenant")
+            )
             if not budget.ok:
                 self._give_back_probe(probe)
                 lifecycle.block(self.rt, job_id, attempt, scope=str(budget.scope))

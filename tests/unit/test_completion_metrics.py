@@ -162,7 +162,9 @@ def test_each_rule_counts_its_path_only_when_its_step_applied(
         outcomes.lifecycle, "retry_later", lambda *_a, **_k: "retrying" if applied else "stale"
     )
     monkeypatch.setattr(outcomes, "output_duration_s", lambda *_a, **_k: 3.0)
-    rt.flow = SimpleNamespace(budget=SimpleNamespace(estimate_micro=lambda s: int(s * 60_000)))
+    rt.flow = SimpleNamespace(
+        budget=SimpleNamespace(estimate_micro=lambda s: int(s * 60_000), billing_unit_s=1.0)
+    )
     output = SimpleNamespace(
         video=SimpleNamespace(
             url="https://v3.fal.media/out.mp4",

@@ -229,10 +229,15 @@ def test_scripts_touch_only_the_period_keys_they_were_given(
     today = redis_today(r)
     wrong = "1999-01-01", "1999-01"
     reply = b._reserve(
-        keys=[b.reservations_key, b.reservations_key, *b.period_keys(*wrong)],
-        args=[PREFIX, "j", 60_000, b.day_cap_micro, b.month_cap_micro, 60, 60, "", "0"],
+        keys=[
+            b.reservations_key,
+            b.reservations_key,
+            *b.period_keys(*wrong, padded=True),
+            b.reservations_key,
+        ],
+        args=[PREFIX, "j", 60_000, b.day_cap_micro, b.month_cap_micro, 60, 60, "", "0", ""],
     )
-    assert int(reply[0]) == -2 and text(reply[1]) == f"BUDGET_KEYS:{today.isoformat()}|{today:%Y-%m}"
+    assert int(reply[0]) == -2 and text(reply[1]) == f"BUDGET_KEYS:{today.isoformat()}|{today:%Y-%m}|"
     assert r.hlen(b.reservations_key) == 0 and not r.exists(b.period_keys(*wrong)[0])
     # A worker whose clock says another day still reserves, settles and reads the right periods.
     monkeypatch.setattr(budget_mod, "utc_periods", lambda now_s=None: wrong)

@@ -401,9 +401,11 @@ def test_a_reservation_settles_into_the_period_it_was_made_in(runtime: Runtime, 
     the reservation's period keys (every key it touches is in KEYS)."""
     job_id = enqueue(runtime)
     attempt = at_fal(runtime, job_id, "R1")
-    micro, _day, _month, at_ms = rclient.hget("{reframe}:fc:budget:res", job_id).split("|")
-    rclient.hset("{reframe}:fc:budget:res", job_id, f"{micro}|2020-01-31|2020-01|{at_ms}")
+    micro, _day, _month, at_ms, tenant = rclient.hget("{reframe}:fc:budget:res", job_id).split("|")
+    assert tenant == "default"
+    rclient.hset("{reframe}:fc:budget:res", job_id, f"{micro}|2020-01-31|2020-01|{at_ms}|{tenant}")
     rclient.hset("{reframe}:fc:budget:day:2020-01-31", "reserved", micro)
+    rclient.hset("{reframe}:fc:budget:tenant:default:day:2020-01-31", "reserved", micro)
     rec = runtime.store.record(job_id)
     assert rec is not None
     done = lifecycle.finish(
@@ -417,6 +419,21 @@ def test_a_reservation_settles_into_the_period_it_was_made_in(runtime: Runtime, 
     assert done
     assert rclient.hgetall("{reframe}:fc:budget:day:2020-01-31") == {"reserved": "0", "spent": "60000"}
     assert rclient.hget("{reframe}:fc:budget:month:2020-01", "spent") == "60000"
+    # the tenant's periods moved in the same step, and the charge is in the ledger
+    assert rclient.hgetall("{reframe}:fc:budget:tenant:default:day:2020-01-31") == {
+        "reserved": "0",
+        "spent": "60000",
+    }
+    assert rclient.hget("{reframe}:fc:budget:tenant:default:month:2020-01", "spent") == "60000"
+    ((_id, entry),) = rclient.xrange("{reframe}:ledger")
+    assert {k: entry[k] for k in ("job_id", "attempt", "tenant", "request_id", "micro", "kind")} == {
+        "job_id": job_id,
+        "attempt": attempt,
+        "tenant": "default",
+        "request_id": "R1",
+        "micro": "60000",
+        "kind": "settled",
+    }
 
 
 def test_a_run_that_dies_inside_the_gate_leaves_the_job_to_be_dispatched_again(

@@ -18,6 +18,13 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_UNACKED = "unacked"
 
 
+def parse_budget_refusal(reply: str) -> tuple[str, str, str]:
+    """The (day, month, tenant) a ``BUDGET_KEYS:<day>|<month>|<tenant>`` refusal of a budget
+    script names (worker/contracts/lua/budget_lib.lua); tenant ``''`` when it has none."""
+    day, month, tenant = [*reply.removeprefix("BUDGET_KEYS:").split("|"), "", ""][:3]
+    return day, month, tenant
+
+
 @dataclass(frozen=True)
 class Keys:
     """Names of the Redis keys under one prefix."""
@@ -45,6 +52,26 @@ class Keys:
     def tenant_jobs(self, tenant: str) -> str:
         """ZSET job id -> created ms of one tenant's jobs (its listings)."""
         return f"{self.root}:tenant:{tenant}:jobs"
+
+    def tenant_limits(self, tenant: str) -> str:
+        """HASH of one tenant's limits (``reframe tenants set``; worker/contracts/tenants.py)."""
+        return f"{self.root}:tenant:{tenant}:limits"
+
+    @property
+    def tenants(self) -> str:
+        """SET of the tenants that have limits."""
+        return f"{self.root}:tenants"
+
+    def budget_periods(self, day: str, month: str, tenant: str = "") -> list[str]:
+        """The budget period HASHes of a UTC day and month: the cluster's, then ``tenant``'s (none
+        for ``''``); a reservation or settlement changes all of them at once (budget_lib.lua)."""
+        keys = [f"{self.root}:fc:budget:day:{day}", f"{self.root}:fc:budget:month:{month}"]
+        if tenant:
+            keys += [
+                f"{self.root}:fc:budget:tenant:{tenant}:day:{day}",
+                f"{self.root}:fc:budget:tenant:{tenant}:month:{month}",
+            ]
+        return keys
 
     def wait(self, priority: Priority | str) -> str:
         """The FIFO of jobs of one priority waiting for a slot."""

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from worker.contracts.keys import Keys, celery_queue_key
+from worker.contracts.keys import Keys, celery_queue_key, parse_budget_refusal
 from worker.contracts.lua import INCLUDE_DIR, load_lua
 from worker.contracts.models import TERMINAL_STATES, JobState, Priority
 from worker.contracts.record import JobRecord
@@ -233,15 +233,16 @@ class JobStore:
             return GateOutcome(owner=False, busy=True, attempt=value, state="")
         return GateOutcome(owner=False, busy=False, attempt="", state=value)
 
-    def _periods(self, job_id: str) -> tuple[str, str]:
-        """The UTC (day, month) the job's reservation is charged to (today's when it has none)."""
+    def _periods(self, job_id: str) -> tuple[str, str, str]:
+        """The UTC (day, month, tenant) the job's reservation is charged to (today's and no tenant
+        when it has none)."""
         raw = self.r.hget(self.keys.reservations, job_id)
         if raw:
             parts = _text(raw).split("|")
             if len(parts) >= 3:
-                return parts[1], parts[2]
+                return parts[1], parts[2], parts[4] if len(parts) >= 5 else ""
         t = time.gmtime()
-        return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", f"{t.tm_year:04d}-{t.tm_mon:02d}"
+        return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", f"{t.tm_year:04d}-{t.tm_mon:02d}", ""
 
     def run_job_script(self, script: Script, job_id: str, extra_keys: Sequence[str], args: list[Any]) -> Any:
         """Run a lifecycle script (KEYS as ``lua/job_head.lua``, then ``extra_keys``) for ``job_id``.
@@ -250,17 +251,17 @@ class JobStore:
 
         The scripts touch only keys passed in KEYS; when the job's reservation periods changed
         between the read here and the script (a reservation taken meanwhile), the script refuses
-        with ``BUDGET_KEYS:<day>|<month>`` before writing anything.
+        with ``BUDGET_KEYS:<day>|<month>|<tenant>`` before writing anything.
         """
-        day, month = self._periods(job_id)
+        day, month, tenant = self._periods(job_id)
         raw: Any = None
         for _ in range(3):
-            keys = [*self._job_keys(job_id, day, month), *extra_keys]
+            keys = [*self._job_keys(job_id, day, month, tenant), *extra_keys]
             raw = script(keys=keys, args=args)
             refusal = _text(raw[1]) if int(raw[0]) == 0 and len(raw) > 1 else ""
             if not refusal.startswith("BUDGET_KEYS:"):
                 return raw
-            day, _, month = refusal.removeprefix("BUDGET_KEYS:").partition("|")
+            day, month, tenant = parse_budget_refusal(refusal)
         raise RuntimeError(f"budget periods of job {job_id} kept changing under the script")
 
     def resolve_ambiguous(
@@ -274,11 +275,12 @@ class JobStore:
         fields: Mapping[str, Any] | None,
         day: str,
         month: str,
+        tenant: str = "",
     ) -> MoveOutcome:
         """Record the request a dead-lettered ambiguous submit turned out to have, correct its
         charge to what fal billed, and free its held slot (see ``lua/ambiguous_resolve.lua``).
 
-        ``day`` and ``month`` are the periods the dead letter was charged to.
+        ``day`` and ``month`` are the periods the dead letter was charged to; ``tenant`` the job's.
         """
         opt = {
             **self.resource_options(SlotAction.RELEASE, BudgetAction.KEEP, 0, 0),
@@ -288,7 +290,8 @@ class JobStore:
             "billed_micro": int(billed_micro),
             "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
         }
-        raw = self._resolve_ambiguous(keys=self._job_keys(job_id, day, month), args=[job_id, _options(opt)])
+        keys = self._job_keys(job_id, day, month, tenant)
+        raw = self._resolve_ambiguous(keys=keys, args=[job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state=_text(raw[1]))
         return MoveOutcome(
@@ -300,8 +303,11 @@ class JobStore:
         raw = self._gate_release(keys=[self.keys.job(job_id), self.keys.delayed], args=[job_id, attempt])
         return int(raw) == 1
 
-    def _job_keys(self, job_id: str, day: str, month: str) -> list[str]:
+    def _job_keys(self, job_id: str, day: str, month: str, tenant: str) -> list[str]:
         k = self.keys
+        periods = k.budget_periods(day, month, tenant)
+        if len(periods) == 2:
+            periods += [k.reservations, k.reservations]  # no tenant: never touched, never declared
         return [
             k.job(job_id),
             k.slots,
@@ -314,8 +320,8 @@ class JobStore:
             k.blocked,
             k.track,
             k.track_owner,
-            f"{k.root}:fc:budget:day:{day}",
-            f"{k.root}:fc:budget:month:{month}",
+            *periods,
+            k.ledger,
         ]
 
     def resource_options(
@@ -352,14 +358,18 @@ class JobStore:
         fields: Mapping[str, Any] | None = None,
         incr: Mapping[str, int] | None = None,
         delete: Sequence[str] = (),
+        ledger_kind: str = "settled",
     ) -> MoveOutcome:
-        """One fenced transition of a live job and what it frees or parks (see ``lua/move.lua``)."""
+        """One fenced transition of a live job and what it frees or parks (see ``lua/move.lua``).
+
+        A settlement (``budget`` SETTLE) appends a ledger entry of ``ledger_kind``."""
         if to in TERMINAL_STATES:
             raise ValueError(f"{to} is terminal: use finish()")
         opt: dict[str, Any] = {
             **fence.options(),
             **self.resource_options(slot, budget, settle_micro, hold_ms),
             "to": to.value,
+            "ledger_kind": ledger_kind,
             "blocked": blocked,
             "untrack": untrack,
             "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
@@ -394,6 +404,8 @@ class JobStore:
         event: Mapping[str, Any] | None = None,
         callback: Mapping[str, Any] | None = None,
         idempotency_key: str = "",
+        ledger_kind: str = "settled",
+        billed_s: str = "",
     ) -> MoveOutcome:
         """End the job's life exactly once (see ``lua/finish.lua``).
 
@@ -408,6 +420,8 @@ class JobStore:
             **self.resource_options(slot, budget, settle_micro, hold_ms),
             "to": to.value,
             "event_id": event_id,
+            "ledger_kind": ledger_kind,
+            "billed_s": billed_s,
             "retention_ms": self.retention_ms,
             "dlq_retention_ms": self.dlq_retention_ms,
             "dead_letter": dead_letter,

@@ -21,6 +21,7 @@ naming the right ones, and the call is repeated with them (:data:`PERIOD_RETRIES
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 
 import redis
 
+from worker.contracts.keys import parse_budget_refusal
 from worker.contracts.lua import load_lua, script_path
 from worker.flow._redis import as_int, run, text
 
@@ -75,8 +77,8 @@ def utc_periods(now_s: float | None = None) -> tuple[str, str]:
 
 
 def parse_period_refusal(reply: str) -> tuple[str, str]:
-    """The (day, month) a ``BUDGET_KEYS:<day>|<month>`` refusal names."""
-    day, _, month = reply.removeprefix("BUDGET_KEYS:").partition("|")
+    """The (day, month) a ``BUDGET_KEYS:<day>|<month>|<tenant>`` refusal names."""
+    day, month, _tenant = parse_budget_refusal(reply)
     return day, month
 
 
@@ -85,6 +87,8 @@ class BudgetScope(StrEnum):
 
     DAY = "day"
     MONTH = "month"
+    TENANT_DAY = "tenant_day"
+    TENANT_MONTH = "tenant_month"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class Reservation:
     day: str
     month: str
     reserved_at_ms: int
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,7 @@ class Budget:
         self.price_per_s_micro = usd_to_micro(price_per_s_usd, round_up=True)
         self.billing_unit_s = billing_unit_s
         self.reservations_key = f"{prefix}:fc:budget:res"
+        self.ledger_key = f"{prefix}:ledger"
         self._r = r
         self._reserve = r.register_script(load_lua(script_path(__file__, "budget_reserve")))
         self._settle = r.register_script(load_lua(script_path(__file__, "budget_settle")))
@@ -182,15 +188,25 @@ class Budget:
         return math.ceil(billable_s(duration_s, self.billing_unit_s) * self.price_per_s_micro)
 
     def reserve(
-        self, job_id: str, micro: int, *, record_key: str | None = None, attempt: str = ""
+        self,
+        job_id: str,
+        micro: int,
+        *,
+        record_key: str | None = None,
+        attempt: str = "",
+        tenant: str = "",
     ) -> BudgetDecision:
-        """Reserve ``micro`` for ``job_id`` in today's and this month's budget, or refuse.
+        """Reserve ``micro`` for ``job_id`` in today's and this month's budget, the cluster's and
+        ``tenant``'s at once, or refuse.
 
         Refused (``ok=False``, ``scope`` = the first cap that would be exceeded) when
-        ``spent + reserved + micro > cap``. A job that already holds a reservation gets ``ok``
-        without reserving twice. With ``record_key`` the reservation is fenced like
-        :meth:`SlotPool.acquire <worker.flow.slots.SlotPool.acquire>`: :class:`BudgetRefused` when
-        the job left the pre-submit states or ``attempt`` no longer owns it.
+        ``spent + reserved + micro > cap`` for the cluster or for the tenant (its caps are
+        ``daily_budget_micro`` / ``monthly_budget_micro`` in its limits HASH, read live; with
+        ``record_key`` the record's ``tenant`` decides, ``tenant`` is only a first guess). A job
+        that already holds a reservation gets ``ok`` without reserving twice. With ``record_key``
+        the reservation is fenced like :meth:`SlotPool.acquire <worker.flow.slots.SlotPool.acquire>`:
+        :class:`BudgetRefused` when the job left the pre-submit states or ``attempt`` no longer
+        owns it.
         """
         if micro < 0:
             raise ValueError("micro must be >= 0")
@@ -203,15 +219,23 @@ class Budget:
             *PERIOD_RETENTION_S,
             attempt,
             "1" if record_key else "0",
+            tenant,
         ]
         reply: Any = None
         day, month = utc_periods()
         for _ in range(PERIOD_RETRIES):
-            keys = [self.reservations_key, record_key or self.reservations_key, *self.period_keys(day, month)]
-            reply = run(self._reserve, keys, args)
+            limits = f"{self.prefix}:tenant:{tenant}:limits" if tenant else self.reservations_key
+            keys = [
+                self.reservations_key,
+                record_key or self.reservations_key,
+                *self.period_keys(day, month, tenant, padded=True),
+                limits,
+            ]
+            reply = run(self._reserve, keys, [*args[:-1], tenant])
             if as_int(reply[0]) != -2:
                 break
-            day, month = parse_period_refusal(text(reply[1]))
+            # the periods changed, or the record names another tenant than the guess
+            day, month, tenant = parse_budget_refusal(text(reply[1]))
         else:
             raise RuntimeError("budget periods kept changing under the reservation")
         if as_int(reply[0]) == -1:
@@ -220,37 +244,81 @@ class Budget:
             return BudgetDecision(ok=True)
         return BudgetDecision(ok=False, scope=BudgetScope(text(reply[1])))
 
-    def settle(self, job_id: str, actual_micro: int) -> bool:
-        """Charge ``actual_micro`` and drop the reservation, in the reservation's periods.
+    def settle(self, job_id: str, actual_micro: int, entry: dict[str, str] | None = None) -> bool:
+        """Charge ``actual_micro`` and drop the reservation, in the reservation's periods (the
+        cluster's and its tenant's), appending the charge to the cost ledger with ``entry``'s
+        ``attempt``, ``request_id``, ``billed_s`` and ``kind``.
 
         Returns False (and changes nothing) when the job holds no reservation, e.g. a second
         settle of the same job.
         """
         if actual_micro < 0:
             raise ValueError("actual_micro must be >= 0")
-        return self._settle_as(job_id, actual_micro)
+        return self._settle_as(job_id, actual_micro, entry or {})
 
     def release(self, job_id: str) -> bool:
         """Drop the reservation without spending: only when fal definitely did not accept the job.
 
         Returns False when there was no reservation.
         """
-        return self._settle_as(job_id, -1)
+        return self._settle_as(job_id, -1, {})
 
-    def _settle_as(self, job_id: str, actual_micro: int) -> bool:
+    def _settle_as(self, job_id: str, actual_micro: int, entry: dict[str, str]) -> bool:
         res = self.reservation(job_id)
         day, month = (res.day, res.month) if res else utc_periods()
+        tenant = res.tenant if res else ""
         for _ in range(PERIOD_RETRIES):
-            keys = [self.reservations_key, *self.period_keys(day, month)]
-            reply = run(self._settle, keys, [self.prefix, job_id, actual_micro])
+            keys = [
+                self.reservations_key,
+                *self.period_keys(day, month, tenant, padded=True),
+                self.ledger_key,
+            ]
+            reply = run(self._settle, keys, [self.prefix, job_id, actual_micro, json.dumps(entry)])
             if not text(reply).startswith("BUDGET_KEYS:"):
                 return as_int(reply) == 1
-            day, month = parse_period_refusal(text(reply))
+            day, month, tenant = parse_budget_refusal(text(reply))
         raise RuntimeError("budget periods kept changing under the settlement")
 
-    def period_keys(self, day: str, month: str) -> list[str]:
-        """The budget HASH keys of one UTC day (``YYYY-MM-DD``) and month (``YYYY-MM``)."""
-        return [f"{self.prefix}:fc:budget:day:{day}", f"{self.prefix}:fc:budget:month:{month}"]
+    def period_keys(self, day: str, month: str, tenant: str = "", *, padded: bool = False) -> list[str]:
+        """The budget HASH keys of one UTC day (``YYYY-MM-DD``) and month (``YYYY-MM``): the
+        cluster's, then ``tenant``'s (with ``padded``, placeholders when there is no tenant, so
+        scripts get their keys at fixed positions)."""
+        keys = [f"{self.prefix}:fc:budget:day:{day}", f"{self.prefix}:fc:budget:month:{month}"]
+        if tenant:
+            keys += [
+                f"{self.prefix}:fc:budget:tenant:{tenant}:day:{day}",
+                f"{self.prefix}:fc:budget:tenant:{tenant}:month:{month}",
+            ]
+        elif padded:
+            keys += [self.reservations_key, self.reservations_key]
+        return keys
+
+    def tenant_headroom_micro(self, tenant: str) -> int | None:
+        """Room left under ``tenant``'s day and month caps now (None: the tenant has no cap).
+
+        A hint for the housekeeper (read without a script); reservations decide atomically.
+        """
+        caps = self._r.hmget(
+            f"{self.prefix}:tenant:{tenant}:limits", "daily_budget_micro", "monthly_budget_micro"
+        )
+        day, month = utc_periods()
+        room: list[int] = []
+        for cap, key in zip(caps, self.period_keys(day, month, tenant)[2:], strict=True):
+            if cap is None or text(cap) == "":
+                continue
+            used: Any = self._r.hmget(key, "spent", "reserved")
+            room.append(int(text(cap)) - sum(as_int(x or 0) for x in used))
+        return min(room) if room else None
+
+    def tenant_spend(self, tenant: str) -> dict[str, float]:
+        """``tenant``'s spent and reserved dollars of the current UTC day and month (a report)."""
+        day, month = utc_periods()
+        out: dict[str, float] = {}
+        for period, key in zip(("day", "month"), self.period_keys(day, month, tenant)[2:], strict=True):
+            spent, reserved = (as_int(x or 0) for x in self._r.hmget(key, "spent", "reserved"))
+            out[f"{period}_spent_usd"] = micro_to_usd(spent)
+            out[f"{period}_reserved_usd"] = micro_to_usd(reserved)
+        return out
 
     def reservation(self, job_id: str) -> Reservation | None:
         """The job's outstanding reservation, if any."""
@@ -283,5 +351,6 @@ class Budget:
 
 
 def _parse_reservation(raw: str) -> Reservation:
-    micro, day, month, at_ms = raw.split("|")
-    return Reservation(micro=int(micro), day=day, month=month, reserved_at_ms=int(at_ms))
+    micro, day, month, at_ms, *rest = raw.split("|")
+    tenant = rest[0] if rest else ""
+    return Reservation(micro=int(micro), day=day, month=month, reserved_at_ms=int(at_ms), tenant=tenant)

@@ -2,7 +2,9 @@
 -- The job stays FAILED (its life's event and callback are already out); the request id is
 -- recorded, the budget charge is corrected from the estimate to what fal billed, and the slot held
 -- for the unseen request is freed (fal is done with it), all fenced by the submitting attempt.
--- KEYS: 1..11 as job_head; 12, 13 the day and month budget keys the dead letter charged. ARGV: 1 job id, 2 options (JSON): the slot options of job_head, and
+-- KEYS: 1..11 as job_head; 12, 13 the day and month budget keys the dead letter charged, 14, 15 the
+--       same of the job's tenant (any key when it has none), 16 the ledger STREAM (the correction
+--       is appended). ARGV: 1 job id, 2 options (JSON): the slot options of job_head, and
 --   attempt       the attempt named by the webhook's URL token (must own the job)
 --   request_id    fal's request id (recorded; a second resolution of the same id is a no-op)
 --   charged_micro what the ambiguous settle charged; billed_micro what fal billed
@@ -25,9 +27,14 @@ redis.call('HSET', job_key, 'fal_request_id', opt.request_id, 'updated_at_ms', n
 write_fields()
 local delta = tonumber(opt.billed_micro) - tonumber(opt.charged_micro)
 if delta ~= 0 then
-  for _, k in ipairs({KEYS[12], KEYS[13]}) do
+  local tenant = redis.call('HGET', job_key, 'tenant') or ''
+  local touched = {KEYS[12], KEYS[13]}
+  if tenant ~= '' then touched[3], touched[4] = KEYS[14], KEYS[15] end
+  for _, k in ipairs(touched) do
     if redis.call('HINCRBY', k, 'spent', delta) < 0 then redis.call('HSET', k, 'spent', 0) end
   end
+  append_ledger(job_id, tenant, delta, {attempt = opt.attempt, request_id = opt.request_id,
+    billed_s = opt.billed_s or '', kind = 'correction'})
 end
 local out = {1, now_ms}
 for _, id in ipairs(release_slot(job_id)) do out[#out + 1] = id end

@@ -1,7 +1,7 @@
 -- finish: end a job's life exactly once: terminal state, resources freed, result event, callback
 -- work in the outbox and the record's expiry, all in one atomic step (the outbox pattern).
--- KEYS: 1..13 as job_head; 14 events STREAM, 15 dlq ZSET, 16 outbox ZSET, 17 outbox entry HASH,
---       18 the job's idempotency claim (any key when it has none): it expires with the record.
+-- KEYS: 1..16 as job_head; 17 events STREAM, 18 dlq ZSET, 19 outbox ZSET, 20 outbox entry HASH,
+--       21 the job's idempotency claim (any key when it has none): it expires with the record.
 -- ARGV: 1 job id, 2 options (JSON): the fence and slot/budget options of job_head, and
 --   to            SUCCEEDED | FAILED | CANCELLED
 --   event_id      "<job id>.<life>": must match the record's life (else refused as 'STALE')
@@ -26,13 +26,13 @@ redis.call('HDEL', track_owner, job_id)
 local admitted = free_resources()
 local ttl_ms = opt.retention_ms
 if opt.dead_letter then
-  redis.call('ZADD', KEYS[15], now_ms, job_id)
+  redis.call('ZADD', KEYS[18], now_ms, job_id)
   redis.call('HSET', job_key, 'dead_letter', '1')
   ttl_ms = opt.dlq_retention_ms
 end
 redis.call('PEXPIRE', job_key, ttl_ms)
 -- an idempotency claim answers retries exactly as long as the record it points to exists
-if (redis.call('HGET', job_key, 'idempotency_key') or '') ~= '' then redis.call('PEXPIRE', KEYS[18], ttl_ms) end
+if (redis.call('HGET', job_key, 'idempotency_key') or '') ~= '' then redis.call('PEXPIRE', KEYS[21], ttl_ms) end
 local function field(f) return redis.call('HGET', job_key, f) or '' end
 local metadata = field('metadata')
 if metadata == '' then metadata = '{}' end
@@ -44,15 +44,15 @@ if opt.event then
   for k, v in pairs(opt.event) do ev[#ev + 1] = k; ev[#ev + 1] = v end
 end
 -- no MAXLEN here: the housekeeper trims below the slowest consumer group (events_trim.lua)
-local stream_id = redis.call('XADD', KEYS[14], '*', unpack(ev))
+local stream_id = redis.call('XADD', KEYS[17], '*', unpack(ev))
 local url = field('callback_url')
 if url ~= '' then
   local body = '{"v":2,"event_id":' .. cjson.encode(opt.event_id) .. ',"job_id":' .. cjson.encode(job_id)
     .. ',"state":' .. cjson.encode(opt.to) .. ',"finished_at_ms":' .. string.format('%d', now_ms)
     .. ',"life":' .. life .. ',"metadata":' .. metadata .. ',' .. opt.body_tail
-  redis.call('HSET', KEYS[17], 'event_id', opt.event_id, 'job_id', job_id, 'url', url, 'body', body,
+  redis.call('HSET', KEYS[20], 'event_id', opt.event_id, 'job_id', job_id, 'url', url, 'body', body,
     'created_at_ms', now_ms, 'attempts', 0)
-  redis.call('ZADD', KEYS[16], now_ms, opt.event_id)
+  redis.call('ZADD', KEYS[19], now_ms, opt.event_id)
 end
 local out = {1, now_ms, stream_id}
 for _, id in ipairs(admitted) do out[#out + 1] = id end

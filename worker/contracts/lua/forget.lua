@@ -1,7 +1,8 @@
 -- forget: take a job whose record is gone (expired, or lost with Redis data) out of every index
 -- that names it, and free what it held; a job whose record exists is left alone (returns 0).
--- KEYS: 1..13 as job_head (record, slots, waiting, wait lists x3, reservations, delayed, blocked,
---       track, track owner, the reservation's budget period keys).
+-- KEYS: 1..16 as job_head (record, slots, waiting, wait lists x3, reservations, delayed, blocked,
+--       track, track owner, the reservation's budget period keys, the cluster's and its tenant's,
+--       the ledger).
 -- ARGV: 1 job id, 2 options (JSON: capacity, reserved, lease_ms, bprefix).
 -- Returns {1, admitted ids...} when the job was forgotten, {0} when its record exists, or
 -- {0, 'BUDGET_KEYS:...'} when the reservation's period keys were not passed (nothing changed).

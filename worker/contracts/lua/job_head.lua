@@ -1,7 +1,9 @@
 -- job_head: binds the KEYS and options every lifecycle script shares, and the fence.
 -- KEYS: 1 job record, 2 slots ZSET, 3 waiting SET, 4..6 wait LISTs (high, normal, low),
 --       7 budget reservations HASH, 8 delayed ZSET, 9 blocked ZSET, 10 track ZSET, 11 track owner HASH,
---       12 and 13 the day and month budget keys of the job's reservation (today's when it has none).
+--       12 and 13 the day and month budget keys of the job's reservation (today's when it has none),
+--       14 and 15 the same periods of the reservation's tenant (any key when it has none),
+--       16 the cost ledger STREAM (settlements append to it).
 -- ARGV: 1 job id, 2 options as JSON (see each script); always: capacity, reserved, lease_ms, bprefix,
 --       and the fence: attempt (the record's `attempt` must equal it; '' = none), request_id (the
 --       record's `fal_request_id` must equal it; absent = none), from (allowed states; absent = any
@@ -14,7 +16,8 @@ local queues = {KEYS[4], KEYS[5], KEYS[6]}
 local capacity, reserved, lease_ms = tonumber(opt.capacity), tonumber(opt.reserved), tonumber(opt.lease_ms)
 local bprefix, reservations = opt.bprefix, KEYS[7]
 local delayed, blocked, track, track_owner = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
-local bdeclared = {[KEYS[12]] = true, [KEYS[13]] = true}
+local bdeclared = {[KEYS[12]] = true, [KEYS[13]] = true, [KEYS[14]] = true, [KEYS[15]] = true}
+local ledger = KEYS[16]
 -- @include slots_lib
 -- @include budget_lib
 
@@ -47,7 +50,8 @@ end
 
 -- what the transition frees: the slot ('keep' | 'release' | 'drop' = release without admitting,
 -- for callers that do not know the cluster's capacity | 'hold' for hold_ms) and the budget
--- reservation ('keep' | 'release' | 'settle' at settle_micro). Returns the ids admitted into freed slots.
+-- reservation ('keep' | 'release' | 'settle' at settle_micro, with the ledger entry's billed_s and
+-- ledger_kind). Returns the ids admitted into freed slots.
 local function free_resources()
   local admitted = {}
   if opt.slot == 'release' then
@@ -64,7 +68,10 @@ local function free_resources()
   if opt.budget == 'release' then
     settle_reservation(job_id, -1)
   elseif opt.budget == 'settle' then
-    settle_reservation(job_id, tonumber(opt.settle_micro))
+    local who = redis.call('HMGET', job_key, 'attempt', 'fal_request_id')
+    settle_reservation(job_id, tonumber(opt.settle_micro), {
+      attempt = who[1] or '', request_id = who[2] or '', billed_s = opt.billed_s or '',
+      kind = opt.ledger_kind or 'settled'})
   end
   return admitted
 end
