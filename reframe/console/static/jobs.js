@@ -83,10 +83,10 @@ async function main() {
   if (!me) return;
   const tenantInput = document.getElementById("f-tenant");
   if (!me.admin) {
-    tenantInput.value = me.tenant;
+    // a tenant key lists its own tenant; naming another one shows the API's refusal
+    tenantInput.value = filters.tenant || me.tenant;
     tenantInput.readOnly = true;
     tenantInput.setAttribute("aria-description", "A tenant key sees its own tenant only");
-    filters.tenant = "";
   }
   let page;
   try {
