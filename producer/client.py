@@ -286,7 +286,7 @@ class Producer:
         call = check_enqueue(item.arguments(), self.limits)
         chosen = _tenant(tenant)
         if self.settings.enqueue_probe_input:
-            self._refuse_over_limits([call], batch=False)
+            self.refuse_over_limits([call], batch=False)
         return self.intake.write([call], batch=False, tenant=chosen)[0]
 
     def enqueue_many(
@@ -312,13 +312,14 @@ class Producer:
         chosen = _tenant(tenant)
         calls = check_batch(_batch_arguments(requests, self.limits.max_batch), self.limits)
         if self.settings.enqueue_probe_input:
-            self._refuse_over_limits(calls, batch=True)
+            self.refuse_over_limits(calls, batch=True)
         return self.intake.write(calls, batch=True, tenant=chosen)
 
-    def _refuse_over_limits(self, calls: Sequence[EnqueueCall], *, batch: bool) -> None:
-        """With ``REFRAME_ENQUEUE_PROBE_INPUT``: read every input (one probe per distinct URL, one
-        after another) and raise :class:`InvalidRequest` naming each one over the model's limits.
-        An input that cannot be read is let through: the submitter decides (worker/submit.py)."""
+    def refuse_over_limits(self, calls: Sequence[EnqueueCall], *, batch: bool) -> None:
+        """Read every input of ``calls`` (one probe per distinct URL, one after another) and raise
+        :class:`InvalidRequest` naming each one over the model's limits. An input that cannot be read
+        is let through: the submitter decides (worker/submit.py). Enqueues call it when
+        ``REFRAME_ENQUEUE_PROBE_INPUT`` is on (the HTTP API's too, reframe/api/routes/jobs.py)."""
         limits = ModelLimits.from_settings(self.settings)
         found: dict[str, list[str]] = {}
         problems: list[tuple[str, str]] = []

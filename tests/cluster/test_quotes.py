@@ -158,3 +158,23 @@ def test_input_over_the_size_limit_never_reaches_fal(
     assert job.error is not None and job.error["type"] == "input_too_large"
     assert job.error["message"] == f"video_url: the video {expect}"
     assert ledger(small)["submits"] == []
+
+
+def test_http_enqueue_with_the_probe_on_refuses_before_writing(
+    cluster: LocalCluster, clips: dict[str, Path]
+) -> None:
+    url = upload(cluster.settings(), clips["31s"])
+    probing_url, _proc = cluster.start_api(env={"REFRAME_ENQUEUE_PROBE_INPUT": "true"})
+    r = redis.Redis.from_url(cluster.redis_url)
+    token, _ = KeyStore(r, prefix="reframe").create("probed", ("enqueue", "read"))
+    jobs_before = len(r.zrange("{reframe}:tenant:probed:jobs", 0, -1))
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=probing_url, headers=headers, timeout=30) as c:
+        one = c.post("/v1/jobs", json={"video_url": url, "aspect_ratio": "9:16"})
+        batch = c.post("/v1/jobs/batch", json={"items": [{"video_url": url, "aspect_ratio": "1:1"}]})
+    assert one.status_code == 422, one.text
+    assert one.json()["errors"][0]["field"] == "video_url"
+    assert "REFRAME_MAX_VIDEO_DURATION_S allows 30s" in one.json()["errors"][0]["message"]
+    assert batch.status_code == 422 and batch.json()["errors"][0]["field"] == "items[0].video_url"
+    assert len(r.zrange("{reframe}:tenant:probed:jobs", 0, -1)) == jobs_before == 0
+    r.close()

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from producer import CancelOutcome, IdempotencyConflict, InvalidRequest, Job
 from reframe.api.keys import Principal, Scope
@@ -86,7 +87,13 @@ def own_job(svc: Services, principal: Principal, job_id: str) -> tuple[Job, str 
 async def write(
     svc: Services, principal: Principal, calls: list[EnqueueCall], *, batch: bool
 ) -> list[EnqueueResult]:
-    """Enqueue for the caller's tenant atomically (the library's intake, on the event loop)."""
+    """Enqueue for the caller's tenant atomically (the library's intake, on the event loop); with
+    ``REFRAME_ENQUEUE_PROBE_INPUT``, inputs over the model's limits are refused first (422)."""
+    if svc.settings.enqueue_probe_input:
+        try:
+            await run_in_threadpool(svc.producer.refuse_over_limits, calls, batch=batch)
+        except InvalidRequest as exc:
+            raise invalid(exc.errors) from None
     return await svc.producer.intake.write_async(svc.ar, calls, batch=batch, tenant=principal.tenant)
 
 
