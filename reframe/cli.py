@@ -1266,6 +1266,9 @@ def emulator(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the reframed videos go.")] = Path("reframe-output"),
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the cluster and its console up after the jobs (Ctrl-C).")
+    ] = False,
     aspect_ratios: Annotated[str, typer.Option(help="Comma-separated targets.")] = "9:16,1:1,4:3",
     timeout_s: Annotated[
         float, typer.Option(help="Give up after this many seconds.", callback=_positive_seconds)
@@ -1279,6 +1282,7 @@ def demo(
         aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
         timeout_s=timeout_s,
         console=console,
+        keep=keep,
     )
     raise typer.Exit(code)
 
@@ -1309,11 +1313,13 @@ def up(
     ] = 2.0,
     fal_concurrency: Annotated[int, typer.Option(min=1, max=1000, help="Emulated fal account limit.")] = 4,
 ) -> None:
-    """Run a local cluster in the foreground: Redis, the fal emulator, N workers and the exporter.
+    """Run a local cluster in the foreground: Redis, the fal emulator, N workers, the exporter and
+    `reframe serve` with the operator console.
 
-    Prints the URLs and the variables to export in another shell (then `reframe enqueue ...` works
-    there); Ctrl-C or SIGTERM stops every process and exits 0. Other REFRAME_* variables of this
-    shell (e.g. REFRAME_MAX_CONCURRENCY) are passed to the workers.
+    Prints the console link (an admin key made for this cluster rides in its #fragment), the URLs
+    and the variables to export in another shell (then `reframe enqueue ...` works there); Ctrl-C
+    or SIGTERM stops every process and exits 0. Other REFRAME_* variables of this shell (e.g.
+    REFRAME_MAX_CONCURRENCY) are passed to the workers.
     """
     from reframe.localcluster import LocalCluster, start_cluster
 
@@ -1337,7 +1343,8 @@ def up(
                 env=passed,
             )
             exporter_proc = cluster.start_exporter()
-            sys.stdout.write(_up_summary(cluster, exporter_proc.metrics_url, root))
+            console_link = cluster.open_console()
+            sys.stdout.write(_up_summary(cluster, exporter_proc.metrics_url, root, console_link))
             sys.stdout.flush()
             reported: set[str] = set()
             while True:
@@ -1359,10 +1366,12 @@ def up(
     err_console.print("stopped")
 
 
-def _up_summary(cluster: Any, exporter_url: str, root: Path) -> str:
+def _up_summary(cluster: Any, exporter_url: str, root: Path, console_link: str) -> str:
     env = dict(cluster.env)
     lines = [
         "Reframe Cluster is up (Ctrl-C stops everything)",
+        f"  console       {console_link}",
+        f"  http api      {cluster.api_url}/v1 (OpenAPI at {cluster.api_url}/openapi.json)",
         f"  redis         {cluster.redis_url}",
         f"  fal emulator  {cluster.fal_url}",
         *(f"  {w.process.name:<13} {w.metrics_url}/metrics" for w in cluster.workers),

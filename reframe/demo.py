@@ -9,6 +9,7 @@ stops every process it started. With ``REFRAME_REDIS_URL`` set it uses that Redi
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -86,8 +87,12 @@ def _start(workdir: Path, console: Console) -> LocalCluster:
         )
 
 
-def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, console: Console) -> int:
-    """Run the demo; return the process exit code (0 when every job SUCCEEDED)."""
+def run_demo(
+    *, output_dir: Path, aspect_ratios: list[str], timeout_s: float, console: Console, keep: bool = False
+) -> int:
+    """Run the demo; return the process exit code (0 when every job SUCCEEDED). It prints one link
+    to the operator console (served by a ``reframe serve`` it starts); with ``keep`` the cluster and
+    the console stay up after the jobs until Ctrl-C."""
     from producer import EnqueueRequest, Producer
     from reframe.cli import _follow_jobs
 
@@ -97,6 +102,13 @@ def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, co
         cluster = _start(workdir, console)
         where = "real fal" if cluster.emulator is None else f"the fal emulator at {cluster.fal_url}"
         console.print(f"[green]cluster up[/]: Redis {cluster.redis_url}, {where}, 1 worker")
+        link = cluster.open_console()
+        console.print(
+            f"operator console: {link}" + ("" if keep else "  (live while the demo runs; --keep keeps it)"),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         settings = load_settings(cluster.env)
         sample = make_sample_video(workdir / "sample-16x9.mp4")
         width, height, seconds = probe_video(sample)
@@ -115,9 +127,16 @@ def run_demo(*, output_dir: Path, aspect_ratios: list[str], timeout_s: float, co
             _follow_jobs(producer, job_ids, timeout_s=timeout_s)
             jobs = producer.get_many(job_ids)
         elapsed = time.monotonic() - started
-        return _report(
+        code = _report(
             console, jobs, aspect_ratios, output_dir, elapsed, emulated=cluster.emulator is not None
         )
+        if keep:
+            line = f"operator console: {link}  (Ctrl-C stops)"
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1.0)
+        return code
     finally:
         if cluster is not None:
             with console.status("stopping the worker, the emulator and Redis"):

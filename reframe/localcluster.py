@@ -150,6 +150,24 @@ class LocalCluster:
         wait_until(ready, timeout_s=timeout_s, what="reframe serve ready")
         return url, proc
 
+    def open_console(self) -> str:
+        """Start ``reframe serve`` unless one runs (``api_url``), create an admin API key for it and
+        return the operator console's link with the key in its fragment (``#key=``: browsers never
+        send a fragment to the server; the page moves it to the tab's sessionStorage)."""
+        import redis
+
+        from reframe.api.keys import KeyStore
+
+        if self.api_url is None:
+            self.api_url, _ = self.start_api()
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            store = KeyStore(client, prefix=self.settings().key_prefix)
+            token, _ = store.create("local", ["admin"], label="local console link")
+        finally:
+            client.close()
+        return f"{self.api_url}/console/jobs#key={token}"
+
     def wait_ready(self, proc: WorkerProcess, *, timeout_s: float = 60) -> None:
         """Wait for a worker's /readyz; raise with its log tail if it dies or times out."""
         try:

@@ -99,7 +99,13 @@ def test_reframe_up_serves_a_job_and_stops_everything_on_sigint(tmp_path: Path) 
         exports = dict(ln.split("export ", 1)[1].strip().split("=", 1) for ln in lines if "export " in ln)
         assert set(exports) >= {"REFRAME_REDIS_URL", "REFRAME_FAL_QUEUE_URL", "FAL_KEY"}
         pids = [int(p) for ln in lines if ln.strip().startswith("pids") for p in ln.split()[1:]]
-        assert len(pids) == 5  # redis, emulator, 2 workers, exporter
+        assert len(pids) == 6  # redis, emulator, 2 workers, exporter, reframe serve
+        # one console link, carrying an admin key of this cluster in its fragment
+        (link,) = [ln.split()[1] for ln in lines if ln.strip().startswith("console ")]
+        page, token = link.split("#key=")
+        assert page.endswith("/console/jobs") and httpx.get(page, timeout=10).status_code == 200
+        me = httpx.get(page.replace("/console/jobs", "/v1/me"), headers={"Authorization": f"Bearer {token}"})
+        assert me.json()["admin"] is True
         done = _reframe("enqueue", str(clip), "-a", "9:16", "--wait", "--timeout-s", "120",
                         env=_clean_env(**exports), timeout_s=180)  # fmt: skip
         assert done.returncode == 0, (done.stdout, done.stderr)
