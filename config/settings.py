@@ -70,6 +70,38 @@ class UnknownDurationPolicy(StrEnum):
     """Reserve ``REFRAME_MAX_VIDEO_DURATION_S`` (an upper bound only if the model refuses longer inputs)."""
 
 
+def _check_whsec(secrets: list[str]) -> None:
+    """Every secret is ``whsec_`` followed by base64 (Standard Webhooks); the message names no secret."""
+    for secret in secrets:
+        body = secret.removeprefix("whsec_")
+        try:
+            if secret == body or not base64.b64decode(body, validate=True):
+                raise ValueError
+        except ValueError:
+            raise ValueError("every secret must be whsec_ followed by base64 (Standard Webhooks)") from None
+
+
+_TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+def _parse_tenant_secrets(text: str) -> dict[str, list[str]]:
+    """``tenant=whsec_a whsec_b; other=whsec_c`` as {tenant: [secrets]} (ValueError naming the tenant)."""
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        tenant, sep, secrets = part.partition("=")
+        tenant = tenant.strip()
+        if not sep or not _TENANT_NAME.fullmatch(tenant):
+            raise ValueError("each entry must be tenant=whsec_... (tenant: a-z, 0-9, _ and -)")
+        listed = [x for x in re.split(r"[\s,]+", secrets.strip()) if x]
+        if not listed:
+            raise ValueError(f"tenant {tenant!r} has no secret")
+        _check_whsec(listed)
+        out[tenant] = listed
+    return out
+
+
 class Settings(BaseSettings):
     """Validated configuration. Build it with :func:`load_settings`, not directly from the env."""
 
@@ -317,6 +349,12 @@ class Settings(BaseSettings):
         "current one first, then previous ones during a rotation; every callback carries one `v1,` "
         "signature per secret.",
     )
+    callback_tenant_secrets: SecretStr | None = Field(
+        default=None,
+        description="Standard Webhooks secrets per tenant, `tenant=whsec_a whsec_b; other=whsec_c` (current "
+        "first): a tenant listed here gets callbacks signed with its own secrets instead of "
+        "REFRAME_CALLBACK_SECRETS, so no tenant can verify (or forge) another's.",
+    )
     callback_timeout_s: PosFloat = Field(default=10.0, description="Timeout of one callback POST.")
     callback_allow_unsigned: bool = Field(
         default=False,
@@ -445,15 +483,15 @@ class Settings(BaseSettings):
     def _check_callback_secrets(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value().strip():
             return None
-        for secret in re.split(r"[\s,]+", value.get_secret_value().strip()):
-            body = secret.removeprefix("whsec_")
-            try:
-                if secret == body or not base64.b64decode(body, validate=True):
-                    raise ValueError
-            except ValueError:
-                raise ValueError(
-                    "every secret must be whsec_ followed by base64 (Standard Webhooks)"
-                ) from None
+        _check_whsec(re.split(r"[\s,]+", value.get_secret_value().strip()))
+        return value
+
+    @field_validator("callback_tenant_secrets")
+    @classmethod
+    def _check_callback_tenant_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        _parse_tenant_secrets(value.get_secret_value())
         return value
 
     @field_validator("fetch_allow")
@@ -524,6 +562,15 @@ class Settings(BaseSettings):
         if self.callback_secrets is None:
             return []
         return [x for x in re.split(r"[\s,]+", self.callback_secrets.get_secret_value().strip()) if x]
+
+    def callback_secrets_for(self, tenant: str) -> list[str]:
+        """The Standard Webhooks secrets of ``tenant``'s callbacks: its own when
+        ``REFRAME_CALLBACK_TENANT_SECRETS`` lists it, else the cluster's."""
+        if self.callback_tenant_secrets is not None and tenant:
+            own = _parse_tenant_secrets(self.callback_tenant_secrets.get_secret_value()).get(tenant)
+            if own:
+                return own
+        return self.callback_secret_list
 
     @property
     def fal_key_value(self) -> str:

@@ -136,7 +136,13 @@ def callback_body(rec: dict[str, Any]) -> bytes:
 
 
 def deliver(
-    settings: Settings, url: str, body: bytes, *, event_id: str, fetcher: GuardedFetcher | None = None
+    settings: Settings,
+    url: str,
+    body: bytes,
+    *,
+    event_id: str,
+    fetcher: GuardedFetcher | None = None,
+    tenant: str = "",
 ) -> int:
     """POST one callback through the guarded fetcher; return the HTTP status.
 
@@ -144,14 +150,16 @@ def deliver(
     ``REFRAME_CALLBACK_MAX_RESPONSE_BYTES`` and the whole call is bounded by
     ``REFRAME_CALLBACK_TIMEOUT_S``. Raises :class:`worker.netguard.BlockedURL` when the target is
     not allowed (a permanent failure: do not retry) and ``httpx.HTTPError`` on transport errors
-    (transient). ``fetcher`` defaults to one built from ``settings`` for this call.
+    (transient). ``fetcher`` defaults to one built from ``settings`` for this call. The Standard
+    Webhooks signatures use ``tenant``'s own secrets when it has some
+    (``REFRAME_CALLBACK_TENANT_SECRETS``), else the cluster's.
     """
     now = int(time.time())
     headers = {
         "Content-Type": "application/json",
         "X-Reframe-Event-Id": event_id,
         "User-Agent": "reframe-cluster-callback/1",
-        **standard_headers(settings.callback_secret_list, event_id, now, body),
+        **standard_headers(settings.callback_secrets_for(tenant), event_id, now, body),
     }
     if settings.callback_signing_key is not None:
         key = settings.callback_signing_key.get_secret_value().encode()

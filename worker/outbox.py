@@ -98,7 +98,9 @@ class Outbox:
             return "failed"
         started = time.monotonic()
         try:
-            status = deliver(s, entry["url"], entry["body"].encode(), event_id=event_id)
+            status = deliver(
+                s, entry["url"], entry["body"].encode(), event_id=event_id, tenant=entry.get("tenant", "")
+            )
             ok, what = 200 <= status < 300, f"http_{status}"
             permanent = status == 410  # the receiver says the endpoint is gone for good
             if permanent:

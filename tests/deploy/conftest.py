@@ -30,6 +30,7 @@ SECRET_KEYS = {
     "fal-key",
     "callback-signing-key",
     "callback-secrets",
+    "callback-tenant-secrets",
     "webhook-secret",
 }
 

@@ -93,3 +93,30 @@ def test_secrets_never_show_in_repr_dumps_or_errors() -> None:
 def test_redact_url() -> None:
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+ACME = "whsec_" + "YWNtZSBzZWNyZXQgMDAwMDAwMDAwMDAwMDAwMDAwMDA="
+OLD = "whsec_" + "b2xkIGNsdXN0ZXIgc2VjcmV0IDAwMDAwMDAwMDAwMDA="
+
+
+def test_callback_secrets_per_tenant_fall_back_to_the_clusters() -> None:
+    s = load_settings(
+        {
+            "REFRAME_CALLBACK_SECRETS": OLD,
+            "REFRAME_CALLBACK_TENANT_SECRETS": f" acme = {ACME} {OLD} ; b2={ACME}",
+        }
+    )
+    assert s.callback_secrets_for("acme") == [ACME, OLD]
+    assert s.callback_secrets_for("b2") == [ACME]
+    assert s.callback_secrets_for("other") == [OLD] == s.callback_secrets_for("")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["acme", f"Acme={ACME}", "acme=", "acme=whsec_not base64!", f"acme={ACME.removeprefix('whsec_')}"],
+)
+def test_bad_tenant_secrets_are_refused_without_echoing_a_secret(value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"REFRAME_CALLBACK_TENANT_SECRETS": value})
+    assert "REFRAME_CALLBACK_TENANT_SECRETS" in str(info.value)
+    assert ACME.removeprefix("whsec_") not in str(info.value)

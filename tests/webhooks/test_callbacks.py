@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 CURRENT = "whsec_" + base64.b64encode(b"the current callback secret 0001").decode()
 PREVIOUS = "whsec_" + base64.b64encode(b"the previous callback secret 002").decode()
 OTHER = "whsec_" + base64.b64encode(b"a secret nobody was ever given 3").decode()
+ACME = "whsec_" + base64.b64encode(b"acme's very own callback secret4").decode()
 LEGACY_KEY = "legacy-signing-key"
 
 
@@ -43,7 +44,11 @@ def test_callbacks_are_standard_webhooks_rotated_and_a_410_disables_the_endpoint
 ) -> None:
     cluster = chaos_cluster(
         workers=1,
-        env={"REFRAME_CALLBACK_SECRETS": f"{CURRENT} {PREVIOUS}", "REFRAME_CALLBACK_SIGNING_KEY": LEGACY_KEY},
+        env={
+            "REFRAME_CALLBACK_SECRETS": f"{CURRENT} {PREVIOUS}",
+            "REFRAME_CALLBACK_SIGNING_KEY": LEGACY_KEY,
+            "REFRAME_CALLBACK_TENANT_SECRETS": f"acme={ACME}",
+        },
     )
     url = upload(cluster.settings(), whole_clip)
     r = redis_of(cluster)
@@ -67,6 +72,20 @@ def test_callbacks_are_standard_webhooks_rotated_and_a_410_disables_the_endpoint
         assert not _verifies(OTHER, d)
         assert not _verifies(CURRENT, Delivery(d.t, d.headers, d.body.replace(b"SUCCEEDED", b"FAILED")))
         assert verify(LEGACY_KEY.encode(), d.headers["x-reframe-signature"], d.body)  # kept for old receivers
+
+        # a tenant with its own secret: signed with that one only, the cluster's secrets do not verify
+        ids.append(
+            p.enqueue(
+                {"video_url": url, "aspect_ratio": "4:3", "prompt": tag}, callback_url=good.url, tenant="acme"
+            )
+        )
+        wait_until(lambda: len(good.seen()) == 2, timeout_s=120, what="acme's callback delivered")
+        acme = good.seen()[1]
+        assert acme.headers["webhook-id"] == f"{ids[-1]}.1"
+        assert len(acme.headers["webhook-signature"].split(" ")) == 1
+        assert _verifies(ACME, acme)
+        assert not _verifies(CURRENT, acme) and not _verifies(PREVIOUS, acme)
+        ids.pop()  # the 410 part below counts its own jobs
 
         # 410: the endpoint is disabled; the next job's callback to it is not even POSTed
         ids.append(p.enqueue({"video_url": url, "aspect_ratio": "1:1", "prompt": tag}, callback_url=gone.url))

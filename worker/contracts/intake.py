@@ -96,6 +96,7 @@ class IntakeLimits:
             max_batch=settings.enqueue_max_batch,
             callbacks_allowed=settings.callback_signing_key is not None
             or settings.callback_secrets is not None
+            or settings.callback_tenant_secrets is not None
             or settings.callback_allow_unsigned,
             url_policy=UrlPolicy.from_spec(settings.fetch_allow, max_length=settings.max_url_length),
         )

@@ -51,7 +51,7 @@ if url ~= '' then
     .. ',"state":' .. cjson.encode(opt.to) .. ',"finished_at_ms":' .. string.format('%d', now_ms)
     .. ',"life":' .. life .. ',"metadata":' .. metadata .. ',' .. opt.body_tail
   redis.call('HSET', KEYS[20], 'event_id', opt.event_id, 'job_id', job_id, 'url', url, 'body', body,
-    'created_at_ms', now_ms, 'attempts', 0)
+    'created_at_ms', now_ms, 'attempts', 0, 'tenant', field('tenant'))
   redis.call('ZADD', KEYS[19], now_ms, opt.event_id)
 end
 local out = {1, now_ms, stream_id}
