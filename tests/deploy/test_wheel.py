@@ -93,6 +93,19 @@ def test_wheel_holds_only_the_packages(installed: Installed) -> None:
     assert "tests" not in tops
 
 
+def test_wheel_carries_the_console_pages_and_assets(installed: Installed) -> None:
+    # the operator console's templates and static files are package data (reframe/console/)
+    expected = {
+        str(p.relative_to(ROOT))
+        for sub in ("templates", "static")
+        for p in (ROOT / "reframe" / "console" / sub).iterdir()
+        if p.is_file()
+    }
+    with zipfile.ZipFile(installed.wheel) as zf:
+        names = set(zf.namelist())
+    assert expected and expected <= names, sorted(expected - names)
+
+
 @pytest.mark.parametrize(
     "args",
     [[], ["worker"], ["exporter"], ["serve"], ["emulator"]],
