@@ -71,6 +71,8 @@ def pending_key(keys: Keys) -> str:
     return f"{keys.root}:webhook:pending"
 
 
+#: How often a delivery waiting for its submitter's answer looks again.
+RECHECK_S = 2.0
 #: A recorded delivery whose task message was lost (its worker died holding it) is sent again
 #: after this long; handling it takes milliseconds.
 PENDING_LEASE_MS = 30_000
@@ -186,7 +188,9 @@ def handle(rt: Runtime, request_id: str) -> str:
         # (an ambiguous submit awaiting this webhook) or its process is dead (no heartbeat).
         gave_up = lifecycle.awaiting_webhook(rec) or not _submitter_alive(rt, rec)
         if not gave_up and waited_ms < limit_ms:
-            raise RetryLater(max(1.0, (limit_ms - waited_ms) / 1000))
+            # look again soon, not at the end of the submit timeout: the submitter may die meanwhile
+            # (then the request is adopted within a heartbeat TTL of its death)
+            raise RetryLater(min(RECHECK_S, max(0.5, (limit_ms - waited_ms) / 1000)))
         moved = lifecycle.adopted(rt, rec, delivery.attempt, rt.fal.receipt_for(request_id))
         log.info(
             "job %s: webhook revealed fal request %s of a lost submit (adopted=%s)",

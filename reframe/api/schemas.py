@@ -162,30 +162,6 @@ class DeadLetterPage(BaseModel):
     total: int = Field(description="Dead letters in the cluster (admin) or in this page's scan (tenant).")
 
 
-class QuoteBudget(BaseModel):
-    """Budget headroom now (caps minus spent minus reserved), in dollars."""
-
-    day_headroom_usd: float
-    month_headroom_usd: float
-
-
-class Quote(BaseModel):
-    """What a job would cost and whether it would be accepted now; nothing is enqueued."""
-
-    duration_s: float | None = Field(description="The input's duration (null: unreadable).")
-    size_bytes: int | None = Field(description="The input's size (null: unknown).")
-    billable_s: float | None = Field(description="Seconds billed: whole billing units, margin included.")
-    estimate_usd: float | None
-    estimate_micro: int | None = Field(description="The estimate in micro-dollars (what is reserved).")
-    max_video_duration_s: float
-    max_upload_bytes: int
-    fits_model_limits: bool | None = Field(description="Duration and size within the limits (null: unknown).")
-    budget: QuoteBudget
-    fits_budget_now: bool | None
-    would_accept: bool = Field(description="True when the job would be submitted as things stand now.")
-    reasons: list[str] = Field(description="Why it would not be, if so.")
-
-
 class Upload(BaseModel):
     """A file stored at fal."""
 

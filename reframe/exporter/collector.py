@@ -17,7 +17,7 @@ four flow-control snapshot scripts (read-only). Every age is measured against Re
 clock the job records and flow-control scripts use, so exporter clock skew does not matter.
 
 Redis keys read (docs/design.md): the Celery lists ``Q``, ``Q\\x06\\x163``, ``Q\\x06\\x166``,
-``Q\\x06\\x169``; ``P:wait:{high,normal,low}``, ``P:blocked``, ``P:delayed``, ``P:slots``,
+``Q\\x06\\x169``; ``P:wait:q`` (+ ``P:fc:fair`` depths), ``P:blocked``, ``P:delayed``, ``P:slots``,
 ``P:track``, ``P:dlq``, ``P:events``, ``P:job:{id}`` (heads only); kombu's ``unacked`` hash and
 ``unacked_index`` zset; and flow control through :class:`worker.flow.FlowControl` so the breaker
 and budget semantics are exactly the workers'.
@@ -75,7 +75,7 @@ _SPECS: Final = (
     _Spec(
         "reframe_queue_depth",
         "Jobs/messages waiting, by where: celery (task messages on every kombu priority list), wait "
-        "(P:wait:* FIFOs waiting for a slot; may include withdrawn ids not yet skipped), blocked "
+        "(P:wait:q, jobs waiting for a slot, per tenant by priority then FIFO), blocked "
         "(budget cap), delayed (deliberately deferred); priority is 'any' where the key has none.",
         ("where", "priority"),
     ),
@@ -366,17 +366,15 @@ class ClusterCollector(Collector):
     def _read(self) -> _Raw:
         """Two pipelined round trips: sizes and heads, then the records they point at."""
         k = self._keys
-        wait_keys = [k.wait(p) for p in PRIORITIES]
         pipe = self._r.pipeline(transaction=False)
         pipe.time()
         for key in self._celery_keys:
             pipe.llen(key)
         for key in self._celery_keys:
             pipe.lindex(key, -1)  # kombu LPUSHes and BRPOPs: the oldest message is the tail
-        for key in wait_keys:
-            pipe.llen(key)
-        for key in wait_keys:
-            pipe.lrange(key, 0, self._wait_scan - 1)  # RPUSH/LPOP FIFO: the oldest is the head
+        pipe.hmget(k.fair, [f"depth:{i}" for i in range(1, len(PRIORITIES) + 1)])
+        # per tenant, by priority, then FIFO: the first entries of each tenant's line
+        pipe.zrangebylex(k.wait_queue, "-", "+", start=0, num=self._wait_scan)
         for key in (k.blocked, k.delayed, k.track, self._unacked_index_key):
             pipe.zrange(key, 0, 0, withscores=True)
         for key in (k.blocked, k.delayed, k.slots, k.track, k.dlq):
@@ -391,8 +389,11 @@ class ClusterCollector(Collector):
         n = len(self._celery_keys)
         raw.celery_depths = [int(next(replies)) for _ in range(n)]
         raw.celery_tails = [parse_celery_message(m) if m is not None else None for m in _take(replies, n)]
-        raw.wait_depths = [int(next(replies)) for _ in wait_keys]
-        raw.wait_heads = [[_text(m) for m in next(replies)] for _ in wait_keys]
+        raw.wait_depths = [int(d or 0) for d in next(replies)]
+        entries = [_text(m).split("|") for m in next(replies)]
+        raw.wait_heads = [
+            [e[3] for e in entries if len(e) == 4 and e[1] == str(i)] for i in range(1, len(PRIORITIES) + 1)
+        ]
         raw.blocked_head, raw.delayed_head, raw.track_head, raw.unacked_head = _take(replies, 4)
         raw.blocked_n, raw.delayed_n, raw.slots_n, raw.track_n, raw.dlq_n = (
             int(v) for v in _take(replies, 5)

@@ -79,7 +79,7 @@ def _live_owner(cluster: LocalCluster, owner: str | None) -> bool:
 
 
 def _in_wait_lists(r: redis.Redis, job_id: str) -> bool:
-    return any(job_id in r.lrange(KEYS.wait(p), 0, -1) for p in ("high", "normal", "low"))
+    return any(entry.endswith(f"|{job_id}") for entry in r.zrange(KEYS.wait_queue, 0, -1))
 
 
 # ---------------------------------------------------------------------- 1. a dead tracker

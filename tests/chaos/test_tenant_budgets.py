@@ -23,7 +23,7 @@ from tests.chaos.conftest import (
     redis_day,
     redis_of,
 )
-from tests.cluster.conftest import upload
+from tests.cluster.conftest import fingerprint_of, upload
 from worker.contracts.keys import Keys
 from worker.contracts.tenants import TenantLimits, TenantRegistry
 
@@ -146,3 +146,39 @@ def test_tenant_caps_admit_exactly_their_jobs_and_never_block_other_tenants(
     assert per_tenant == {**admits, "free": 10}
     assert {e["kind"] for e in entries} == {"settled"}
     assert sum(int(e["micro"]) for e in entries) == book["billed_seconds"] * PRICE_MICRO_PER_S
+
+
+def test_a_late_tenant_gets_its_fair_share_of_the_slots_at_once(
+    chaos_cluster: ClusterFactory, whole_clip: Path
+) -> None:
+    """Tenant A fills the queue with 40 jobs and holds all 4 slots; tenant B then enqueues 6. Each
+    slot freed goes to the tenant furthest below its share: B's first two jobs take the next two
+    slots, then the two alternate while both wait, so B's 6 are all at fal within the next ~10
+    submits instead of behind A's 36 (judged by the order of fal's own submit log)."""
+    cluster = chaos_cluster(
+        workers=2,
+        env={"REFRAME_MAX_CONCURRENCY": "4", "REFRAME_BUDGET_DAILY_USD": "100"},
+        emulator_concurrency=4,
+    )
+    r = redis_of(cluster)
+    url = upload(cluster.settings(), whole_clip)
+    tag = new_tag("fair")
+    a_in, b_in = distinct_inputs(url, 40, f"{tag}-a"), distinct_inputs(url, 6, f"{tag}-b")
+    with Producer(cluster.settings()) as p, explained(cluster, []):
+        a = p.enqueue_many(a_in, tenant="flood")
+        wait_until(lambda: len(ledger(cluster)["submits"]) >= 4, timeout_s=60, what="A holds every slot")
+        b = p.enqueue_many(b_in, tenant="late")
+        wait_until(
+            lambda: all(j and j.terminal for j in p.get_many(a + b)), timeout_s=180, what="all jobs done"
+        )
+        states = collections.Counter(j.state for j in p.get_many(a + b) if j)
+    assert states == {JobState.SUCCEEDED: 46}
+    book = ledger(cluster)
+    late = {fingerprint_of(x) for x in b_in}
+    order = ["late" if s["fingerprint"] in late else "flood" for s in book["submits"]]
+    first_late = order.index("late")
+    assert first_late <= 5, order  # the first slot freed after B arrived (A had 4 in flight)
+    window = order[first_late : first_late + 12]
+    assert window.count("late") == 6, order  # B's 6 within the next 12 submits: half the slots
+    assert book["max_open"] <= 4
+    assert r.hgetall(KEYS.fair).get("use:late") is None  # bookkeeping back to zero

@@ -1,5 +1,5 @@
-"""A real Prometheus scrapes a running local cluster (Redis, emulator, two workers, the exporter)
-while jobs flow: every dashboard query and every alert expression must evaluate without error, and
+"""A real Prometheus scrapes a running local cluster (Redis, emulator, two workers, the exporter,
+``reframe serve`` taking the jobs over HTTP) while jobs flow: every dashboard query and every alert expression must evaluate without error, and
 the key series must carry data that matches what happened.
 """
 
@@ -9,14 +9,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from producer import JobState, Producer
+from reframe.api.keys import KeyStore
 from reframe.localcluster import LocalCluster
 from reframe.localproc import wait_until
 from reframe.prom import PrometheusServer, start_prometheus
+from tests.chaos.conftest import redis_of
 from tests.cluster.conftest import ClusterFactory, upload, wait_terminal
 from tests.observability.conftest import RULES, alert_rules, dashboard_targets, require_tool
+from worker.contracts.keys import Keys
+from worker.contracts.tenants import TenantLimits, TenantRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +54,10 @@ def observed(
         env={"REFRAME_MAX_CONCURRENCY": "3"},
     )
     exporter = cluster.start_exporter()
+    api_url, _api = cluster.start_api()  # the API row: every wave goes through POST /v1/jobs/batch
     targets = [f"127.0.0.1:{w.metrics_port}" for w in cluster.workers] + [
-        f"127.0.0.1:{exporter.metrics_port}"
+        f"127.0.0.1:{exporter.metrics_port}",
+        api_url.removeprefix("http://"),
     ]
     server = start_prometheus(
         tmp_path_factory.mktemp("prom"),
@@ -74,13 +81,22 @@ def observed(
                 }
             ]
         )
+        token, _ = KeyStore(redis_of(cluster), prefix="reframe").create("observed", ["enqueue", "read"])
+        # a tenant with caps, so the spend-by-tenant row has headroom to show
+        TenantRegistry(redis_of(cluster), Keys("reframe")).set(
+            "observed", TenantLimits(daily_budget_usd=100, monthly_budget_usd=1000)
+        )
+        auth = {"Authorization": f"Bearer {token}"}
         with Producer(cluster.settings()) as p:
             ids: list[str] = []
             # Jobs keep flowing for a while, so rates have several samples.
             for wave in range(6):
-                ids += p.enqueue_many(
-                    [{"video_url": url, "aspect_ratio": r} for r in ("9:16", "1:1", "4:3")],
+                items = [{"video_url": url, "aspect_ratio": r} for r in ("9:16", "1:1", "4:3")]
+                answer = httpx.post(
+                    f"{api_url}/v1/jobs/batch", json={"items": items}, headers=auth, timeout=30
                 )
+                assert answer.status_code == 201, answer.text
+                ids += [item["id"] for item in answer.json()["items"]]
                 wait_until(
                     lambda n=len(ids): sum(1 for j in p.get_many(ids) if j and j.terminal) >= n - 3,
                     timeout_s=60,

@@ -253,16 +253,13 @@ def expected_list_keys(r: Rendered) -> dict[str, str]:
     """Trigger name -> Redis list, from the kombu/contract constants and the rendered settings."""
     from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-    from worker.contracts.keys import Keys, celery_queue_keys
+    from worker.contracts.keys import celery_queue_keys
 
     data = r.settings()
     queue = data.get("REFRAME_QUEUE_NAME", "reframe")
-    prefix = data.get("REFRAME_KEY_PREFIX", "reframe")
     kombu_keys = [queue if s == 0 else f"{queue}{Channel.sep}{s}" for s in PRIORITY_STEPS]
     assert kombu_keys == celery_queue_keys(queue), "worker.contracts and kombu disagree on the queue keys"
-    keys = Keys(prefix)
-    waits = {f"w{p[0]}": keys.wait(p) for p in ("high", "normal", "low")}
-    return {f"q{s}": k for s, k in zip(PRIORITY_STEPS, kombu_keys, strict=True)} | waits
+    return {f"q{s}": k for s, k in zip(PRIORITY_STEPS, kombu_keys, strict=True)}
 
 
 def test_keda_triggers_cover_every_list_key(overlay: Rendered) -> None:
@@ -276,9 +273,6 @@ def test_keda_triggers_cover_every_list_key(overlay: Rendered) -> None:
             b"reframe\x06\x163",
             b"reframe\x06\x166",
             b"reframe\x06\x169",
-            b"{reframe}:wait:high",
-            b"{reframe}:wait:normal",
-            b"{reframe}:wait:low",
         ]
     )
 
@@ -312,18 +306,18 @@ def test_prod_scales_on_in_flight_jobs_of_its_own_namespace(rendered: dict[str, 
     prod = rendered["prod"]
     so = prod.get("ScaledObject", "reframe-worker")["spec"]
     prom = [t for t in so["triggers"] if t["type"] == "prometheus"]
-    assert [t["name"] for t in prom] == ["inflight"]
-    query = prom[0]["metadata"]["query"]
-    m = re.match(r"sum\((reframe_[a-z_]+)\{", query)
-    assert m and m.group(1) == "reframe_slots_in_use", (
-        f"in-flight = the exporter's ZCARD P:slots gauge: {query}"
-    )
+    assert [t["name"] for t in prom] == ["waiting", "inflight"]
+    expected = {"waiting": "reframe_queue_depth", "inflight": "reframe_slots_in_use"}
     exporter_src = (ROOT / "reframe" / "exporter" / "collector.py").read_text()
-    assert f'"{m.group(1)}"' in exporter_src, (
-        f"the exporter (reframe/exporter/collector.py) defines no {m.group(1)}"
-    )
     namespace = prod.get("Deployment", "reframe-worker")["metadata"]["namespace"]
-    assert f'namespace="{namespace}"' in query, f"the query must select namespace {namespace}"
+    for trigger in prom:
+        query = trigger["metadata"]["query"]
+        m = re.match(r"sum\((reframe_[a-z_]+)\{", query)
+        assert m and m.group(1) == expected[trigger["name"]], f"{trigger['name']}: {query}"
+        assert f'"{m.group(1)}"' in exporter_src, (
+            f"the exporter (reframe/exporter/collector.py) defines no {m.group(1)}"
+        )
+        assert f'namespace="{namespace}"' in query, f"the query must select namespace {namespace}"
 
 
 def test_dev_has_no_prometheus_trigger(rendered: dict[str, Rendered]) -> None:

@@ -28,6 +28,15 @@ Q = "reframe"
 SEP = "\x06\x16"
 
 
+def wait(r: redis.Redis, k: Keys, priority: str, *job_ids: str, tenant: str = "default") -> None:
+    """Queue jobs for a slot as worker/contracts/lua/slots_lib.lua does (entry, depth)."""
+    p = {"high": 1, "normal": 2, "low": 3}[priority]
+    for job_id in job_ids:
+        seq = int(r.hincrby(k.fair, "seq", 1))
+        r.zadd(k.wait_queue, {f"{tenant}|{p}|{seq:016d}|{job_id}": 0})
+        r.hincrby(k.fair, f"depth:{p}", 1)
+
+
 def redis_now_ms(r: redis.Redis) -> int:
     secs, usecs = r.time()
     return int(secs) * 1000 + int(usecs) // 1000
@@ -110,13 +119,13 @@ def test_populated_cluster(rclient: redis.Redis, settings: Settings) -> None:
     job(r, k, "c-cb", "SUCCEEDED", ts_QUEUED=now - 9_000_000)
     r.lpush(f"{Q}{SEP}9", task_message(CALLBACK_TASK, ["c-cb"], queue=Q, priority=9))  # callbacks: no age
 
-    # Wait lists: RPUSH FIFO; a stale head (already admitted) is skipped.
+    # The wait queue (per tenant, by priority, FIFO); a stale head (already admitted) is skipped.
     job(r, k, "w-stale", "IN_PROGRESS", ts_QUEUED=now - 10_000_000)
     job(r, k, "w1", "WAITING", ts_QUEUED=now - 300_000)
     job(r, k, "w2", "WAITING", ts_QUEUED=now - 5_000)
-    r.rpush(k.wait("high"), "w-stale", "w1", "w2")
+    wait(r, k, "high", "w-stale", "w1", "w2")
     job(r, k, "w3", "WAITING", ts_QUEUED=now - 60_000)
-    r.rpush(k.wait("low"), "w3")
+    wait(r, k, "low", "w3")
 
     r.zadd(k.blocked, {"b1": now - 50_000, "b2": now - 1_000})
     r.zadd(k.delayed, {"d1": now - 10_000, "d2": now + 60_000})
@@ -200,7 +209,7 @@ def test_bytes_client_and_key_prefix(redis_url: str, make_settings: Callable[...
         k = Keys("acme")
         now = redis_now_ms(r)
         r.hset(k.job("j"), mapping={"state": "WAITING", "ts_QUEUED": str(now - 42_000)})
-        r.rpush(k.wait("normal"), "j")
+        wait(r, k, "normal", "j")
         r.lpush("jobs", task_message(SUBMIT_TASK, ["j"], queue="jobs", priority=0))
         reg = scrape(ClusterCollector(r, settings, kombu_keyprefix=""))
         assert val(reg, "reframe_queue_depth", where="wait", priority="normal") == 1

@@ -26,6 +26,7 @@ from reframe.exporter.collector import ClusterCollector, exporter_redis_client
 from reframe.prom import PrometheusError, PrometheusServer, render_config, start_prometheus
 from tests.observability.conftest import RULES, alert_rules, dashboard_targets, require_tool
 from worker.contracts.keys import Keys
+from worker.contracts.tenants import TenantLimits, TenantRegistry
 from worker.contracts.wire import SUBMIT_TASK, task_message
 from worker.flow import FlowControl
 from worker.health import HealthServer
@@ -48,7 +49,16 @@ def populate(r: redis.Redis, settings: Settings) -> None:
     r.hset(k.job("q1"), mapping={"state": "QUEUED", "ts_QUEUED": now - 120_000})
     r.lpush(settings.queue_name, task_message(SUBMIT_TASK, ["q1"], queue=settings.queue_name, priority=0))
     r.hset(k.job("w1"), mapping={"state": "WAITING", "ts_QUEUED": now - 60_000})
-    r.rpush(k.wait("normal"), "w1")
+    r.zadd(k.wait_queue, {f"default|2|{1:016d}|w1": 0})  # as worker/contracts/lua/slots_lib.lua queues
+    r.hincrby(k.fair, "depth:2", 1)
+    # a tenant with caps: the spend-by-tenant row shows its headroom
+    TenantRegistry(r, k).set("acme", TenantLimits(daily_budget_usd=10, monthly_budget_usd=100))
+    day, month = (
+        time.strftime("%Y-%m-%d", time.gmtime(now / 1000)),
+        time.strftime("%Y-%m", time.gmtime(now / 1000)),
+    )
+    for key in k.budget_periods(day, month, "acme")[2:]:  # named tenants are those that spent
+        r.hset(key, mapping={"spent": 180_000, "reserved": 0})
     r.zadd(k.slots, {"s1": now - 5_000})  # an expired lease
     r.hset(k.job("s1"), mapping={"state": "IN_PROGRESS", "ts_SUBMITTING": now - 90_000})
     r.zadd(k.track, {"s1": now + 1_000})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import random
 import threading
@@ -225,3 +226,67 @@ def test_capacity_never_exceeded_with_20_threads(rclient: redis.Redis) -> None:
     assert p.in_use() == 0
     assert p.waiting_depths() == {"high": 0, "normal": 0, "low": 0}
     assert rclient.scard(f"{PREFIX}:fc:waiting") == 0
+
+
+# ---------------------------------------------------------------------- fair shares (issue #13)
+def _fill(p: SlotPool, tenant: str, n: int, priority: str = "normal") -> list[str]:
+    ids = [f"{tenant}{i}" for i in range(n)]
+    for job in ids:
+        p.acquire(job, priority, tenant=tenant)
+    return ids
+
+
+def test_a_freed_slot_goes_to_the_tenant_furthest_below_its_share(r: redis.Redis) -> None:
+    """A floods first, B comes later: every freed slot goes to B until both hold half."""
+    p = pool(r, 4)
+    a = _fill(p, "a", 10)
+    assert p.in_use_by_tenant() == {"a": 4}  # a lone tenant uses all N
+    b = _fill(p, "b", 3)
+    assert p.in_use_by_tenant() == {"a": 4}
+    assert p.release(a[0]) == ["b0"]  # B is furthest below its share (0/1 < 3/1)
+    assert p.release(a[1]) == ["b1"]
+    assert p.in_use_by_tenant() == {"a": 2, "b": 2}
+    assert p.release(a[2]) == ["a4"]  # tie at 1 each: the older entry
+    assert p.release("b0") == ["b2"]
+    assert p.release("b1") == ["a5"]  # B has nothing waiting: work-conserving
+    assert b == ["b0", "b1", "b2"]
+
+
+def test_weights_3_to_1_split_the_slots_3_to_1(r: redis.Redis) -> None:
+    r.hset(f"{PREFIX}:tenant:params", mapping={"w:heavy": "3", "w:light": "1"})
+    p = pool(r, 8)
+    heavy = _fill(p, "heavy", 150)
+    light = _fill(p, "light", 150)
+    # release heavy's slots one by one: each goes to the tenant lowest in use/weight
+    for job in heavy[:8]:
+        p.release(job)
+    assert p.in_use_by_tenant() == {"heavy": 6, "light": 2}
+    admitted = collections.Counter()
+    holders = [j for j in heavy[8:] + light if p.holds(j)]
+    for _ in range(100):  # steady turnover while both wait: the oldest holder ends, the rule refills
+        done = holders.pop(0)
+        for job in p.release(done):
+            admitted[job.rstrip("0123456789")] += 1
+            holders.append(job)
+        share = p.in_use_by_tenant()
+        assert abs(share.get("heavy", 0) - 6) <= 1 and abs(share.get("light", 0) - 2) <= 1, share
+    # 3:1 over the window, within one turnover of the 8 slots at its edges
+    assert sum(admitted.values()) == 100 and abs(admitted["heavy"] - 3 * admitted["light"]) <= 8, admitted
+
+
+def test_a_tenant_at_its_max_concurrent_waits_and_leaves_the_slot_to_others(r: redis.Redis) -> None:
+    r.hset(f"{PREFIX}:tenant:params", "max:capped", "2")
+    p = pool(r, 4)
+    _fill(p, "capped", 5)
+    assert p.in_use_by_tenant() == {"capped": 2}  # two slots stay free rather than break its cap
+    assert p.acquire("other0", "low", tenant="other").acquired
+    r.hdel(f"{PREFIX}:tenant:params", "max:capped")
+    assert p.admit() == ["capped2"]  # a raised cap is used at the next admission
+
+
+def test_reserved_high_slots_serve_only_high_whatever_the_share(r: redis.Redis) -> None:
+    p = pool(r, 3, reserved_high=1)
+    _fill(p, "a", 2)
+    assert p.acquire("b0", "normal", tenant="b").status is SlotStatus.WAITING  # the last slot is high's
+    assert p.acquire("a9", "high", tenant="a").acquired
+    assert p.in_use_by_tenant() == {"a": 3}

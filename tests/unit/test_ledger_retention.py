@@ -26,7 +26,7 @@ def test_ledger_entries_older_than_the_retention_are_trimmed(
         ages_days = [400, 31, 30.01, 29.99, 1, 0]
         for age in ages_days:
             at = int(now_ms - age * DAY_MS)
-            rclient.xadd(key, {"job_id": f"j{age}", "micro": "1", "at_ms": str(at)}, id=f"{at}-*")
+            rclient.xadd(key, {"job_id": f"j{age}", "micro": "1", "at_ms": str(at)}, id=f"{at}-1")
         assert Housekeeper(rt).trim_ledger() == 3
         assert [f["job_id"] for _i, f in rclient.xrange(key)] == ["j29.99", "j1", "j0"]
         assert Housekeeper(rt).trim_ledger() == 0

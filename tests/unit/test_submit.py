@@ -386,8 +386,12 @@ def test_nothing_we_own_rots_once_the_records_expire(
             "{reframe}:fc:retry_budget",
             "{reframe}:events",
             "{reframe}:fc:breaker",
+            "{reframe}:fc:fair",  # only its counters, checked below
         }
         assert set(leftovers) <= allowed, leftovers
+        fair = rclient.hgetall("{reframe}:fc:fair")
+        assert {f for f in fair if f != "seq" and not f.startswith("depth:")} == set(), fair
+        assert {v for f, v in fair.items() if f.startswith("depth:")} <= {"0"}, fair
         assert rclient.xlen("{reframe}:events") == 0
         assert not any(
             k.startswith("{reframe}:idem:") for k in rclient.scan_iter("*") if rclient.pttl(k) == -1

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.contracts.models import Priority
-
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 #: kombu's Redis transport keeps delivered, unacknowledged messages in this HASH (delivery tag ->
@@ -73,9 +71,21 @@ class Keys:
             ]
         return keys
 
-    def wait(self, priority: Priority | str) -> str:
-        """The FIFO of jobs of one priority waiting for a slot."""
-        return f"{self.root}:wait:{Priority(priority).value}"
+    @property
+    def wait_queue(self) -> str:
+        """ZSET (all scores 0) of the jobs waiting for a slot, ``<tenant>|<priority>|<seq>|<job>``:
+        per tenant, by priority, then FIFO (worker/contracts/lua/slots_lib.lua)."""
+        return f"{self.root}:wait:q"
+
+    @property
+    def fair(self) -> str:
+        """HASH of the slot pool's fair-share bookkeeping (slots per tenant, queue positions)."""
+        return f"{self.root}:fc:fair"
+
+    @property
+    def tenant_params(self) -> str:
+        """HASH ``w:<tenant>`` weight and ``max:<tenant>`` most concurrent slots, for the slot scripts."""
+        return f"{self.root}:tenant:params"
 
     @property
     def waiting(self) -> str:

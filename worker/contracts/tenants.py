@@ -121,6 +121,12 @@ class TenantRegistry:
         fields: dict[Any, Any] = dict(limits.to_hash())
         pipe.hset(key, mapping=fields)
         pipe.sadd(self.keys.tenants, tenant)
+        # what the slot scripts read in every admission decision (one fixed key for all tenants)
+        pipe.hset(self.keys.tenant_params, f"w:{tenant}", repr(float(limits.weight)))
+        if limits.max_concurrent is None:
+            pipe.hdel(self.keys.tenant_params, f"max:{tenant}")
+        else:
+            pipe.hset(self.keys.tenant_params, f"max:{tenant}", str(int(limits.max_concurrent)))
         pipe.execute()
 
     def get(self, tenant: str) -> TenantLimits:
@@ -136,6 +142,7 @@ class TenantRegistry:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(self.keys.tenant_limits(check_tenant(tenant)))
         pipe.srem(self.keys.tenants, tenant)
+        pipe.hdel(self.keys.tenant_params, f"w:{tenant}", f"max:{tenant}")
         return bool(pipe.execute()[1])
 
 

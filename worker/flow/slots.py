@@ -1,4 +1,5 @@
-"""Cluster-wide concurrency slots with leases, priorities and FIFO admission.
+"""Cluster-wide concurrency slots with leases, weighted fair shares between tenants, priorities and
+FIFO admission.
 
 A slot stands for one fal request in flight: it is taken before the submit and given back when fal
 reports the request terminal (or definitely never accepted it). The slot belongs to the fal request,
@@ -7,9 +8,15 @@ not to the worker process, so an expired lease does *not* free it: expired lease
 calls :meth:`SlotPool.release`. Otherwise a crashed worker would let the cluster go over capacity
 while its fal request is still running (docs/flow-control-notes.md §3).
 
-Redis keys (design.md): ``{prefix}:slots`` (ZSET job id -> lease deadline ms),
-``{prefix}:wait:{high|normal|low}`` (LIST, FIFO per priority) and ``{prefix}:fc:waiting`` (SET of the
-ids currently queued; an id that left the set, e.g. by :meth:`SlotPool.withdraw`, is skipped).
+A freed slot goes to the tenant furthest below its weighted share (lowest slots-held / weight,
+among tenants allowed to take it: a reserved-high slot serves only high, a tenant at its
+``max_concurrent`` waits), and within that tenant by priority, then FIFO; each decision is made in
+the script that frees the slot (the rule and its bound: worker/contracts/lua/slots_lib.lua).
+
+Redis keys (design.md): ``{prefix}:slots`` (ZSET job id -> lease deadline ms), ``{prefix}:wait:q``
+(ZSET of waiting entries ``<tenant>|<priority>|<seq>|<job>``), ``{prefix}:fc:fair`` (HASH: slots
+per tenant, queue positions, depths), ``{prefix}:tenant:params`` (HASH: weights and concurrency
+caps of tenants) and ``{prefix}:fc:waiting`` (SET of the ids currently queued).
 """
 
 from __future__ import annotations
@@ -99,7 +106,9 @@ class SlotPool:
         self.lease_ttl_ms = lease_ttl_ms
         self.slots_key = f"{prefix}:slots"
         self.waiting_key = f"{prefix}:fc:waiting"
-        self.queue_keys = tuple(f"{prefix}:wait:{p.value}" for p in PRIORITY_ORDER)
+        self.wait_key = f"{prefix}:wait:q"
+        self.fair_key = f"{prefix}:fc:fair"
+        self.params_key = f"{prefix}:tenant:params"
         self._r = r
         self._acquire = _script(r, "slot_acquire")
         self._release = _script(r, "slot_release")
@@ -110,16 +119,23 @@ class SlotPool:
 
     @property
     def _keys(self) -> list[str]:
-        return [self.slots_key, self.waiting_key, *self.queue_keys]
+        return [self.slots_key, self.waiting_key, self.wait_key, self.fair_key, self.params_key]
 
     @property
     def _base_args(self) -> list[int]:
         return [self.capacity, self.reserved_high, self.lease_ttl_ms]
 
     def acquire(
-        self, job_id: str, priority: str, *, record_key: str | None = None, attempt: str = ""
+        self,
+        job_id: str,
+        priority: str,
+        *,
+        record_key: str | None = None,
+        attempt: str = "",
+        tenant: str = "",
     ) -> SlotResult:
-        """Take a slot for ``job_id`` now, or queue it (once) behind the jobs ahead of it.
+        """Take a slot for ``job_id`` now if the fair-share rule gives it the next free slot, or queue
+        it (once) in its tenant's line (``tenant``; with ``record_key``, the record's own tenant).
 
         A job that already holds a slot gets ACQUIRED again with a fresh lease. A WAITING job is
         admitted later by :meth:`release` or :meth:`admit`, which return it to the caller.
@@ -133,7 +149,7 @@ class SlotPool:
         reply = run(
             self._acquire,
             [*self._keys, record_key or self.slots_key],
-            [*self._base_args, job_id, index, attempt, "1" if record_key else "0"],
+            [*self._base_args, job_id, index, attempt, "1" if record_key else "0", tenant],
         )
         if as_int(reply[0]) == -1:
             raise SlotRefused(text(reply[1]))
@@ -183,11 +199,13 @@ class SlotPool:
 
     def waiting_depths(self) -> dict[str, int]:
         """Queued entries per priority (``{"high": n, "normal": n, "low": n}``)."""
-        pipe = self._r.pipeline(transaction=False)
-        for key in self.queue_keys:
-            pipe.llen(key)
-        depths = pipe.execute()
-        return {p.value: as_int(n) for p, n in zip(PRIORITY_ORDER, depths, strict=True)}
+        depths = self._r.hmget(self.fair_key, [f"depth:{i}" for i in range(1, len(PRIORITY_ORDER) + 1)])
+        return {p.value: as_int(n or 0) for p, n in zip(PRIORITY_ORDER, depths, strict=True)}
+
+    def in_use_by_tenant(self) -> dict[str, int]:
+        """Slots held per tenant now (the fair-share bookkeeping)."""
+        raw = self._r.hgetall(self.fair_key)
+        return {text(k)[4:]: as_int(v) for k, v in raw.items() if text(k).startswith("use:")}
 
     def holds(self, job_id: str) -> bool:
         """True when ``job_id`` holds a slot (its lease may have expired)."""

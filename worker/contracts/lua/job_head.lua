@@ -1,5 +1,6 @@
 -- job_head: binds the KEYS and options every lifecycle script shares, and the fence.
--- KEYS: 1 job record, 2 slots ZSET, 3 waiting SET, 4..6 wait LISTs (high, normal, low),
+-- KEYS: 1 job record, 2 slots ZSET, 3 waiting SET, 4 wait_q ZSET, 5 fair HASH, 6 tenant params HASH
+--       (the slot pool, see slots_lib),
 --       7 budget reservations HASH, 8 delayed ZSET, 9 blocked ZSET, 10 track ZSET, 11 track owner HASH,
 --       12 and 13 the day and month budget keys of the job's reservation (today's when it has none),
 --       14 and 15 the same periods of the reservation's tenant (any key when it has none),
@@ -12,7 +13,7 @@
 local job_key, job_id = KEYS[1], ARGV[1]
 local opt = cjson.decode(ARGV[2])
 local slots, waiting = KEYS[2], KEYS[3]
-local queues = {KEYS[4], KEYS[5], KEYS[6]}
+local wait_q, fair, params = KEYS[4], KEYS[5], KEYS[6]
 local capacity, reserved, lease_ms = tonumber(opt.capacity), tonumber(opt.reserved), tonumber(opt.lease_ms)
 local bprefix, reservations = opt.bprefix, KEYS[7]
 local delayed, blocked, track, track_owner = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
@@ -57,7 +58,7 @@ local function free_resources()
   if opt.slot == 'release' then
     admitted = release_slot(job_id)
   elseif opt.slot == 'drop' then
-    redis.call('ZREM', slots, job_id)
+    drop_slot(job_id)
     unqueue(job_id)
   elseif opt.slot == 'hold' then
     unqueue(job_id)

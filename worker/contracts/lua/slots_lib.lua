@@ -1,64 +1,136 @@
--- slots_lib: the slot pool's shared functions (included, not run alone).
--- The including script declares first: now_ms (include now), slots (ZSET key), waiting (SET key),
--- queues ({high, normal, low} LIST keys), capacity, reserved (slots kept for high), lease_ms.
+-- slots_lib: the slot pool's shared functions, with weighted fair shares between tenants
+-- (included, not run alone). The including script declares first: now_ms (include now), slots (ZSET
+-- job -> lease deadline), waiting (SET of waiting ids), wait_q (ZSET, all scores 0, of waiting
+-- entries '<tenant>|<priority 1..3>|<seq>|<job>': lexical order = per tenant, by priority, then
+-- FIFO), fair (HASH: pos:<job> = its wait_q entry, use:<tenant> = slots it holds, own:<job> = the
+-- tenant of a slot holder, depth:<priority> = waiting per priority, seq), params (HASH: w:<tenant>
+-- weight, max:<tenant> most concurrent slots; written by `reframe tenants set`), capacity,
+-- reserved (slots kept for high), lease_ms.
+--
+-- The rule (one decision per free slot, in the script that frees it): among tenants with a job that
+-- may take the slot (a reserved-high slot serves only high; a tenant at its max_concurrent waits),
+-- the slot goes to the one with the lowest use/weight (ties: the higher priority, then the older
+-- entry), and within that tenant to its best entry: priority, then FIFO. This is progressive
+-- filling: while tenants A and B both wait, use_A/w_A and use_B/w_B never differ by more than one
+-- slot's worth (1/w of the one just served) after a decision, so each tenant's share of the slots
+-- stays within one slot of its weighted share; a tenant with nothing waiting takes no slot, and
+-- its share is used by the others (work-conserving).
 
--- high may use every slot; normal and low leave `reserved` slots free for high
-local function limit(i)
-  if i == 1 then return capacity end
-  return capacity - reserved
-end
+local function hnum(field) return tonumber(redis.call('HGET', fair, field)) or 0 end
 
--- first id of queue i that is still waiting; withdrawn ids at the head are dropped on the way so
--- they neither block admission nor make a free slot look contended
-local function live_head(i)
-  while true do
-    local head = redis.call('LINDEX', queues[i], 0)
-    if not head then return nil end
-    if redis.call('SISMEMBER', waiting, head) == 1 then return head end
-    redis.call('LPOP', queues[i])
-  end
+-- the tenant, priority and seq of a wait_q entry
+local function parse_entry(entry)
+  local t, p, seq, job = string.match(entry, '^([^|]*)|(%d)|(%d+)|(.+)$')
+  return t, tonumber(p), seq, job
 end
 
 local function unqueue(job)
-  if redis.call('SREM', waiting, job) == 1 then
-    for i = 1, 3 do redis.call('LREM', queues[i], 0, job) end
-    return 1
+  if redis.call('SREM', waiting, job) == 0 then return 0 end
+  local entry = redis.call('HGET', fair, 'pos:' .. job)
+  if entry then
+    local _, p = parse_entry(entry)
+    redis.call('ZREM', wait_q, entry)
+    redis.call('HDEL', fair, 'pos:' .. job)
+    if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
   end
-  return 0
+  return 1
 end
 
--- admit waiting jobs in priority order, FIFO within a priority, while capacity allows
-local function admit_all()
-  local admitted = {}
-  for i = 1, 3 do
-    while true do
-      local head = live_head(i)
-      if not head then break end
-      -- limits only shrink from high to low, so a full level means every later level is full too
-      if redis.call('ZCARD', slots) >= limit(i) then return admitted end
-      redis.call('LPOP', queues[i])
-      redis.call('SREM', waiting, head)
-      if not redis.call('ZSCORE', slots, head) then
-        redis.call('ZADD', slots, now_ms + lease_ms, head)
-        table.insert(admitted, head)
+-- queue `job` of `tenant` at priority p (1 high .. 3 low), once
+local function enqueue_wait(job, tenant, p)
+  if redis.call('SISMEMBER', waiting, job) == 1 then return end
+  local seq = redis.call('HINCRBY', fair, 'seq', 1)
+  local entry = tenant .. '|' .. p .. '|' .. string.format('%016d', seq) .. '|' .. job
+  redis.call('ZADD', wait_q, 0, entry)
+  redis.call('HSET', fair, 'pos:' .. job, entry)
+  redis.call('HINCRBY', fair, 'depth:' .. p, 1)
+  redis.call('SADD', waiting, job)
+end
+
+local function take_slot(job, tenant)
+  redis.call('ZADD', slots, now_ms + lease_ms, job)
+  redis.call('HSET', fair, 'own:' .. job, tenant)
+  redis.call('HINCRBY', fair, 'use:' .. tenant, 1)
+end
+
+local function drop_slot(job)
+  if redis.call('ZREM', slots, job) == 0 then return end
+  local tenant = redis.call('HGET', fair, 'own:' .. job)
+  if tenant then
+    redis.call('HDEL', fair, 'own:' .. job)
+    if redis.call('HINCRBY', fair, 'use:' .. tenant, -1) <= 0 then redis.call('HDEL', fair, 'use:' .. tenant) end
+  end
+end
+
+-- tenant t's best entry whose job is still waiting; entries whose job left the waiting set some
+-- other way are dropped on the way
+local function live_head_of(t)
+  while true do
+    local entry = redis.call('ZRANGEBYLEX', wait_q, '[' .. t .. '|', '[' .. t .. '|\255', 'LIMIT', 0, 1)[1]
+    if not entry then return nil end
+    local _, p, _, job = parse_entry(entry)
+    if redis.call('SISMEMBER', waiting, job) == 1 then return entry end
+    redis.call('ZREM', wait_q, entry)
+    redis.call('HDEL', fair, 'pos:' .. job)
+    if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
+  end
+end
+
+-- the entry that should take the next free slot (nil: none may), by the rule above
+local function choose()
+  local used = redis.call('ZCARD', slots)
+  if used >= capacity then return nil end
+  local only_high = used >= capacity - reserved
+  local best, best_key = nil, nil
+  local probe = redis.call('ZRANGEBYLEX', wait_q, '-', '+', 'LIMIT', 0, 1)[1]
+  while probe do
+    local t = parse_entry(probe)
+    local head = live_head_of(t)
+    if head then
+      local _, p, seq = parse_entry(head)
+      local cap = tonumber(redis.call('HGET', params, 'max:' .. t) or '')
+      local use = hnum('use:' .. t)
+      if not (cap and use >= cap) and not (only_high and p ~= 1) then
+        local w = tonumber(redis.call('HGET', params, 'w:' .. t) or '') or 1
+        local share = use / w
+        if not best_key or share < best_key[1] or (share == best_key[1] and (p < best_key[2]
+            or (p == best_key[2] and seq < best_key[3]))) then
+          best, best_key = head, {share, p, seq}
+        end
       end
     end
+    -- the next tenant: the first entry past every entry of t
+    probe = redis.call('ZRANGEBYLEX', wait_q, '(' .. t .. '|\255', '+', 'LIMIT', 0, 1)[1]
   end
-  return admitted
+  return best
 end
 
--- queued entries that will be served before `job` (which sits in queue i, or is about to)
-local function ahead_of(job, i)
-  local n = 0
-  for k = 1, i - 1 do n = n + redis.call('LLEN', queues[k]) end
-  local pos = redis.call('LPOS', queues[i], job)
-  if pos then return n + pos end
-  return n + redis.call('LLEN', queues[i])
+-- admit waiting jobs into free slots, one fair decision per slot
+local function admit_all()
+  local admitted = {}
+  while true do
+    local entry = choose()
+    if not entry then return admitted end
+    local t, _, _, job = parse_entry(entry)
+    unqueue(job)
+    if not redis.call('ZSCORE', slots, job) then
+      take_slot(job, t)
+      table.insert(admitted, job)
+    end
+  end
 end
 
--- give back `job`'s slot (if any), take it out of the queues, and admit waiters into free slots
+-- waiting entries of `job`'s tenant that are served before it (its place in its tenant's line)
+local function ahead_of(job)
+  local entry = redis.call('HGET', fair, 'pos:' .. job)
+  if not entry then return 0 end
+  local t = parse_entry(entry)
+  return redis.call('ZLEXCOUNT', wait_q, '[' .. t .. '|', '(' .. entry)
+end
+
+-- give back `job`'s slot (if any), take it out of the queue, and admit waiters into free slots
 local function release_slot(job)
-  redis.call('ZREM', slots, job)
+  drop_slot(job)
   unqueue(job)
   return admit_all()
 end
