@@ -33,7 +33,8 @@ from worker import lifecycle
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.quotes import ModelLimits
 from worker.contracts.record import JobRecord
-from worker.contracts.store import Fence
+from worker.contracts.store import Fence, SlotAction
+from worker.contracts.tenants import TenantRegistry
 from worker.fal import (
     FalAmbiguousError,
     FalError,
@@ -81,6 +82,7 @@ class Submitter:
         self.rt = rt
         self.s = rt.settings
         self.flow = rt.flow
+        self.tenants = TenantRegistry(rt.redis, rt.store.keys)
 
     # ------------------------------------------------------------------ entry point
     def handle(self, job_id: str) -> Outcome:
@@ -159,6 +161,9 @@ class Submitter:
             self._give_back_probe(probe)
             lifecycle.park_waiting(self.rt, job_id, attempt, ahead=slot.ahead)
             return Outcome.WAITING
+        if not self._take_tenant_token(rec, attempt):
+            self._give_back_probe(probe)
+            return Outcome.DEFERRED
         token = self._take_rate_token(job_id, attempt)
         if token is None:
             self._give_back_probe(probe)
@@ -167,6 +172,29 @@ class Submitter:
         # After a pushback the first token is a lone probe: its outcome lets the others go.
         self.flow.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST))
         return outcome
+
+    def _take_tenant_token(self, rec: JobRecord, attempt: str) -> bool:
+        """The tenant's own submit rate (``reframe tenants set --submit-rate-per-s``), before the
+        cluster's: a short wait in place; a longer one defers the job and gives its slot to the
+        next waiter (other tenants are not held up by this tenant's rate)."""
+        tenant = rec.get("tenant")
+        if not tenant:
+            return True
+        rate = self.tenants.get(tenant).submit_rate_per_s
+        if rate is None:
+            return True
+        max_wait_ms = int(self.s.max_rate_wait_s * 1000)
+        while True:
+            decision = self.flow.tenant_rate.try_acquire(tenant, rate)
+            if decision.allowed:
+                return True
+            if decision.retry_after_ms > max_wait_ms:
+                until = self.rt.now_ms() + decision.retry_after_ms
+                lifecycle.defer(
+                    self.rt, rec.id, attempt, until_ms=until, reason="tenant_rate", slot=SlotAction.RELEASE
+                )
+                return False
+            time.sleep(decision.retry_after_ms / 1000)
 
     def _take_rate_token(self, job_id: str, attempt: str) -> RateDecision | None:
         """Wait briefly for a submit token; defer (keeping slot and reservation) if it is far off."""

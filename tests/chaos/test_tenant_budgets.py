@@ -4,6 +4,7 @@ reserved and settled in the same scripts, judged by the emulator's ledger and sa
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -182,3 +183,30 @@ def test_a_late_tenant_gets_its_fair_share_of_the_slots_at_once(
     assert window.count("late") == 6, order  # B's 6 within the next 12 submits: half the slots
     assert book["max_open"] <= 4
     assert r.hgetall(KEYS.fair).get("use:late") is None  # bookkeeping back to zero
+
+
+def test_a_tenant_submit_rate_paces_only_that_tenant(chaos_cluster: ClusterFactory, whole_clip: Path) -> None:
+    """--submit-rate-per-s 2: fal sees that tenant's submits about one per 0.5 s, while another
+    tenant's jobs go at the cluster's rate (judged by the emulator's submit log)."""
+    cluster = chaos_cluster(
+        workers=2,
+        env={"REFRAME_MAX_CONCURRENCY": "12", "REFRAME_BUDGET_DAILY_USD": "100"},
+        emulator_concurrency=12,
+    )
+    TenantRegistry(redis_of(cluster), Keys("reframe")).set("paced", TenantLimits(submit_rate_per_s=2.0))
+    url = upload(cluster.settings(), whole_clip)
+    tag = new_tag("tenant-rate")
+    paced_in, free_in = distinct_inputs(url, 5, f"{tag}-p"), distinct_inputs(url, 5, f"{tag}-f")
+    with Producer(cluster.settings()) as p, explained(cluster, []):
+        ids = p.enqueue_many(paced_in, tenant="paced") + p.enqueue_many(free_in, tenant="free")
+        wait_until(lambda: all(j and j.terminal for j in p.get_many(ids)), timeout_s=120, what="all done")
+        assert {j.state for j in p.get_many(ids) if j} == {JobState.SUCCEEDED}
+    book = ledger(cluster)
+    paced = {fingerprint_of(x) for x in paced_in}
+    t_paced = sorted(s["t"] for s in book["submits"] if s["fingerprint"] in paced)
+    t_free = sorted(s["t"] for s in book["submits"] if s["fingerprint"] not in paced)
+    gaps = [b - a for a, b in itertools.pairwise(t_paced)]
+    # tokens are spaced 0.5 s on Redis time; a POST reaches fal a few tens of ms after its token
+    assert len(t_paced) == 5 and t_paced[-1] - t_paced[0] >= 2.0 - 0.25, t_paced
+    assert all(g >= 0.5 - 0.2 for g in gaps), gaps
+    assert t_free[-1] - t_free[0] < t_paced[-1] - t_paced[0], (t_free, t_paced)  # the other is not paced

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from reframe.localproc import wait_until
-from worker.flow import RateLimited, RateReason, SubmitRateLimiter
+from worker.flow import RateLimited, RateReason, SubmitRateLimiter, TenantRateLimiter
 from worker.flow.rate import RateDecision
 
 # an exception inside a worker thread must fail the test, not just warn
@@ -213,3 +213,13 @@ def test_a_stale_probe_report_never_releases_a_newer_probe(rclient: redis.Redis)
     assert not lim.try_acquire().allowed  # still held by the second probe
     assert lim.probe_done(second, ok=True)
     assert not lim.probe_done(lim.try_acquire(), ok=True)  # not a probe: a no-op
+
+
+def test_a_tenant_rate_paces_only_that_tenant(rclient: redis.Redis) -> None:
+    """--submit-rate-per-s: one token per 1/rate seconds for that tenant; other tenants unaffected."""
+    tenant_limiter = TenantRateLimiter(rclient, prefix=PREFIX)
+    assert tenant_limiter.try_acquire("slow", 2.0).allowed
+    second = tenant_limiter.try_acquire("slow", 2.0)
+    assert not second.allowed and 400 <= second.retry_after_ms <= 500
+    assert tenant_limiter.try_acquire("other", 2.0).allowed  # its own bucket
+    assert not tenant_limiter.try_acquire("paused", 0.0).allowed

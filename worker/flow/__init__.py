@@ -24,7 +24,7 @@ from worker.flow.budget import (
     micro_to_usd,
     usd_to_micro,
 )
-from worker.flow.rate import RateDecision, RateLimited, RateReason, SubmitRateLimiter
+from worker.flow.rate import RateDecision, RateLimited, RateReason, SubmitRateLimiter, TenantRateLimiter
 from worker.flow.retry_budget import RetryBudget
 from worker.flow.slots import SlotPool, SlotResult, SlotStatus
 
@@ -51,6 +51,7 @@ __all__ = [
     "SlotResult",
     "SlotStatus",
     "SubmitRateLimiter",
+    "TenantRateLimiter",
     "micro_to_usd",
     "usd_to_micro",
 ]
@@ -58,13 +59,14 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class FlowControl:
-    """The five primitives of one cluster, built from the settings and sharing one Redis client."""
+    """The primitives of one cluster, built from the settings and sharing one Redis client."""
 
     breaker: CircuitBreaker
     budget: Budget
     slots: SlotPool
     rate: SubmitRateLimiter
     retry_budget: RetryBudget
+    tenant_rate: TenantRateLimiter
 
     @classmethod
     def from_settings(cls, r: redis.Redis, settings: Settings) -> FlowControl:
@@ -106,4 +108,5 @@ class FlowControl:
                 ratio=settings.retry_budget_ratio,
                 min_tokens=settings.retry_budget_min_tokens,
             ),
+            tenant_rate=TenantRateLimiter(r, prefix=prefix),
         )

@@ -161,3 +161,34 @@ class SubmitRateLimiter:
         """The pause deadline (ms, Redis time) if a pause is in force, else None."""
         until = as_int(run(self._paused_until, [self.pause_key], []))
         return None if until < 0 else until
+
+
+class TenantRateLimiter:
+    """One submit rate per tenant (``reframe tenants set --submit-rate-per-s``), inside the global one.
+
+    The same GCRA script as :class:`SubmitRateLimiter` (``lua/rate_acquire.lua``) on per-tenant keys
+    ``{prefix}:fc:gcra:tenant:{t}``, with no pause and no probe (fal's pushback pauses the cluster,
+    not one tenant): a tenant's burst is one submit, its long-run rate ``rate_per_s``.
+    """
+
+    def __init__(self, r: redis.Redis, *, prefix: str) -> None:
+        self.prefix = prefix
+        self._try = r.register_script(load_lua(script_path(__file__, "rate_acquire")))
+
+    def try_acquire(self, tenant: str, rate_per_s: float) -> RateDecision:
+        """Take one of ``tenant``'s submit tokens at ``rate_per_s``; never waits."""
+        if rate_per_s <= 0:
+            return RateDecision(
+                allowed=False, retry_after_ms=60_000, reason=RateReason.RATE, at_us=0, probe=False
+            )
+        base = f"{self.prefix}:fc:gcra:tenant:{tenant}"
+        interval_us = math.ceil(1_000_000 / rate_per_s)
+        # the pause and probe keys are never written: a tenant has neither
+        reply = run(self._try, [base, f"{base}:pause", f"{base}:probe"], [interval_us, 0, 1])
+        return RateDecision(
+            allowed=as_int(reply[0]) == 1,
+            retry_after_ms=as_int(reply[1]),
+            reason=RateReason(text(reply[2])),
+            at_us=as_int(reply[3]),
+            probe=False,
+        )
