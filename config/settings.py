@@ -271,6 +271,27 @@ class Settings(BaseSettings):
         "limits there; the submitter always checks before any fal call.",
     )
     probe_timeout_s: PosFloat = Field(default=10.0, description="Timeout to read a video's duration.")
+    dedupe_default: bool = Field(
+        default=False,
+        description="Pay once for identical work when neither the request nor its tenant says: a job "
+        "whose canonical input matches a job in flight attaches to it, one that matches a success "
+        "within REFRAME_DEDUPE_RETENTION_S gets its result without a fal call.",
+    )
+    dedupe_retention_s: Annotated[float, Field(gt=0, le=7 * 86400.0)] = Field(
+        default=86400.0,
+        description="How long a succeeded job's result is reused for identical requests (at most 7 days, "
+        "fal's default CDN retention; never longer than REFRAME_JOB_RETENTION_S, which keeps the result).",
+    )
+    dedupe_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60.0,
+        description="Longest read of an input to hash it for dedupe (a data: URI or a fal storage file, "
+        "at most REFRAME_MAX_UPLOAD_BYTES); past it the job goes without dedupe.",
+    )
+    dedupe_recheck_s: Annotated[float, Field(ge=1, le=3600)] = Field(
+        default=30.0,
+        description="A job attached to an identical job in flight looks again this often (its leader's "
+        "end dispatches it at once; this is the safety net when that dispatch is lost).",
+    )
     ambiguous_submit_policy: AmbiguousSubmitPolicy = Field(
         default=AmbiguousSubmitPolicy.DEAD_LETTER,
         description="`dead_letter` (never pay twice) or `resubmit` (accept the risk, counted).",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from config import Settings
+from worker.contracts.dedupe import DedupeStore, Hit
 from worker.contracts.intake import (
     EnqueueCall,
     EnqueueResult,
@@ -83,6 +84,7 @@ class EnqueueRequest:
     metadata: Mapping[str, Any] | None = None
     callback_url: str | None = None
     deadline_s: float | None = None
+    dedupe: bool | None = None
 
     def arguments(self) -> dict[str, Any]:
         """The call arguments, as validated by :class:`worker.contracts.intake.EnqueueCall`."""
@@ -93,6 +95,7 @@ class EnqueueRequest:
             "metadata": self.metadata,
             "callback_url": self.callback_url,
             "deadline_s": self.deadline_s,
+            "dedupe": self.dedupe,
         }
         return {k: v for k, v in args.items() if v is not None or k == "input"}
 
@@ -115,6 +118,8 @@ class Job:
     cost_usd: float | None = None
     timestamps_ms: dict[str, int] = field(default_factory=dict)
     dead_letter_reason: str | None = None
+    deduped_from: str | None = None
+    """The job whose result this one reused (paying once for identical work); None when it paid."""
 
     @property
     def terminal(self) -> bool:
@@ -153,6 +158,7 @@ class Job:
             cost_usd=(int(actual) / 1e6) if isinstance(actual, int) else None,
             timestamps_ms={k: int(v) for k, v in rec.items() if k.startswith("ts_") and isinstance(v, int)},
             dead_letter_reason=rec.get("dead_letter_reason") or None,
+            deduped_from=rec.get("deduped_from") or None,
         )
 
 
@@ -209,6 +215,7 @@ class Producer:
             self.store,
             default_deadline_s=settings.job_deadline_s,
             index_horizon_ms=index_horizon_ms(settings),
+            dedupe_default=settings.dedupe_default,
         )
         self._fetcher: GuardedFetcher | None = None
         self._fetcher_lock = threading.Lock()
@@ -248,6 +255,7 @@ class Producer:
         callback_url: str | None = None,
         deadline_s: float | None = None,
         tenant: str | None = None,
+        dedupe: bool | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id (see :meth:`enqueue_result` for more).
 
@@ -257,7 +265,10 @@ class Producer:
         a different input raises :class:`IdempotencyConflict`. ``callback_url`` needs
         ``REFRAME_CALLBACK_SIGNING_KEY`` (or ``REFRAME_CALLBACK_ALLOW_UNSIGNED=true``).
         ``deadline_s`` shortens ``REFRAME_JOB_DEADLINE_S`` for this job. ``tenant`` names who the
-        job belongs to (``default`` when None); idempotency keys are per tenant.
+        job belongs to (``default`` when None); idempotency keys are per tenant. ``dedupe`` pays once
+        for identical work (README, "Paying once for identical work"): True or False for this job,
+        None for the tenant's default (``reframe tenants set --dedupe``), else
+        ``REFRAME_DEDUPE_DEFAULT``.
         """
         return self.enqueue_result(
             request,
@@ -267,6 +278,7 @@ class Producer:
             callback_url=callback_url,
             deadline_s=deadline_s,
             tenant=tenant,
+            dedupe=dedupe,
         ).job_id
 
     def enqueue_result(
@@ -279,10 +291,11 @@ class Producer:
         callback_url: str | None = None,
         deadline_s: float | None = None,
         tenant: str | None = None,
+        dedupe: bool | None = None,
     ) -> EnqueueResult:
         """:meth:`enqueue`, returning whether a job was created or an existing one returned, and its
         state (``result.describe()`` gives ``returned existing job X (FAILED)``)."""
-        item = EnqueueRequest(request, idempotency_key, priority, metadata, callback_url, deadline_s)
+        item = EnqueueRequest(request, idempotency_key, priority, metadata, callback_url, deadline_s, dedupe)
         call = check_enqueue(item.arguments(), self.limits)
         chosen = _tenant(tenant)
         if self.settings.enqueue_probe_input:
@@ -338,6 +351,7 @@ class Producer:
         request_or_url: ReframeInput | Mapping[str, Any] | str | os.PathLike[str],
         *,
         tenant: str | None = None,
+        dedupe: bool | None = None,
     ) -> Quote:
         """What a job would cost and whether it would be accepted now; nothing is enqueued.
 
@@ -350,15 +364,49 @@ class Producer:
         hold, whether it fits the model's limits and, now, the cluster's and ``tenant``'s budgets
         (``default`` when None), with the reasons. Raises :class:`InvalidRequest` for a bad request,
         URL, tenant or a local file that is not a readable video.
+
+        For a whole request, ``dedupe_hit`` names the job an identical request would reuse now (a
+        success within ``REFRAME_DEDUPE_RETENTION_S`` or a job in flight; the price is then 0) when
+        dedupe applies to it: ``dedupe``, else the tenant's default, else ``REFRAME_DEDUPE_DEFAULT``.
         """
         chosen = _tenant(tenant)
+        hit: Hit | None = None
         if isinstance(request_or_url, os.PathLike):
             info, source = self._read_file(Path(request_or_url)), "file"
         else:
             url = self._video_url(request_or_url)
             info, source = self._probe(url), "data" if url[:5].lower() == "data:" else "url"
+            if isinstance(request_or_url, ReframeInput | Mapping) and self._dedupe_on(chosen, dedupe):
+                hit = self._identical(check_enqueue({"input": request_or_url}, self.limits).input)
         budgets = read_budgets(self.r, prefix=self.settings.key_prefix, settings=self.settings, tenant=chosen)
-        return build_quote(info, self.settings, budgets, tenant=chosen, source=source)
+        return build_quote(
+            info,
+            self.settings,
+            budgets,
+            tenant=chosen,
+            source=source,
+            dedupe_hit=hit.job_id if hit else None,
+            dedupe_hit_state=hit.state if hit else "",
+        )
+
+    def _dedupe_on(self, tenant: str, dedupe: bool | None) -> bool:
+        """Whether a request of ``tenant`` would dedupe: the request > the tenant > the cluster (the
+        rule of worker/contracts/lua/enqueue.lua)."""
+        if dedupe is not None:
+            return dedupe
+        raw = self.r.hget(self.store.keys.tenant_limits(tenant), "dedupe")
+        said = _text(raw) if raw else ""
+        return said == "on" if said in ("on", "off") else self.settings.dedupe_default
+
+    def _identical(self, request: ReframeInput) -> Hit | None:
+        """The job an identical request reuses now (canonical key as the submitter computes it,
+        worker/dedupe.py, through the guarded fetcher), or None."""
+        from worker.dedupe import canonical_key
+
+        key = canonical_key(request.to_fal(), fetcher=self._guarded_fetcher(), settings=self.settings)
+        if key.value is None:
+            return None
+        return DedupeStore(self.r, self.store.keys).lookup(key.value)
 
     def _video_url(self, request_or_url: object) -> str:
         """The checked ``video_url`` of a request or of a bare URL (errors name ``video_url``)."""

@@ -282,6 +282,13 @@ def enqueue(
     tenant: Annotated[
         str | None, typer.Option(help="Who the job belongs to (default: the `default` tenant).")
     ] = None,
+    dedupe: Annotated[
+        bool | None,
+        typer.Option(
+            "--dedupe/--no-dedupe",
+            help="Pay once for identical work (default: the tenant's, else REFRAME_DEDUPE_DEFAULT).",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job ends.")] = False,
     timeout_s: Annotated[
         float, typer.Option(help="With --wait: give up after this many seconds.", callback=_positive_seconds)
@@ -334,6 +341,7 @@ def enqueue(
                 metadata=meta,
                 callback_url=callback_url,
                 tenant=tenant,
+                dedupe=dedupe,
             )
         except (InvalidRequest, IdempotencyConflict) as exc:
             raise fail(str(exc)) from None
@@ -1179,6 +1187,10 @@ def tenants_set(
     submit_rate_per_s: Annotated[
         str | None, typer.Option(help="Most submits per second; 'none' clears.")
     ] = None,
+    dedupe: Annotated[
+        str | None,
+        typer.Option(help="on | off: pay once for identical work unless a request says; 'none' clears."),
+    ] = None,
 ) -> None:
     """Set a tenant's limits (options not given keep their value); workers apply them at once."""
     settings = settings_or_exit()
@@ -1194,11 +1206,31 @@ def tenants_set(
             max_concurrent=_limit("max_concurrent", max_concurrent, old.max_concurrent, int),
             weight=_weight(_limit("weight", weight, old.weight, float)),
             submit_rate_per_s=_limit("submit_rate_per_s", submit_rate_per_s, old.submit_rate_per_s, float),
+            dedupe=_switch("dedupe", dedupe, old.dedupe),
         )
         registry.set(name, limits)
     except ValueError as exc:
         raise fail(str(exc)) from None
     console.print(f"tenant {name}: {_describe_limits(limits)}", highlight=False)
+
+
+def _switch(name: str, raw: str | None, old: bool | None) -> bool | None:
+    """An on/off option: absent keeps the old value, ``none`` clears it."""
+    if raw is None:
+        return old
+    choice = {"on": True, "off": False, _UNSET: None}
+    value = raw.strip().lower()
+    if value not in choice:
+        raise fail(f"{name}: {raw!r} must be on, off or none")
+    return choice[value]
+
+
+def _shown_limit(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}"
 
 
 def _weight(value: float | None) -> float:
@@ -1209,7 +1241,7 @@ def _describe_limits(limits: TenantLimits) -> str:
     parts = []
     for field_name in LIMIT_FIELDS:
         value = getattr(limits, field_name)
-        parts.append(f"{field_name}={'-' if value is None else f'{value:g}'}")
+        parts.append(f"{field_name}={_shown_limit(value)}")
     return " ".join(parts)
 
 
@@ -1245,7 +1277,7 @@ def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         return
     table = Table("tenant", *LIMIT_FIELDS, "day_spent_usd", "day_reserved_usd")
     for row in rows:
-        cells = ["-" if row[f] is None else f"{row[f]:g}" for f in LIMIT_FIELDS]
+        cells = [_shown_limit(row[f]) for f in LIMIT_FIELDS]
         table.add_row(row["tenant"], *cells, f"{row['day_spent_usd']:.2f}", f"{row['day_reserved_usd']:.2f}")
     console.print(table)
 

@@ -19,6 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from worker.contracts.dedupe import LEADER_SLACK_S, Claim, is_canonical
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
@@ -415,6 +418,8 @@ def finish(
     if not moved.ok:
         return False
     _dispatch(rt, moved)
+    if "deduped_from" not in record:
+        release_identical(rt, rec)
     e2e_s = max(0.0, (moved.at_ms - rec.created_at_ms) / 1000) if rec.created_at_ms else 0.0
     label = "dead_lettered" if dead_letter else OUTCOME_BY_STATE[to]
     rt.metrics.job_finished(label, rec.priority.value, e2e_s)
@@ -559,3 +564,87 @@ def await_webhook(rt: Runtime, rec: JobRecord, attempt: str, *, reason: str) -> 
     # The lease runs out with the wait: the housekeeper's lease check then applies the policy.
     rt.flow.slots.renew([rec.id], ttl_ms=max(1000, since_ms + wait_ms - rt.now_ms()))
     return True
+
+
+# ---------------------------------------------------------------------- paying once for identical work
+def claim_identical(
+    rt: Runtime, rec: JobRecord, attempt: str, canonical: str, *, refuse_done: str = ""
+) -> Claim:
+    """Lead, follow or be served for the job's canonical input, fenced by ``attempt`` (the job must
+    be pre-submit and owned by it): ``worker/contracts/lua/dedupe_claim.lua``. A leader's name lasts
+    the job's deadline plus slack; a success is reused for ``dedupe_retention_s``."""
+    deadline_s = rec.deadline_s or rt.settings.job_deadline_s
+    return rt.dedupe.claim(
+        rec.id,
+        attempt,
+        canonical,
+        lease_ms=int((deadline_s + LEADER_SLACK_S) * 1000),
+        retention_ms=done_retention_ms(rt),
+        refuse_done=refuse_done,
+    )
+
+
+def attach(rt: Runtime, job_id: str, attempt: str, *, leader: str) -> MoveOutcome:
+    """A job identical to a live leader waits for it: parked (DEFERRED ``dedupe_attached``) for the
+    re-check period, its slot and reservation (if any) released: it will not pay. The leader's end
+    dispatches it at once; the re-check brings it back if that dispatch is lost."""
+    return defer(
+        rt,
+        job_id,
+        attempt,
+        until_ms=rt.now_ms() + int(rt.settings.dedupe_recheck_s * 1000),
+        reason="dedupe_attached",
+        slot=SlotAction.RELEASE,
+        budget=BudgetAction.RELEASE,
+        fields={"dedupe_leader": leader},
+    )
+
+
+def serve_identical(rt: Runtime, rec: JobRecord, attempt: str, claim: Claim) -> bool:
+    """Finish the job SUCCEEDED with a copy of an identical job's result, without a fal call: fenced
+    by ``attempt`` from a pre-submit state, charged nothing (no ledger entry), its own event and
+    callback naming ``deduped_from``. True if this call finished it."""
+    result = dict(claim.result or {})
+    raw_video = result.get("video")
+    video: dict[str, Any] = raw_video if isinstance(raw_video, dict) else {}
+    done = finish(
+        rt,
+        rec,
+        JobState.SUCCEEDED,
+        fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+        slot=SlotAction.RELEASE,
+        budget=BudgetAction.RELEASE,
+        fields={"result": result, "cost_actual_micro": 0, "deduped_from": claim.other},
+        event={
+            "video_url": str(video.get("url") or ""),
+            "content_type": str(video.get("content_type") or ""),
+            "file_size": "" if video.get("file_size") is None else str(video.get("file_size")),
+            "cost_usd": "0.000000",
+            "deduped_from": claim.other,
+        },
+        callback={"video": video or None, "cost_usd": 0.0, "deduped_from": claim.other},
+    )
+    if done:
+        rt.metrics.dedup("served", claim.cost_micro / 1e6)
+    return done
+
+
+def release_identical(rt: Runtime, rec: JobRecord) -> None:
+    """After a job with a canonical key ended: it stops leading, a success is remembered for reuse,
+    and the followers it led are dispatched (``worker/contracts/lua/dedupe_release.lua``). A failure
+    here loses nothing: followers look again after ``dedupe_recheck_s`` and read the leader's state."""
+    canonical = rec.get("dedupe_key")
+    if not is_canonical(canonical):
+        return
+    try:
+        followers = rt.dedupe.release(rec.id, canonical, retention_ms=done_retention_ms(rt))
+    except redis.RedisError:
+        log.warning("dedupe release of job %s failed; its followers look again later", rec.id, exc_info=True)
+        return
+    rt.dispatch(followers)
+
+
+def done_retention_ms(rt: Runtime) -> int:
+    """How long a success is reused: ``dedupe_retention_s``, never past the record that keeps the
+    result (``job_retention_s``)."""
+    return int(min(rt.settings.dedupe_retention_s, rt.settings.job_retention_s) * 1000)

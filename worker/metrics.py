@@ -58,6 +58,10 @@ PUBLISH_OUTCOMES: Final = ("ok",)
 CALLBACK_OUTCOMES: Final = ("delivered", "failed", "gave_up")
 TRACKER_POLL_OUTCOMES: Final = ("ok",)
 COMPLETION_PATHS: Final = ("webhook", "status")
+DEDUP_OUTCOMES: Final = ("led", "attached", "served", "alone", "no_key")
+"""What a job that asked to pay once for identical work got (worker/submit.py): it led the work,
+attached to a leader in flight, was served a result without a fal call, went alone (its leader
+waits BLOCKED), or had no canonical key (no strong validator, unreadable input)."""
 """How the end of a fal request was learned: fal's webhook, or the tracker's status reads."""
 CELERY_TASK_OUTCOMES: Final = ("succeeded", "failed", "retried", "rejected", "ignored", "revoked", OTHER)
 
@@ -246,6 +250,19 @@ class Metrics:
             ["action"],
             registry=registry,
         )
+        self.dedup_saved = Counter(
+            f"{p}_dedup_saved_usd_total",
+            "Dollars not spent because a job reused an identical job's result (the cost of the job it "
+            "was served from), counted by the process that served it.",
+            registry=registry,
+        )
+        self.dedup_jobs = Counter(
+            f"{p}_dedup_jobs_total",
+            "Jobs that asked to pay once for identical work, by what they got (a job that attaches and "
+            "is later served counts once in each).",
+            ["outcome"],
+            registry=registry,
+        )
         self.spend = Counter(
             f"{p}_spend_usd_total",
             "Dollars settled against the budget by this process (actual cost of finished requests).",
@@ -401,6 +418,7 @@ class Metrics:
             (self.callback_deliveries, {"outcome": CALLBACK_OUTCOMES}),
             (self.tracker_polls, {"outcome": TRACKER_POLL_OUTCOMES}),
             (self.job_completions, {"via": COMPLETION_PATHS}),
+            (self.dedup_jobs, {"outcome": DEDUP_OUTCOMES}),
         ]
         for metric, labels in table:
             names = list(labels)
@@ -469,6 +487,12 @@ class Metrics:
         """Add settled spend in dollars (negative values, e.g. refunds of reservations, are ignored)."""
         if usd > 0:
             self.spend.inc(usd)
+
+    def dedup(self, outcome: str, saved_usd: float = 0.0) -> None:
+        """Count a dedupe decision; a served job adds the dollars it did not spend."""
+        self.dedup_jobs.labels(outcome=self._guard.closed("outcome", outcome, DEDUP_OUTCOMES)).inc()
+        if saved_usd > 0:
+            self.dedup_saved.inc(saved_usd)
 
     # --- flow control ------------------------------------------------------------------------------
 

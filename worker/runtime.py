@@ -8,6 +8,7 @@ so one process follows thousands of in-flight jobs without a thread per job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 
 from config import Settings
+from worker.contracts.dedupe import DedupeStore
 from worker.contracts.models import Priority
 from worker.contracts.store import JobStore, SlotParams
 from worker.fal import FalClient
@@ -132,6 +134,11 @@ class Runtime:
             metrics=m,
             fetcher=GuardedFetcher.from_settings(settings),
         )
+
+    @functools.cached_property
+    def dedupe(self) -> DedupeStore:
+        """The scripts of paying once for identical work (worker/contracts/dedupe.py)."""
+        return DedupeStore(self.redis, self.store.keys)
 
     def now_ms(self) -> int:
         """Redis time in ms: the one clock every worker shares."""

@@ -30,11 +30,13 @@ from enum import StrEnum
 
 from config import UnknownDurationPolicy
 from worker import lifecycle
+from worker.contracts.dedupe import ClaimKind, is_canonical
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.quotes import ModelLimits
 from worker.contracts.record import JobRecord
 from worker.contracts.store import Fence, SlotAction
 from worker.contracts.tenants import TenantRegistry
+from worker.dedupe import canonical_key, result_served
 from worker.fal import (
     FalAmbiguousError,
     FalError,
@@ -67,6 +69,10 @@ class Outcome(StrEnum):
     AMBIGUOUS = "ambiguous"
     LOST = "lost"
     """The run's attempt lost the job to another actor on the way; it touched nothing."""
+    ATTACHED = "attached"
+    """Identical to a job in flight: parked until that job ends (it will not pay)."""
+    SERVED = "served"
+    """Identical to a succeeded job: finished with a copy of its result, no fal call."""
 
 
 def submit_timeout_s(rt: Runtime) -> float:
@@ -119,7 +125,58 @@ class Submitter:
             failure = Failure("deadline_exceeded", "job was not submitted before its deadline")
             lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
             return Outcome.FAILED
+        if rec.get("dedupe") == "1":
+            step = self._pay_once(rec, attempt)
+            if isinstance(step, Outcome):
+                return step
+            rec = step
         return self._gate_and_submit(rec, attempt)
+
+    # ------------------------------------------------------------------ paying once
+    def _pay_once(self, rec: JobRecord, attempt: str) -> JobRecord | Outcome:
+        """Before the gate reserves anything: lead the job's canonical input, attach to a live
+        leader, or be served a succeeded one's result (README, "Paying once for identical work").
+
+        The canonical key is computed once per job through the guarded fetcher and kept on the
+        record (``dedupe_key``: the key, or ``none (<why>)``); a job without one goes on alone. A
+        result is reused only while fal still serves its file (one ranged GET); otherwise that
+        success is forgotten and this job does the work. Returns the record to go on with, or the
+        outcome when the job is parked or finished here.
+        """
+        stored = rec.get("dedupe_key")
+        if not stored:
+            key = canonical_key(rec.input, fetcher=self.rt.fetcher, settings=self.s)
+            stored = key.stored
+            self.rt.store.set_fields(rec.id, dedupe_key=stored)
+            rec = JobRecord.from_hash({**rec.extra, "dedupe_key": stored})
+            if key.value is None:
+                self.rt.metrics.dedup("no_key")
+        if not is_canonical(stored):
+            return rec
+        refuse = ""
+        for _ in range(2):
+            claim = lifecycle.claim_identical(self.rt, rec, attempt, stored, refuse_done=refuse)
+            if claim.kind is not ClaimKind.SERVED:
+                break
+            video = (claim.result or {}).get("video")
+            url = video.get("url") if isinstance(video, dict) else None
+            if isinstance(url, str) and result_served(url, fetcher=self.rt.fetcher, settings=self.s):
+                done = lifecycle.serve_identical(self.rt, rec, attempt, claim)
+                return Outcome.SERVED if done else Outcome.LOST
+            log.info("job %s: the result of identical job %s is gone at fal; not reused", rec.id, claim.other)
+            refuse = claim.other
+        if claim.kind is ClaimKind.REFUSED:
+            return Outcome.LOST
+        if claim.kind is ClaimKind.FOLLOW:
+            moved = lifecycle.attach(self.rt, rec.id, attempt, leader=claim.other)
+            if moved.ok and rec.get("dedupe_leader") != claim.other:
+                self.rt.metrics.dedup("attached")
+            return Outcome.ATTACHED if moved.ok else Outcome.LOST
+        if claim.kind is ClaimKind.LEAD and rec.get("dedupe_role") != "leader":
+            self.rt.metrics.dedup("led")
+        elif claim.kind is ClaimKind.ALONE:
+            self.rt.metrics.dedup("alone")
+        return rec
 
     def _account_deferral(self, rec: JobRecord) -> None:
         """Add the time a deferred job was parked to ``deferred_total_ms``.

@@ -3,7 +3,7 @@
 Requests are *validated* by the producer's strict contracts (``worker/contracts/intake.py``:
 ``check_enqueue``/``check_batch``), exactly as the library validates them; the request models
 here only describe those bodies in the OpenAPI document. A job body is the reframe input (fal's
-schema) plus ``priority``, ``metadata``, ``callback_url`` and ``deadline_s``, flat.
+schema) plus ``priority``, ``metadata``, ``callback_url``, ``deadline_s`` and ``dedupe``, flat.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from worker.contracts.intake import IDEMPOTENCY_KEY_PATTERN, MAX_CALLBACK_URL_CH
 from worker.contracts.models import JobState, ReframeInput
 
 #: Body fields that are not part of the reframe input.
-CALL_FIELDS = ("priority", "metadata", "callback_url", "deadline_s")
+CALL_FIELDS = ("priority", "metadata", "callback_url", "deadline_s", "dedupe")
 
 
 class JobCreate(ReframeInput):
@@ -34,6 +34,10 @@ class JobCreate(ReframeInput):
     )
     deadline_s: float | None = Field(
         default=None, gt=0, description="Fail the job if it is not submitted within this many seconds."
+    )
+    dedupe: bool | None = Field(
+        default=None,
+        description="Pay once for identical work (null: the tenant's default, else REFRAME_DEDUPE_DEFAULT).",
     )
 
 
@@ -84,6 +88,9 @@ class JobOut(BaseModel):
     fal_request_id: str | None
     timestamps_ms: dict[str, int]
     dead_letter_reason: str | None
+    deduped_from: str | None = Field(
+        default=None, description="The job whose result this one reused without a fal call (null: it paid)."
+    )
 
     @classmethod
     def of(cls, job: Job, tenant: str | None) -> JobOut:
@@ -105,6 +112,7 @@ class JobOut(BaseModel):
             fal_request_id=job.fal_request_id,
             timestamps_ms=job.timestamps_ms,
             dead_letter_reason=job.dead_letter_reason,
+            deduped_from=job.deduped_from,
         )
 
 

@@ -197,6 +197,8 @@ class EnqueueCall(_Strict):
     metadata: dict[str, Any] | None = None
     callback_url: Annotated[str, StringConstraints(max_length=MAX_CALLBACK_URL_CHARS)] | None = None
     deadline_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    dedupe: bool | None = None
+    """Pay once for identical work (None: the tenant's default, else ``REFRAME_DEDUPE_DEFAULT``)."""
 
     @field_validator("metadata")
     @classmethod
@@ -409,6 +411,8 @@ def record_fields(
         "idempotency_key": idempotency_key or "",
         "attempts": "0",
         "deadline_s": repr(float(call.deadline_s or default_deadline_s)),
+        # '' = not said: the enqueue script resolves it from the tenant's limits or the cluster's default
+        "dedupe": "" if call.dedupe is None else ("1" if call.dedupe else "0"),
     }
     return [item for pair in fields.items() for item in pair]
 
@@ -464,8 +468,16 @@ class Intake:
     entry, or none. :meth:`write` uses the store's Redis client; :meth:`write_async` an asyncio
     client (the HTTP API's event loop), with the same script and the same answers."""
 
-    def __init__(self, store: JobStore, *, default_deadline_s: float, index_horizon_ms: int) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        default_deadline_s: float,
+        index_horizon_ms: int,
+        dedupe_default: bool = False,
+    ) -> None:
         self.store = store
+        self.dedupe_default = dedupe_default
         self.default_deadline_s = default_deadline_s
         self.index_horizon_ms = index_horizon_ms
         self.source = load_lua(script_path(__file__, "enqueue"))
@@ -521,7 +533,13 @@ class Intake:
         store, keys_of = self.store, self.store.keys
         keys: list[str] = []
         # an empty idempotency key is refused by the contract, so this key can never be a claim
-        argv: list[str] = [keys_of.idem(""), str(len(unique)), tenant, str(self.index_horizon_ms)]
+        argv: list[str] = [
+            keys_of.idem(""),
+            str(len(unique)),
+            tenant,
+            str(self.index_horizon_ms),
+            "1" if self.dedupe_default else "0",
+        ]
         for i in unique:
             call = calls[i]
             job_id = uuid.uuid4().hex
@@ -538,7 +556,12 @@ class Intake:
                 idempotency_key=stored_key,
             )
             argv += [job_id, call.input.fingerprint(), message, str(len(fields) // 2), *fields]
-        keys += [keys_of.queued, keys_of.tenant_jobs(tenant), keys_of.jobs_index]
+        keys += [
+            keys_of.queued,
+            keys_of.tenant_jobs(tenant),
+            keys_of.jobs_index,
+            keys_of.tenant_limits(tenant),
+        ]
         return _Plan(unique, alias, keys, argv)
 
     @staticmethod

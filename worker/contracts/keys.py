@@ -161,6 +161,18 @@ class Keys:
         """STREAM of the cost ledger: one entry per settlement or correction (worker/contracts/ledger.py)."""
         return f"{self.root}:ledger"
 
+    def dedupe_leader(self, canonical: str) -> str:
+        """STRING: the job in flight that does the work of canonical input ``canonical`` (its leader)."""
+        return f"{self.root}:dedupe:{canonical}"
+
+    def dedupe_done(self, canonical: str) -> str:
+        """STRING: the job that succeeded with ``canonical`` (expires after ``dedupe_retention_s``)."""
+        return f"{self.root}:dedupe:done:{canonical}"
+
+    def dedupe_followers(self, canonical: str) -> str:
+        """ZSET job id -> attached ms: jobs waiting for the leader of ``canonical``."""
+        return f"{self.root}:dedupe:followers:{canonical}"
+
     @property
     def late_receipts(self) -> str:
         """STREAM of fal requests accepted for an attempt that had already lost (audited, cancelled)."""

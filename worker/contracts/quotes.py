@@ -274,10 +274,27 @@ class Quote(BaseModel):
     )
     would_accept: bool = Field(description="True when the job would be submitted as things stand now.")
     reasons: list[str] = Field(description="Why it would not be, or what is uncertain.")
+    dedupe_hit: str | None = Field(
+        default=None,
+        description="The job an identical request would reuse now (paying once for identical work: a "
+        "success within the retention window, or a job in flight); the price is then 0. Null: none, "
+        "or dedupe is off for this request.",
+    )
 
 
-def build_quote(info: MediaInfo, settings: Settings, budgets: Budgets, *, tenant: str, source: str) -> Quote:
-    """Price ``info`` and judge it against the model's limits and ``budgets`` (pure)."""
+def build_quote(
+    info: MediaInfo,
+    settings: Settings,
+    budgets: Budgets,
+    *,
+    tenant: str,
+    source: str,
+    dedupe_hit: str | None = None,
+    dedupe_hit_state: str = "",
+) -> Quote:
+    """Price ``info`` and judge it against the model's limits and ``budgets`` (pure). With
+    ``dedupe_hit`` (the job an identical request reuses, in ``dedupe_hit_state``), the price and the
+    reservation are 0: the job is served that job's result without a fal call."""
     pricing = Pricing.from_settings(settings)
     limits = ModelLimits.from_settings(settings)
     reasons: list[str] = []
@@ -314,6 +331,14 @@ def build_quote(info: MediaInfo, settings: Settings, budgets: Budgets, *, tenant
             fits_budget = None
     if budgets.tenant.cap_unreadable:
         reasons.append(f"tenant {tenant}'s {budgets.tenant.cap_unreadable} is not a number >= 0")
+    if dedupe_hit is not None:
+        price = estimate = 0
+        fits_budget = True
+        reasons = [r for r in reasons if "budget now" not in r]
+        reasons.append(
+            f"identical to job {dedupe_hit} ({dedupe_hit_state}): its result is reused, nothing is paid "
+            "(if it is still in flight and fails, this job pays for itself)"
+        )
     day_room, month_room = budgets.cluster.room()
     tenant_day, tenant_month = budgets.tenant.room()
     return Quote(
@@ -343,4 +368,5 @@ def build_quote(info: MediaInfo, settings: Settings, budgets: Budgets, *, tenant
         fits_budget_now=fits_budget,
         would_accept=estimate is not None and fits_model is not False and fits_budget is True,
         reasons=reasons,
+        dedupe_hit=dedupe_hit,
     )

@@ -40,7 +40,14 @@ def tenant_idempotency_key(tenant: str, key: str) -> str:
 
 
 #: The limit fields of a tenant, as stored in its limits HASH (``Keys.tenant_limits``).
-LIMIT_FIELDS = ("daily_budget_usd", "monthly_budget_usd", "max_concurrent", "weight", "submit_rate_per_s")
+LIMIT_FIELDS = (
+    "daily_budget_usd",
+    "monthly_budget_usd",
+    "max_concurrent",
+    "weight",
+    "submit_rate_per_s",
+    "dedupe",
+)
 #: Most tenants with limits (each is a HASH and a member of one SET; the console lists them).
 MAX_TENANTS = 10_000
 
@@ -59,6 +66,9 @@ class TenantLimits:
     max_concurrent: int | None = None
     weight: float = 1.0
     submit_rate_per_s: float | None = None
+    dedupe: bool | None = None
+    """The tenant's default for paying once for identical work (None: ``REFRAME_DEDUPE_DEFAULT``);
+    stored as ``on`` / ``off`` and read by the enqueue script (worker/contracts/lua/enqueue.lua)."""
 
     def __post_init__(self) -> None:
         for name in ("daily_budget_usd", "monthly_budget_usd", "submit_rate_per_s"):
@@ -83,6 +93,8 @@ class TenantLimits:
             out["max_concurrent"] = str(int(self.max_concurrent))
         if self.submit_rate_per_s is not None:
             out["submit_rate_per_s"] = repr(float(self.submit_rate_per_s))
+        if self.dedupe is not None:
+            out["dedupe"] = "on" if self.dedupe else "off"
         return out
 
     @classmethod
@@ -100,6 +112,7 @@ class TenantLimits:
             max_concurrent=int(concurrent) if concurrent != "" else None,
             weight=num("weight") or 1.0,
             submit_rate_per_s=num("submit_rate_per_s"),
+            dedupe={"on": True, "off": False}.get(h.get("dedupe", "")),
         )
 
 

@@ -45,4 +45,6 @@ async def create_quote(
         call = check_enqueue(split_body(await json_body(request)), svc.producer.limits)
     except InvalidRequest as exc:
         raise invalid(exc.errors) from None
-    return await run_in_threadpool(svc.producer.quote, call.input, tenant=principal.tenant)
+    return await run_in_threadpool(
+        svc.producer.quote, call.input, tenant=principal.tenant, dedupe=call.dedupe
+    )

@@ -5,13 +5,16 @@
 -- KEYS: three per item i (1-based): KEYS[3i-2] job record hash, KEYS[3i-1] idempotency claim (the
 --       sentinel ARGV[1] when the item has no key), KEYS[3i] the Celery list of the item's priority;
 --       then KEYS[3n+1] the `queued` ZSET (job -> enqueue ms) the lost-message sweep reads,
---       KEYS[3n+2] the tenant's index ZSET (job -> created ms), KEYS[3n+3] every job's index ZSET.
+--       KEYS[3n+2] the tenant's index ZSET (job -> created ms), KEYS[3n+3] every job's index ZSET,
+--       KEYS[3n+4] the tenant's limits HASH (its `dedupe` field: on | off, read when an item has none).
 -- ARGV: [1] the no-key sentinel (a key of the prefix no claim can have; claims live as long as
 --       their record: finish.lua gives both the record's TTL),
 --       [2] item count n, [3] tenant, [4] index horizon ms (index entries created longer ago are
 --       trimmed, and an index expires that long after its last enqueue: no record lives that
---       long), then per item: job_id, fingerprint, message, field
---       count f, then f field/value pairs of the initial record.
+--       long), [5] the cluster's dedupe default (1 | 0: REFRAME_DEDUPE_DEFAULT),
+--       then per item: job_id, fingerprint, message, field
+--       count f, then f field/value pairs of the initial record (its `dedupe` field '' = not said:
+--       resolved here, request > tenant > cluster, to 1 or 0).
 -- Returns {0, i, job_id, i, job_id, ...} when an item's key is already claimed with another fingerprint
 --   (job_id = the claiming job), or its new job id already exists (job_id = ''); nothing is written.
 --   Otherwise {1, now_ms, then per item: created (1|0), job_id}: created 0 means the key was already
@@ -21,7 +24,7 @@
 
 local n = tonumber(ARGV[2])
 local items = {}
-local pos = 5
+local pos = 6
 for i = 1, n do
   local nf = tonumber(ARGV[pos + 3])
   items[i] = {id = ARGV[pos], fp = ARGV[pos + 1], msg = ARGV[pos + 2], first = pos + 4, last = pos + 3 + nf * 2}
@@ -56,6 +59,9 @@ end
 if #conflicts > 1 then return conflicts end
 
 -- Phase 2: write every new job: record, submit message and claim together.
+local tenant_dedupe = redis.call('HGET', KEYS[3 * n + 4], 'dedupe')
+if tenant_dedupe == 'on' then tenant_dedupe = '1' elseif tenant_dedupe == 'off' then tenant_dedupe = '0'
+else tenant_dedupe = ARGV[5] end
 local reply = {1, now_ms}
 for i = 1, n do
   local it = items[i]
@@ -65,6 +71,9 @@ for i = 1, n do
   else
     redis.call('HSET', KEYS[3 * i - 2], 'created_at_ms', now_ms, 'updated_at_ms', now_ms, 'ts_QUEUED', now_ms,
       'tenant', ARGV[3], unpack(ARGV, it.first, it.last))
+    if (redis.call('HGET', KEYS[3 * i - 2], 'dedupe') or '') == '' then
+      redis.call('HSET', KEYS[3 * i - 2], 'dedupe', tenant_dedupe)
+    end
     redis.call('LPUSH', KEYS[3 * i], it.msg)
     redis.call('ZADD', KEYS[3 * n + 1], now_ms, it.id)
     redis.call('ZADD', KEYS[3 * n + 2], now_ms, it.id)
