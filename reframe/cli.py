@@ -496,7 +496,8 @@ def _print_outcomes(job_ids: Sequence[str], jobs: Sequence[Any]) -> None:
             line = f"{job_id} MISSING (record expired or never existed)"
         elif job.state.value == "SUCCEEDED":
             cost = f" cost=${job.cost_usd:.4f}" if job.cost_usd is not None else ""
-            line = f"{job_id} SUCCEEDED video_url={job.video_url}{cost}"
+            reused = f" deduped_from={job.deduped_from}" if job.deduped_from else ""
+            line = f"{job_id} SUCCEEDED video_url={job.video_url}{cost}{reused}"
         else:
             error = job.error or {}
             reason = f" ({job.dead_letter_reason})" if job.dead_letter_reason else ""
