@@ -1,7 +1,7 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -21,6 +21,7 @@ import redis
 from bench.clusters import cluster_with_clip, inflight_env
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
+from bench.tenants import bench_tenants
 from bench.webhooks import bench_webhooks
 from producer import JobState, Producer
 from reframe.localproc import start_redis, wait_until
@@ -209,6 +210,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "webhooks": (
         "fal webhooks vs the status stream: latency, status requests, memory (bench/webhooks.py)",
         bench_webhooks,
+    ),
+    "tenants": (
+        "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
+        bench_tenants,
     ),
 }
 
