@@ -567,6 +567,7 @@ def _agreement(procs: Sequence[Any], name: str) -> tuple[Any, list[str]]:
 
 def cluster_snapshot(settings: Settings, client: redis.Redis) -> dict[str, Any]:
     """The cluster's state as the live workers and Redis report it (``status --cluster --json``)."""
+    from reframe.tenant_usage import tenant_usage
     from worker.contracts.keys import Keys, celery_queue_keys
     from worker.flow import FlowControl
     from worker.presence import LIMIT_FIELDS, Presence
@@ -582,6 +583,7 @@ def cluster_snapshot(settings: Settings, client: redis.Redis) -> dict[str, Any]:
             disagreements[name] = who
     flow = FlowControl.from_settings(client, settings)
     budget = flow.budget.snapshot()
+    tenants, tenants_not_shown = tenant_usage(client, keys)
     return {
         "workers": {
             "alive": len(procs),
@@ -608,6 +610,8 @@ def cluster_snapshot(settings: Settings, client: redis.Redis) -> dict[str, Any]:
             "month_spent": budget.month_spent / 1e6,
             "month_reserved": budget.month_reserved / 1e6,
         },
+        "tenants": tenants,
+        "tenants_not_shown": tenants_not_shown,
     }
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from config.settings import child_environment
 from tests.console.conftest import Console, wait_for
+from worker.contracts.keys import Keys
+from worker.contracts.tenants import TenantLimits, TenantRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +51,57 @@ def test_cluster_is_admin_only_and_agrees_with_the_cli(console: Console) -> None
     assert snap["breaker"] == status["breaker"]
     assert set(snap["waiting"]) == {"high", "normal", "low"}
     assert snap["budget_usd"]["daily_cap"] == status["limits"]["budget_daily_usd"]
+    assert snap["tenants"] == status["tenants"] and snap["tenants_not_shown"] == status["tenants_not_shown"]
+
+
+def test_cluster_shows_slots_and_budget_headroom_per_tenant(console: Console) -> None:
+    registry = TenantRegistry(console.redis, Keys(console.cluster.settings().key_prefix))
+    limits = TenantLimits(daily_budget_usd=30, monthly_budget_usd=700, weight=2, max_concurrent=5)
+    registry.set("acme", limits)
+    with console.client(console.globex_reader) as c:
+        assert c.get("/v1/cluster").status_code == 403  # a read key: admins only
+    try:
+        jobs = [console.enqueue(console.acme), console.enqueue(console.acme), console.enqueue(console.globex)]
+        most: dict[str, int] = {}
+        together: list[dict[str, int]] = []
+        holding: dict[str, dict[str, Any]] = {}
+        snap: dict[str, Any] = {}
+        with console.client(console.admin) as c:
+
+            def sample() -> bool:
+                snap.update(c.get("/v1/cluster").raise_for_status().json())
+                held = {t["tenant"]: t for t in snap["tenants"] if t["slots_in_use"]}
+                holding.update(held)
+                for tenant, row in held.items():
+                    most[tenant] = max(most.get(tenant, 0), row["slots_in_use"])
+                if {"acme", "globex"} <= set(held):
+                    together.append({t: row["slots_in_use"] for t, row in held.items()})
+                return all(console.job(j)["state"] in TERMINAL for j in jobs)
+
+            wait_for(sample, timeout_s=60, what="the jobs of acme and globex end")
+
+            def released() -> bool:
+                snap.update(c.get("/v1/cluster").raise_for_status().json())
+                return not any(t["slots_in_use"] for t in snap["tenants"])
+
+            wait_for(released, timeout_s=10, what="every tenant's slots freed")
+        assert together, most  # both tenants' slots seen at once while their jobs ran
+        assert most == {"acme": 2, "globex": 1}, most
+        # globex has no limits: listed only while it held a slot, with no caps
+        globex = holding["globex"]
+        assert not globex["has_limits"] and globex["weight"] == 1 and globex["max_concurrent"] is None
+        assert globex["day_cap"] is None and globex["month_cap"] is None
+        assert globex["day_headroom"] is None and globex["month_headroom"] is None
+        rows = {t["tenant"]: t for t in snap["tenants"]}
+        assert "globex" not in rows and snap["tenants_not_shown"] == 0
+        acme = rows["acme"]
+        assert acme["has_limits"] and acme["weight"] == 2 and acme["max_concurrent"] == 5
+        assert acme["day_cap"] == 30 and acme["month_cap"] == 700
+        assert acme["day_spent"] > 0 and acme["day_reserved"] == 0
+        assert acme["day_headroom"] == pytest.approx(30 - acme["day_spent"])
+        assert acme["month_headroom"] == pytest.approx(700 - acme["month_spent"])
+    finally:
+        registry.remove("acme")
 
 
 def _follow(console: Console, token: str, path: str, into: list[dict[str, Any]], stop: threading.Event) -> None:

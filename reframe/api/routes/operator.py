@@ -2,8 +2,9 @@
 
 ``/v1/cluster`` reads exactly what ``reframe status --cluster --json`` reads
 (:func:`reframe.cli.cluster_snapshot`: live workers and the limits they publish, slots, wait lists,
-queues, pause, breaker, budget), so the operator console (``reframe/console/``) and the CLI never
-disagree. Spend is cluster-wide: budgets are not kept per tenant yet.
+queues, pause, breaker, budget, and slots and budget headroom per tenant from
+``reframe/tenant_usage.py``), so the operator console (``reframe/console/``) and the CLI never
+disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 from reframe.api.keys import Principal, Scope
 from reframe.api.services import require, services
 from reframe.cli import cluster_snapshot
+from reframe.tenant_usage import TOP_TENANTS
 
 router = APIRouter(prefix="/v1", tags=["operator"])
 
@@ -66,6 +68,26 @@ class BudgetOut(BaseModel):
     monthly_cap: float | None
 
 
+class TenantOut(BaseModel):
+    """One tenant's slots and budgets now (dollars; a cap and its headroom are null when the tenant
+    has no such cap; headroom = cap - spent - reserved, below zero only if fal billed more than was
+    reserved)."""
+
+    tenant: str
+    has_limits: bool = Field(description="Limits are set (`reframe tenants set`); else the defaults.")
+    slots_in_use: int = Field(description="Slots it holds now (the fair-share bookkeeping).")
+    weight: float = Field(description="Its weight in the fair shares of the slots.")
+    max_concurrent: int | None = Field(description="Most slots it may hold (null: no tenant cap).")
+    day_spent: float
+    day_reserved: float
+    day_cap: float | None
+    day_headroom: float | None
+    month_spent: float
+    month_reserved: float
+    month_cap: float | None
+    month_headroom: float | None
+
+
 class ClusterOut(BaseModel):
     """What ``reframe status --cluster --json`` shows."""
 
@@ -83,6 +105,13 @@ class ClusterOut(BaseModel):
     paused_until_ms: int | None
     breaker: BreakerOut
     budget_usd: BudgetOut
+    tenants: list[TenantOut] = Field(
+        description=(
+            f"Tenants with limits or holding slots: at most {TOP_TENANTS}, the most slots first, then "
+            "the most spent + reserved this month, then today, then by name."
+        )
+    )
+    tenants_not_shown: int = Field(description="How many more such tenants there are.")
 
 
 @router.get("/me", response_model=Me, summary="The calling API key")
@@ -101,8 +130,8 @@ def cluster(
     request: Request,
     _principal: Annotated[Principal, Depends(require(Scope.ADMIN))],
 ) -> ClusterOut:
-    """Workers alive, slots in use, waiting jobs, queues, submit pause, breaker and budget, as the
-    workers and Redis report them now."""
+    """Workers alive, slots in use, waiting jobs, queues, submit pause, breaker and budget, and
+    slots and budget headroom per tenant, as the workers and Redis report them now."""
     svc = services(request)
     snap = cluster_snapshot(svc.settings, svc.r)
     limits = snap["limits"]
@@ -137,6 +166,8 @@ def cluster(
             daily_cap=_float_or_none(limits.get("budget_daily_usd")),
             monthly_cap=_float_or_none(limits.get("budget_monthly_usd")),
         ),
+        tenants=[TenantOut(**t) for t in snap["tenants"]],
+        tenants_not_shown=snap["tenants_not_shown"],
     )
 
 
