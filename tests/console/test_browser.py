@@ -19,6 +19,8 @@ import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from tests.console.conftest import Console
+from worker.contracts.keys import Keys
+from worker.contracts.tenants import TenantLimits, TenantRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -239,7 +241,42 @@ def test_cluster_page_shows_the_live_cluster(admin: Page, console: Console, shot
     expect(page.locator("#budget")).to_contain_text("headroom")
     link = page.get_by_role("link", name=re.compile("Grafana dashboard"))
     assert link.get_attribute("href") == "http://grafana.invalid/d/reframe-cluster"
-    shoot(page, shots, "cluster")
+    # two tenants get limits and run jobs while the page is open: their rows appear and follow
+    registry = TenantRegistry(console.redis, Keys(console.cluster.settings().key_prefix))
+    caps = {"acme": (40.0, 900.0), "globex": (25.0, 500.0)}
+    limits = TenantLimits(daily_budget_usd=40, monthly_budget_usd=900, weight=3, max_concurrent=5)
+    registry.set("acme", limits)
+    registry.set("globex", TenantLimits(daily_budget_usd=25, monthly_budget_usd=500))
+    try:
+        jobs = [console.enqueue(console.acme), console.enqueue(console.globex)]
+        for job_id in jobs:
+            console.wait_state(job_id, {"SUCCEEDED"})
+        with console.client(console.admin) as c:
+            rows = {t["tenant"]: t for t in c.get("/v1/cluster").raise_for_status().json()["tenants"]}
+        table = page.get_by_role("table", name=re.compile("budget headroom per tenant"))
+        expect(table).to_be_visible()
+        for tenant, (day_cap, month_cap) in caps.items():
+            row = table.locator(f'tbody tr[data-tenant="{tenant}"]')
+            api = rows[tenant]
+            assert api["day_spent"] > 0 and 0 <= api["day_headroom"] < day_cap, api
+            # the page catches up with the API's figures within a refresh (no reload)
+            day_left = f"${api['day_headroom']:.2f} left of ${day_cap:.2f}"
+            expect(row.locator("td.day-headroom")).to_have_text(day_left, timeout=LIVE_MS)
+            month_left = f"${api['month_headroom']:.2f} left of ${month_cap:.2f}"
+            expect(row.locator("td.month-headroom")).to_have_text(month_left)
+            expect(row.locator("td.day")).to_have_text(f"${api['day_spent']:.2f} + $0.00")
+            expect(row.get_by_role("rowheader")).to_have_text(tenant)
+            for cell in ("day-headroom", "month-headroom"):
+                assert float(row.locator(f"td.{cell}").get_attribute("data-headroom") or "-1") >= 0
+        acme = table.locator('tbody tr[data-tenant="acme"]')
+        expect(acme.locator("td.weight")).to_have_text("3")
+        expect(acme.locator("td.max")).to_have_text("5")
+        expect(table.locator('tbody tr[data-tenant="globex"] td.max')).to_have_text("none")
+        assert page.evaluate("() => document.querySelector('#tenants caption') !== null")
+        shoot(page, shots, "cluster")
+    finally:
+        for tenant in caps:
+            registry.remove(tenant)
 
 
 def test_a_read_key_sees_its_own_tenant_only_and_cannot_act(

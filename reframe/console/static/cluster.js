@@ -42,7 +42,39 @@ function render(c) {
     ["Celery queue", String(c.celery_queue)], ["Deferred", String(c.deferred)], ["Blocked by budget", String(c.blocked)],
     ["At fal (tracked)", String(c.tracked)], ["Dead letters", String(c.dead_letters)],
   ]);
+  tenants(c);
   document.getElementById("cards").hidden = false;
+}
+
+// One row per tenant: its slots as a meter of what it may hold, its spend, and its headroom as a
+// meter of its cap with the dollars written out (never colour alone).
+function headroom(cls, cap, left, tenant, period) {
+  if (cap === null) return el("td", { class: `${cls} no-cap`, text: "no cap" });
+  const used = cap - left;
+  const words = left < 0 ? `over by ${usd(-left)} of ${usd(cap)}` : `${usd(left)} left of ${usd(cap)}`;
+  return el("td", { class: left < 0 ? `${cls} over` : cls, "data-headroom": String(left) },
+    meter(Math.min(used, cap), cap, `${tenant}, ${period}: ${usd(used)} of ${usd(cap)} used`), words);
+}
+
+function tenants(c) {
+  const capacity = c.limits.max_concurrency;
+  const rows = c.tenants.map((t) => {
+    const most = t.max_concurrent ?? capacity ?? Math.max(1, t.slots_in_use);
+    return el("tr", { "data-tenant": t.tenant },
+      el("th", { scope: "row" }, t.tenant, t.has_limits ? null : el("span", { class: "help", text: " (no limits set)" })),
+      el("td", { class: "num slots" }, meter(t.slots_in_use, most, `${t.tenant}: ${t.slots_in_use} of ${most} slots`), String(t.slots_in_use)),
+      el("td", { class: "num weight", text: String(t.weight) }),
+      el("td", { class: "num max", text: t.max_concurrent === null ? "none" : String(t.max_concurrent) }),
+      el("td", { class: "day", text: `${usd(t.day_spent)} + ${usd(t.day_reserved)}` }),
+      headroom("day-headroom", t.day_cap, t.day_headroom, t.tenant, "today"),
+      el("td", { class: "month", text: `${usd(t.month_spent)} + ${usd(t.month_reserved)}` }),
+      headroom("month-headroom", t.month_cap, t.month_headroom, t.tenant, "this month"));
+  });
+  document.querySelector("#tenants tbody").replaceChildren(...rows);
+  document.getElementById("tenants-empty").hidden = rows.length > 0;
+  const more = document.getElementById("tenants-more");
+  more.hidden = !c.tenants_not_shown;
+  more.textContent = `and ${c.tenants_not_shown} more tenant${c.tenants_not_shown === 1 ? "" : "s"} with less use, not shown (reframe tenants list shows all with limits)`;
 }
 
 async function main() {
