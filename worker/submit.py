@@ -121,19 +121,21 @@ class Submitter:
             self.rt.metrics.job_enqueued(rec.priority.value)
         if rec.state == JobState.DEFERRED:
             self._account_deferral(rec)
-        if lifecycle.past_deadline(self.rt, rec):
-            failure = Failure("deadline_exceeded", "job was not submitted before its deadline")
-            lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
-            return Outcome.FAILED
+        late = lifecycle.past_deadline(self.rt, rec)
         if rec.get("dedupe") == "1":
-            step = self._pay_once(rec, attempt)
+            # a job past its deadline may still be served an identical job's result (no submit)
+            step = self._pay_once(rec, attempt, serve_only=late)
             if isinstance(step, Outcome):
                 return step
             rec = step
+        if late:
+            failure = Failure("deadline_exceeded", "job was not submitted before its deadline")
+            lifecycle.fail(self.rt, rec, failure, fence=attempt_fence(attempt, states=PRE_SUBMIT_STATES))
+            return Outcome.FAILED
         return self._gate_and_submit(rec, attempt)
 
     # ------------------------------------------------------------------ paying once
-    def _pay_once(self, rec: JobRecord, attempt: str) -> JobRecord | Outcome:
+    def _pay_once(self, rec: JobRecord, attempt: str, *, serve_only: bool = False) -> JobRecord | Outcome:
         """Before the gate reserves anything: lead the job's canonical input, attach to a live
         leader, or be served a succeeded one's result (README, "Paying once for identical work").
 
@@ -141,7 +143,8 @@ class Submitter:
         record (``dedupe_key``: the key, or ``none (<why>)``); a job without one goes on alone. A
         result is reused only while fal still serves its file (one ranged GET); otherwise that
         success is forgotten and this job does the work. Returns the record to go on with, or the
-        outcome when the job is parked or finished here.
+        outcome when the job is parked or finished here. With ``serve_only`` (the job is past its
+        deadline) it is only served, never parked: the caller fails it otherwise.
         """
         stored = rec.get("dedupe_key")
         if not stored:
@@ -167,6 +170,8 @@ class Submitter:
             refuse = claim.other
         if claim.kind is ClaimKind.REFUSED:
             return Outcome.LOST
+        if serve_only:
+            return rec
         if claim.kind is ClaimKind.FOLLOW:
             moved = lifecycle.attach(self.rt, rec.id, attempt, leader=claim.other)
             if moved.ok and rec.get("dedupe_leader") != claim.other:

@@ -10,14 +10,22 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from config import Settings
-from producer import EnqueueRequest, Producer
+from producer import EnqueueRequest, JobState, Producer
+from reframe.localproc import wait_until
+from worker import lifecycle
 from worker.contracts.dedupe import ClaimKind, DedupeStore, canonical_params, is_canonical
-from worker.contracts.keys import Keys
+from worker.contracts.keys import Keys, celery_queue_keys
+from worker.contracts.record import JobRecord
+from worker.contracts.store import Fence
 from worker.contracts.tenants import TenantLimits, TenantRegistry
 from worker.dedupe import canonical_key, is_fal_storage, result_served, strong_etag
+from worker.metrics import Metrics
 from worker.netguard import GuardedFetcher
+from worker.runtime import Runtime
+from worker.submit import Outcome, Submitter
 
 CLIP = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
 SRC = "https://cdn.example.com/clip.mp4"
@@ -285,3 +293,109 @@ def test_a_succeeded_leader_whose_release_was_lost_still_serves(
     rclient.delete(KEYS.job(leader))
     f2, a2 = gated(producer)
     assert claim(store, f2, a2).kind is ClaimKind.LEAD  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- the submitter's step
+DATA_CLIP = "data:video/mp4;base64," + base64.b64encode(CLIP).decode()
+OUT = "https://v3.fal.media/files/o/out.mp4"
+
+
+@pytest.fixture
+def runtime(make_settings: Callable[..., Settings], rclient: redis.Redis) -> Iterator[Runtime]:
+    rt = Runtime.build(make_settings(max_concurrency=1), metrics=Metrics(CollectorRegistry()))
+    gone: set[str] = set()
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        if str(request.url.path) in gone:
+            return httpx.Response(404)
+        return httpx.Response(206, headers={"content-range": "bytes 0-0/10"}, content=b"x")
+
+    rt.fetcher = fetcher_of(cdn)
+    rt.gone = gone  # type: ignore[attr-defined]
+    yield rt
+    rt.close()
+
+
+def enqueue_identical(rt: Runtime, **kw: object) -> str:
+    with Producer(rt.settings, client=rt.redis) as p:
+        return p.enqueue({"video_url": DATA_CLIP, "aspect_ratio": "9:16"}, dedupe=True, **kw)  # type: ignore[arg-type]
+
+
+def lead_and_succeed(rt: Runtime, r: redis.Redis) -> tuple[str, str]:
+    """A leader that claimed its canonical input through the submitter's step and then succeeded."""
+    leader = enqueue_identical(rt)
+    gate = lifecycle.begin(rt, leader)
+    rec = rt.store.record(leader)
+    assert rec is not None
+    step = Submitter(rt)._pay_once(rec, gate.attempt)
+    assert not isinstance(step, Outcome) and step.get("dedupe_role") == ""
+    canonical = str(r.hget(KEYS.job(leader), "dedupe_key"))
+    assert is_canonical(canonical) and r.get(KEYS.dedupe_leader(canonical)) == leader
+    return leader, canonical
+
+
+def test_a_follower_is_parked_then_served_when_its_leader_succeeds(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
+    leader, canonical = lead_and_succeed(runtime, rclient)
+    rclient.hset(KEYS.job(leader), "state", "IN_PROGRESS")
+    follower = enqueue_identical(runtime)
+    assert Submitter(runtime).handle(follower) is Outcome.ATTACHED
+    rec = rclient.hgetall(KEYS.job(follower))
+    assert (rec["state"], rec["deferred_reason"], rec["dedupe_leader"]) == (
+        "DEFERRED",
+        "dedupe_attached",
+        leader,
+    )
+    assert rclient.zscore(KEYS.delayed, follower) is not None
+    assert not runtime.flow.slots.holds(follower) and runtime.flow.budget.reservation(follower) is None
+    # the leader ends SUCCEEDED through lifecycle.finish: remembered, and its follower dispatched
+    done = lifecycle.finish(
+        runtime,
+        JobRecord.from_hash(rclient.hgetall(KEYS.job(leader))),
+        JobState.SUCCEEDED,
+        fence=Fence(),
+        fields={"result": {"video": {"url": OUT}}, "cost_actual_micro": 180_000},
+    )
+    assert done and rclient.get(KEYS.dedupe_done(canonical)) == leader
+    queued = [m for k in celery_queue_keys("reframe") for m in rclient.lrange(k, 0, -1)]
+    assert any(follower in m for m in queued)
+    assert Submitter(runtime).handle(follower) is Outcome.SERVED
+    served = rclient.hgetall(KEYS.job(follower))
+    assert (served["state"], served["deduped_from"], served["cost_actual_micro"]) == (
+        "SUCCEEDED",
+        leader,
+        "0",
+    )
+    assert json.loads(served["result"])["video"]["url"] == OUT
+    entries = [f for _id, f in rclient.xrange(KEYS.ledger)]
+    assert [f["job_id"] for f in entries] == []  # the leader's settlement was not part of this test
+    event = [f for _id, f in rclient.xrange(KEYS.events) if f["job_id"] == follower]
+    assert event[0]["deduped_from"] == leader and event[0]["cost_usd"] == "0.000000"
+    assert runtime.metrics.dedup_saved._value.get() == pytest.approx(0.18)
+
+
+def test_a_job_past_its_deadline_is_still_served_but_a_gone_result_is_not_reused(
+    runtime: Runtime, rclient: redis.Redis
+) -> None:
+    leader, canonical = lead_and_succeed(runtime, rclient)
+    lifecycle.finish(
+        runtime,
+        JobRecord.from_hash(rclient.hgetall(KEYS.job(leader))),
+        JobState.SUCCEEDED,
+        fence=Fence(),
+        fields={"result": {"video": {"url": OUT}}, "cost_actual_micro": 180_000},
+    )
+    late = enqueue_identical(runtime, deadline_s=0.01)
+    wait_until(lambda: lifecycle.past_deadline(runtime, runtime.store.record(late)), timeout_s=2, what="late")  # type: ignore[arg-type]
+    assert Submitter(runtime).handle(late) is Outcome.SERVED
+    assert rclient.hget(KEYS.job(late), "deduped_from") == leader
+    # fal's CDN no longer serves the output: the success is forgotten and nothing is served from it
+    runtime.gone.add("/files/o/out.mp4")  # type: ignore[attr-defined]
+    later = enqueue_identical(runtime, deadline_s=0.01)
+    wait_until(
+        lambda: lifecycle.past_deadline(runtime, runtime.store.record(later)), timeout_s=2, what="late"
+    )  # type: ignore[arg-type]
+    assert Submitter(runtime).handle(later) is Outcome.FAILED  # past its deadline, and nothing to reuse
+    assert rclient.hget(KEYS.job(later), "deduped_from") is None
+    assert rclient.get(KEYS.dedupe_done(canonical)) is None
