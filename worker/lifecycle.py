@@ -581,6 +581,7 @@ def claim_identical(
         lease_ms=int((deadline_s + LEADER_SLACK_S) * 1000),
         retention_ms=done_retention_ms(rt),
         refuse_done=refuse_done,
+        ambiguous_hold_ms=int(rt.settings.ambiguous_slot_hold_s * 1000),
     )
 
 

@@ -277,6 +277,40 @@ def test_a_failed_or_blocked_leader_is_not_waited_for(producer: Producer, rclien
     assert rclient.get(KEYS.dedupe_done(CANON)) is None
 
 
+def test_a_leader_dead_lettered_as_ambiguous_is_followed_not_paid_again(
+    producer: Producer, rclient: redis.Redis
+) -> None:
+    """fal may still run (and bill) an ambiguous submit: identical jobs follow it for the ambiguous
+    hold instead of submitting again; its webhook then serves them or frees them."""
+    store = DedupeStore(rclient, KEYS)
+    leader, la = gated(producer)
+    assert claim(store, leader, la).kind is ClaimKind.LEAD  # type: ignore[attr-defined]
+    now_ms = int(rclient.time()[0]) * 1000
+    ambiguous = {"state": "FAILED", "dead_letter_reason": "ambiguous_submit", "finished_at_ms": now_ms}
+    rclient.hset(KEYS.job(leader), mapping=ambiguous)
+
+    def look(job_id: str, attempt: str, hold_ms: int) -> object:
+        return store.claim(
+            job_id, attempt, CANON, lease_ms=60_000, retention_ms=60_000, ambiguous_hold_ms=hold_ms
+        )
+
+    f1, a1 = gated(producer)
+    assert look(f1, a1, 3_600_000).kind is ClaimKind.FOLLOW  # type: ignore[attr-defined]
+    # the late webhook says fal ran it: the follower is served its result, nothing paid again
+    result = json.dumps({"video": {"url": "https://v3.fal.media/files/o/late.mp4"}})
+    rclient.hset(KEYS.job(leader), mapping={"ambiguous_resolved": "succeeded_at_fal", "result": result})
+    served = look(f1, a1, 3_600_000)
+    assert served.kind is ClaimKind.SERVED and served.other == leader  # type: ignore[attr-defined]
+    # fal did not run it: a follower leads; and past the hold without news, too
+    rclient.hset(KEYS.job(leader), mapping={"ambiguous_resolved": "failed_at_fal", "result": ""})
+    f2, a2 = gated(producer)
+    assert look(f2, a2, 3_600_000).kind is ClaimKind.LEAD  # type: ignore[attr-defined]
+    leader2 = f2
+    rclient.hset(KEYS.job(leader2), mapping=ambiguous)
+    f3, a3 = gated(producer)
+    assert look(f3, a3, 0).kind is ClaimKind.LEAD  # type: ignore[attr-defined]
+
+
 def test_a_succeeded_leader_whose_release_was_lost_still_serves(
     producer: Producer, rclient: redis.Redis
 ) -> None:

@@ -111,9 +111,11 @@ class DedupeStore:
         lease_ms: int,
         retention_ms: int,
         refuse_done: str = "",
+        ambiguous_hold_ms: int = 0,
     ) -> Claim:
         """Lead, follow or be served for ``canonical`` (see ``lua/dedupe_claim.lua``); fenced by
-        ``attempt``. ``refuse_done`` names a succeeded job whose result must not be reused."""
+        ``attempt``. ``refuse_done`` names a succeeded job whose result must not be reused; a leader
+        dead-lettered as an ambiguous submit is followed for ``ambiguous_hold_ms``."""
         leader_key, done_key, _followers = names = self._names(canonical)
         for _ in range(5):
             done, leader = (_text(x) if x else "" for x in self.r.mget(done_key, leader_key))
@@ -121,7 +123,15 @@ class DedupeStore:
             cand_key = self.keys.job(candidate) if candidate else self.keys.job(job_id)
             raw = self._claim(
                 keys=[self.keys.job(job_id), *names, cand_key],
-                args=[job_id, attempt, candidate, int(lease_ms), int(retention_ms), refuse_done],
+                args=[
+                    job_id,
+                    attempt,
+                    candidate,
+                    int(lease_ms),
+                    int(retention_ms),
+                    refuse_done,
+                    int(ambiguous_hold_ms),
+                ],
             )
             code = int(raw[0])
             if code == 4:

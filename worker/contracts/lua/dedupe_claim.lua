@@ -7,7 +7,10 @@
 --       5 the record HASH of the candidate: the job the caller read from KEYS[3], else from KEYS[2]
 --       (the job's own record when neither named one).
 -- ARGV: 1 job id, 2 attempt, 3 candidate id ('' = none), 4 leader lease ms (job deadline + slack),
---       5 done retention ms, 6 a done job id the caller refuses to reuse (its result URL is gone; '')
+--       5 done retention ms, 6 a done job id the caller refuses to reuse (its result URL is gone; ''),
+--       7 the ambiguous hold ms: a leader dead-lettered as an ambiguous submit may still be run (and
+--       billed) by fal, so identical jobs follow it that long instead of paying again; its
+--       webhook, if it comes, serves them (succeeded at fal) or frees them (failed at fal).
 -- Returns {0, state}: the fence refused (nothing changed);
 --         {1, job id}: this job leads (the leader STRING names it, lease renewed);
 --         {2, leader}: attached as a follower of a live leader;
@@ -60,6 +63,18 @@ if leader ~= '' then
     if hit then return hit end
   elseif s == 'BLOCKED' then
     return {5, leader}
+  elseif s == 'FAILED' and (redis.call('HGET', KEYS[5], 'dead_letter_reason') or '') == 'ambiguous_submit' then
+    local f = redis.call('HMGET', KEYS[5], 'ambiguous_resolved', 'result', 'cost_actual_micro', 'finished_at_ms')
+    if f[1] == 'succeeded_at_fal' and f[2] and f[2] ~= '' and leader ~= ARGV[6] then
+      redis.call('ZREM', KEYS[4], job_id)
+      return {3, leader, f[2], f[3] or '0'}
+    end
+    if not f[1] and now_ms - (tonumber(f[4]) or 0) < tonumber(ARGV[7] or '0') then
+      redis.call('ZADD', KEYS[4], now_ms, job_id)
+      redis.call('PEXPIRE', KEYS[4], ARGV[4])
+      redis.call('HSET', job_key, 'dedupe_role', 'follower', 'dedupe_leader', leader)
+      return {2, leader}
+    end
   elseif s ~= '' and not TERMINAL[s] then
     redis.call('ZADD', KEYS[4], now_ms, job_id)
     redis.call('PEXPIRE', KEYS[4], ARGV[4])
@@ -67,7 +82,8 @@ if leader ~= '' then
     return {2, leader}
   end
 end
--- no live leader (none, or it failed, was cancelled or expired): this job leads
+-- no live leader (none, or it failed, was cancelled or expired, or its ambiguous submit is
+-- resolved as failed at fal or held past the ambiguous hold): this job leads
 redis.call('SET', KEYS[2], job_id, 'PX', ARGV[4])
 redis.call('ZREM', KEYS[4], job_id)
 redis.call('HSET', job_key, 'dedupe_role', 'leader', 'dedupe_leader', '')
