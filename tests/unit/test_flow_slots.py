@@ -290,3 +290,32 @@ def test_reserved_high_slots_serve_only_high_whatever_the_share(r: redis.Redis) 
     assert p.acquire("b0", "normal", tenant="b").status is SlotStatus.WAITING  # the last slot is high's
     assert p.acquire("a9", "high", tenant="a").acquired
     assert p.in_use_by_tenant() == {"a": 3}
+
+
+def test_weights_act_even_when_more_tenants_wait_than_there_are_slots(r: redis.Redis) -> None:
+    """20 tenants for 4 slots: every idle tenant ties at zero slots held, and the virtual time
+    (1/weight per admission) breaks the tie, so a weight-5 tenant is admitted ~5x as often."""
+    tenants = [f"t{i:02d}" for i in range(20)]
+    r.hset(f"{PREFIX}:tenant:params", mapping={"w:t00": "5", "w:t01": "5"})
+    p = pool(r, 4)
+    for t in tenants:
+        _fill(p, t, 120)
+    admitted: collections.Counter[str] = collections.Counter()
+    holders = [j for t in tenants for j in (f"{t}{i}" for i in range(120)) if p.holds(j)]
+    for _ in range(400):
+        for job in p.release(holders.pop(0)):
+            admitted[job[:3]] += 1
+            holders.append(job)
+    heavy = (admitted["t00"] + admitted["t01"]) / 2
+    light = sum(admitted[t] for t in tenants[2:]) / 18
+    assert 4 <= heavy / light <= 6, admitted  # weight 5 vs 1
+    assert float(r.hget(f"{PREFIX}:fc:fair", "vnow") or 0) > 0
+
+
+def test_an_idle_tenant_forgets_its_virtual_time(r: redis.Redis) -> None:
+    p = pool(r, 1)
+    assert p.acquire("a0", "normal", tenant="a").acquired
+    assert p.acquire("b0", "normal", tenant="b").status is SlotStatus.WAITING
+    assert p.release("a0") == ["b0"]
+    # a holds nothing and waits for nothing
+    assert r.hget(f"{PREFIX}:fc:fair", "vt:a") is None and r.hget(f"{PREFIX}:fc:fair", "vt:b") is not None

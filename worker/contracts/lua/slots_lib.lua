@@ -3,20 +3,32 @@
 -- job -> lease deadline), waiting (SET of waiting ids), wait_q (ZSET, all scores 0, of waiting
 -- entries '<tenant>|<priority 1..3>|<seq>|<job>': lexical order = per tenant, by priority, then
 -- FIFO), fair (HASH: pos:<job> = its wait_q entry, use:<tenant> = slots it holds, own:<job> = the
--- tenant of a slot holder, depth:<priority> = waiting per priority, seq), params (HASH: w:<tenant>
+-- tenant of a slot holder, depth:<priority> = waiting per priority, seq, vt:<tenant> = its virtual
+-- time, vnow = the virtual time of the last admission), params (HASH: w:<tenant>
 -- weight, max:<tenant> most concurrent slots; written by `reframe tenants set`), capacity,
 -- reserved (slots kept for high), lease_ms.
 --
 -- The rule (one decision per free slot, in the script that frees it): among tenants with a job that
 -- may take the slot (a reserved-high slot serves only high; a tenant at its max_concurrent waits),
--- the slot goes to the one with the lowest use/weight (ties: the higher priority, then the older
--- entry), and within that tenant to its best entry: priority, then FIFO. This is progressive
+-- the slot goes to the one with the lowest use/weight; ties go to the lowest virtual time (each
+-- admission adds 1/weight to its tenant's; a tenant that becomes active starts at the last
+-- admission's, as in start-time fair queuing), so while more tenants wait than there are slots
+-- and they all tie at zero, admissions still follow the weights; then the higher priority, then
+-- the older entry. Within the chosen tenant: its best entry, priority then FIFO. This is progressive
 -- filling: while tenants A and B both wait, use_A/w_A and use_B/w_B never differ by more than one
 -- slot's worth (1/w of the one just served) after a decision, so each tenant's share of the slots
 -- stays within one slot of its weighted share; a tenant with nothing waiting takes no slot, and
 -- its share is used by the others (work-conserving).
 
 local function hnum(field) return tonumber(redis.call('HGET', fair, field)) or 0 end
+local function weight_of(t) return tonumber(redis.call('HGET', params, 'w:' .. t) or '') or 1 end
+local function has_waiting(t)
+  return redis.call('ZRANGEBYLEX', wait_q, '[' .. t .. '|', '[' .. t .. '|\255', 'LIMIT', 0, 1)[1] ~= nil
+end
+-- a tenant with nothing waiting and no slot forgets its virtual time (it restarts at vnow)
+local function forget_if_idle(t)
+  if hnum('use:' .. t) <= 0 and not has_waiting(t) then redis.call('HDEL', fair, 'vt:' .. t) end
+end
 
 -- the tenant, priority and seq of a wait_q entry
 local function parse_entry(entry)
@@ -28,10 +40,11 @@ local function unqueue(job)
   if redis.call('SREM', waiting, job) == 0 then return 0 end
   local entry = redis.call('HGET', fair, 'pos:' .. job)
   if entry then
-    local _, p = parse_entry(entry)
+    local t, p = parse_entry(entry)
     redis.call('ZREM', wait_q, entry)
     redis.call('HDEL', fair, 'pos:' .. job)
     if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
+    forget_if_idle(t)
   end
   return 1
 end
@@ -39,6 +52,12 @@ end
 -- queue `job` of `tenant` at priority p (1 high .. 3 low), once
 local function enqueue_wait(job, tenant, p)
   if redis.call('SISMEMBER', waiting, job) == 1 then return end
+  if hnum('use:' .. tenant) <= 0 and not has_waiting(tenant) then
+    -- becoming active: start at the last admission's virtual time, not before it (no catching up
+    -- on service missed while it had nothing to do)
+    local vnow = hnum('vnow')
+    if hnum('vt:' .. tenant) < vnow then redis.call('HSET', fair, 'vt:' .. tenant, vnow) end
+  end
   local seq = redis.call('HINCRBY', fair, 'seq', 1)
   local entry = tenant .. '|' .. p .. '|' .. string.format('%016d', seq) .. '|' .. job
   redis.call('ZADD', wait_q, 0, entry)
@@ -51,6 +70,9 @@ local function take_slot(job, tenant)
   redis.call('ZADD', slots, now_ms + lease_ms, job)
   redis.call('HSET', fair, 'own:' .. job, tenant)
   redis.call('HINCRBY', fair, 'use:' .. tenant, 1)
+  local vt = hnum('vt:' .. tenant)
+  if vt > hnum('vnow') then redis.call('HSET', fair, 'vnow', vt) end  -- never backwards
+  redis.call('HINCRBYFLOAT', fair, 'vt:' .. tenant, 1 / weight_of(tenant))
 end
 
 local function drop_slot(job)
@@ -59,6 +81,7 @@ local function drop_slot(job)
   if tenant then
     redis.call('HDEL', fair, 'own:' .. job)
     if redis.call('HINCRBY', fair, 'use:' .. tenant, -1) <= 0 then redis.call('HDEL', fair, 'use:' .. tenant) end
+    forget_if_idle(tenant)
   end
 end
 
@@ -91,12 +114,14 @@ local function choose()
       local cap = tonumber(redis.call('HGET', params, 'max:' .. t) or '')
       local use = hnum('use:' .. t)
       if not (cap and use >= cap) and not (only_high and p ~= 1) then
-        local w = tonumber(redis.call('HGET', params, 'w:' .. t) or '') or 1
-        local share = use / w
-        if not best_key or share < best_key[1] or (share == best_key[1] and (p < best_key[2]
-            or (p == best_key[2] and seq < best_key[3]))) then
-          best, best_key = head, {share, p, seq}
+        local key = {use / weight_of(t), hnum('vt:' .. t), p, seq}
+        local better = not best_key
+        if not better then
+          for i = 1, 4 do
+            if key[i] ~= best_key[i] then better = key[i] < best_key[i] break end
+          end
         end
+        if better then best, best_key = head, key end
       end
     end
     -- the next tenant: the first entry past every entry of t
@@ -112,11 +137,11 @@ local function admit_all()
     local entry = choose()
     if not entry then return admitted end
     local t, _, _, job = parse_entry(entry)
-    unqueue(job)
     if not redis.call('ZSCORE', slots, job) then
-      take_slot(job, t)
+      take_slot(job, t)  -- before unqueue: the tenant is not idle in between
       table.insert(admitted, job)
     end
+    unqueue(job)
   end
 end
 

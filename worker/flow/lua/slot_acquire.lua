@@ -24,8 +24,8 @@ end
 enqueue_wait(job, tenant, p)
 local entry = choose()
 if entry and redis.call('HGET', fair, 'pos:' .. job) == entry then
+  take_slot(job, tenant)  -- before unqueue: the tenant is not idle in between
   unqueue(job)
-  take_slot(job, tenant)
   return {1, 0}
 end
 return {0, ahead_of(job)}
