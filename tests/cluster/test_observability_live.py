@@ -127,6 +127,8 @@ def test_every_dashboard_query_evaluates_and_key_panels_have_data(
     ns = 'namespace=~"$namespace"'
     wait_for_data(server, f'sum(increase(reframe_jobs_finished_total{{outcome="succeeded", {ns}}}[5m])) > 0')
     wait_for_data(server, f"reframe_cluster_scrape_success{{{ns}}} == 1")
+    # each target is scraped on its own schedule: the API's rates need two of its own samples
+    wait_for_data(server, f"sum(rate(reframe_api_requests_total{{{ns}}}[$__rate_interval])) > 0")
     empty: list[str] = []
     for title, expr in dashboard_targets():
         data = server.query(substitute(expr))  # raises on a query Prometheus rejects

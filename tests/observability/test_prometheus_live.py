@@ -179,6 +179,9 @@ def test_dashboard_and_alerts_in_real_prometheus(live: PrometheusServer) -> None
     # Rates need two samples in the window; wait until the busiest series has a rate.
     wait_for_data(server, f'sum(rate(reframe_jobs_finished_total{{namespace="{NAMESPACE}"}}[30s])) > 0')
     wait_for_data(server, f'reframe_cluster_scrape_success{{namespace="{NAMESPACE}"}} == 1')
+    # every target is scraped on its own schedule: the API's rates need two of its own samples too
+    wait_for_data(server, f'sum(rate(reframe_api_requests_total{{namespace="{NAMESPACE}"}}[30s])) > 0')
+    wait_for_data(server, f'sum(rate(reframe_api_fal_webhooks_total{{namespace="{NAMESPACE}"}}[30s])) > 0')
     wait_for_data(
         server,
         "histogram_quantile(0.95, sum by (le) "
