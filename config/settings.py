@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from config.accounts import AccountSpec, check_keys, parse_account_keys, parse_accounts, pool_specs
+
 ENV_PREFIX = "REFRAME_"
 FAL_KEY_ENV = "FAL_KEY"
 
@@ -204,7 +206,23 @@ class Settings(BaseSettings):
     )
 
     # --- flow control ------------------------------------------------------------------------
-    max_concurrency: PosInt = Field(default=2, description="Cluster-wide cap of fal requests in flight.")
+    max_concurrency: PosInt = Field(
+        default=2,
+        description="Cluster-wide cap of fal requests in flight (the one account's cap when "
+        "REFRAME_FAL_ACCOUNTS is unset; ignored when it is set: the caps of the accounts add up).",
+    )
+    fal_accounts: str = Field(
+        default="",
+        description="A pool of fal accounts, `id:cap[:rate_per_s],...` (e.g. `a:3,b:5:2.5`): each its own "
+        "cap of requests in flight, submit rate (default REFRAME_SUBMIT_RATE_PER_S), breaker and key "
+        "(REFRAME_FAL_ACCOUNT_KEYS). Unset: one account, `default`, with REFRAME_MAX_CONCURRENCY and "
+        "FAL_KEY.",
+    )
+    fal_account_keys: SecretStr | None = Field(
+        default=None,
+        description="The fal key of each account of REFRAME_FAL_ACCOUNTS, `id=key_id:key_secret; id2=...`; "
+        "an account not listed uses FAL_KEY (at most one may).",
+    )
     reserved_high_slots: NonNegInt = Field(default=0, description="Slots only high-priority jobs may take.")
     slot_lease_ttl_s: PosFloat = Field(
         default=60.0, description="A slot lease; renewed while fal reports the request alive."
@@ -529,6 +547,20 @@ class Settings(BaseSettings):
                     raise ValueError(f"entry {entry!r} is neither a CIDR nor a host name") from None
         return value.strip()
 
+    @field_validator("fal_accounts")
+    @classmethod
+    def _check_fal_accounts(cls, value: str) -> str:
+        parse_accounts(value)
+        return value.strip()
+
+    @field_validator("fal_account_keys")
+    @classmethod
+    def _check_fal_account_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        parse_account_keys(value.get_secret_value())
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -552,8 +584,15 @@ class Settings(BaseSettings):
                 f"{TASK_DEADLINE_MARGIN_S:g} s (the task watchdog ends a hung worker at the limit; "
                 "its message must not return before)"
             )
-        if self.reserved_high_slots >= self.max_concurrency:
-            raise ValueError("REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY")
+        if self.reserved_high_slots >= self.slot_capacity:
+            raise ValueError(
+                "REFRAME_RESERVED_HIGH_SLOTS must be below REFRAME_MAX_CONCURRENCY "
+                "(with REFRAME_FAL_ACCOUNTS: below the sum of the accounts' caps)"
+            )
+        try:
+            check_keys(self.fal_account_specs, self.fal_account_key_map)
+        except ValueError as err:
+            raise ValueError(f"REFRAME_FAL_ACCOUNT_KEYS: {err}") from None
         if self.breaker_open_cap_s < self.breaker_open_base_s:
             raise ValueError("REFRAME_BREAKER_OPEN_CAP_S must be >= REFRAME_BREAKER_OPEN_BASE_S")
         if self.retry_cap_s < self.retry_base_s:
@@ -592,6 +631,27 @@ class Settings(BaseSettings):
             if own:
                 return own
         return self.callback_secret_list
+
+    @property
+    def fal_account_specs(self) -> list[AccountSpec]:
+        """The pool of fal accounts (one ``default`` account unless REFRAME_FAL_ACCOUNTS is set)."""
+        return pool_specs(self.fal_accounts, self.max_concurrency)
+
+    @property
+    def slot_capacity(self) -> int:
+        """The most fal requests in flight: the sum of the accounts' caps."""
+        return sum(a.cap for a in self.fal_account_specs)
+
+    @property
+    def fal_account_key_map(self) -> dict[str, str]:
+        """{account id: key} of REFRAME_FAL_ACCOUNT_KEYS. Only the HTTP clients should read it."""
+        if self.fal_account_keys is None:
+            return {}
+        return parse_account_keys(self.fal_account_keys.get_secret_value())
+
+    def fal_key_of(self, account: str) -> str:
+        """The fal key of ``account`` (its own, else FAL_KEY). Only the HTTP clients should call this."""
+        return self.fal_account_key_map.get(account) or self.fal_key_value
 
     @property
     def fal_key_value(self) -> str:
@@ -656,7 +716,8 @@ def load_settings(
     except ValidationError as exc:
         problems.extend(_describe(exc))
     else:
-        if require_fal_key and settings.talks_to_real_fal and not settings.fal_key_value:
+        keyless = [a.id for a in settings.fal_account_specs if not settings.fal_key_of(a.id)]
+        if require_fal_key and settings.talks_to_real_fal and keyless:
             problems.append(
                 f"{FAL_KEY_ENV}: required when REFRAME_FAL_QUEUE_URL points at fal ({settings.fal_queue_url})"
             )

@@ -123,6 +123,7 @@ def settings_or_exit(*, require_fal_key: bool = False, **overrides: Any) -> Sett
     _invocation.secrets = [
         urlsplit(settings.redis_url).password or "",
         settings.fal_key_value,
+        *settings.fal_account_key_map.values(),
         settings.callback_signing_key.get_secret_value() if settings.callback_signing_key else "",
     ]
     return settings

@@ -42,7 +42,9 @@ def cancel_at_fal(rt: Runtime, job_id: str) -> CancelOutcome:
     if not rec.fal_request_id:
         return CancelOutcome.REQUESTED
     try:
-        answer = rt.portal.call(lambda: rt.fal.cancel(receipt_from_record(rec, rt)), timeout_s=60)
+        # with the key of the account the attempt is bound to: no other account can see the request
+        fal = rt.fal_for(rec.get("fal_account"))
+        answer = rt.portal.call(lambda: fal.cancel(receipt_from_record(rec, rt)), timeout_s=60)
     except FalError as err:
         log.warning("cancel of job %s at fal failed: %s", job_id, err)
         raise

@@ -417,7 +417,8 @@ class Housekeeper:
     def _check_at_fal(self, rec: JobRecord) -> None:
         receipt = receipt_from_record(rec, self.rt)
         try:
-            status = self.rt.portal.call(lambda: self.rt.fal.status(receipt), timeout_s=FAL_CALL_TIMEOUT_S)
+            fal = self.rt.fal_for(rec.get("fal_account"))  # the key of the account bound to the attempt
+            status = self.rt.portal.call(lambda: fal.status(receipt), timeout_s=FAL_CALL_TIMEOUT_S)
         except FalNotFoundError:
             status = None
         except (FalError, TimeoutError):

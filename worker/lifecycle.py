@@ -26,7 +26,7 @@ from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
 from worker.fal import FalAmbiguousError, FalError, FalTransientError, SubmitReceipt, backoff_s
-from worker.flow import BreakerState
+from worker.flow import BreakerState, CircuitBreaker, UnknownAccount
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,47 @@ def attempt_fence(attempt: str, *, request_id: str | None = None, states: Iterab
 
 
 # ---------------------------------------------------------------------- provider health
-def record_breaker(rt: Runtime, success: bool, *, probe: bool, before: BreakerState | None = None) -> None:
-    """Report a provider-health outcome to the shared breaker and count any state change it causes."""
+def breaker_of(rt: Runtime, account: str) -> CircuitBreaker:
+    """The breaker of fal account ``account`` ('' or an account no longer configured: the first's)."""
+    try:
+        return rt.flow.accounts.get(account).breaker
+    except UnknownAccount:
+        return rt.flow.breaker
+
+
+def record_breaker(
+    rt: Runtime, success: bool, *, probe: bool, before: BreakerState | None = None, account: str = ""
+) -> None:
+    """Report a provider-health outcome to the breaker of the fal account the request went through
+    (``account``; '' = the first) and count any state change it causes."""
+    breaker = breaker_of(rt, account)
     if before is None:
-        before = rt.flow.breaker.state().state
-    after = rt.flow.breaker.record(success, probe=probe)
+        before = breaker.state().state
+    after = breaker.record(success, probe=probe)
     if after != before:
         rt.metrics.breaker_transition(before.value, after.value)
+
+
+def key_rejected(rt: Runtime, account: str, err: FalError) -> None:
+    """fal rejected ``account``'s key (401/403): drain the account (no new slot goes to it) and say so.
+
+    With one account nothing is drained (there is no other to carry the work; jobs fail as
+    ``fal_rejected`` as before) but the rejection is logged the same way."""
+    if not rt.flow.accounts.multi:
+        log.error("fal rejected the key of account %s (%s)", account or "default", err.status_code)
+        return
+    try:
+        newly = rt.flow.accounts.drain(account)
+    except UnknownAccount:
+        return
+    if newly:
+        log.error(
+            "fal rejected the key of account %s (%s): account drained; its jobs at fal are resolved "
+            "there, new work goes to the other accounts (reframe accounts undrain %s after fixing it)",
+            account,
+            err.status_code,
+            account,
+        )
 
 
 def counts_against_breaker(err: FalError) -> bool:
@@ -159,13 +193,16 @@ def defer(
 
 
 def mark_submitting(rt: Runtime, job_id: str, attempt: str) -> MoveOutcome:
-    """Write the intent before the POST: only the attempt that owns the gate may."""
+    """Write the intent before the POST: only the attempt that owns the gate may. The same step binds
+    the attempt to the fal account of its slot (``fal_account``): its submit, status, result, cancel
+    and webhook use that account's key and no other."""
     return rt.store.move(
         job_id,
         JobState.SUBMITTING,
         attempt_fence(attempt, states=PRE_SUBMIT_STATES),
         fields={"submit_started_at_ms": rt.now_ms(), "submit_process": rt.process_id, "gate_until_ms": 0},
         incr={"attempts": 1},
+        bind_account=True,
     )
 
 

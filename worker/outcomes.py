@@ -65,7 +65,7 @@ def cancelled(rt: Runtime, rec: JobRecord, *, via: Via) -> None:
 
 def model_error(rt: Runtime, rec: JobRecord, err: FalModelError, *, via: Via) -> None:
     """The model rejected the input (fal's 422): fal said so; permanent, fal's messages verbatim."""
-    record_breaker(rt, True, probe=False)
+    record_breaker(rt, True, probe=False, account=rec.get("fal_account"))
     message = "; ".join(err.messages) or err.message
     failure = Failure("fal_validation", message, err.detail)
     _counted(rt, via, lifecycle.fail(rt, rec, failure, fence=fence_of(rec)))
@@ -75,7 +75,7 @@ def runner_failed(
     rt: Runtime, rec: JobRecord, status: QueueStatus, err: FalError | None, *, via: Via
 ) -> None:
     """fal finished the request with a runner error: not billed, and over, so a new attempt may go."""
-    record_breaker(rt, False, probe=False)
+    record_breaker(rt, False, probe=False, account=rec.get("fal_account"))
     message = status.error or (err.message if err else "runner failure")
     retry_after = getattr(err, "retry_after_s", None)
     previous = [x for x in rec.get("previous_request_ids").split(",") if x]

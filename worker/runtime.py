@@ -26,8 +26,9 @@ from config import Settings
 from worker.contracts.dedupe import DedupeStore
 from worker.contracts.models import Priority
 from worker.contracts.store import JobStore, SlotParams
-from worker.fal import FalClient
+from worker.fal import FalAuthError, FalClient
 from worker.flow import FlowControl
+from worker.flow.accounts import accounts_arg
 from worker.metrics import Metrics, get_metrics
 from worker.netguard import GuardedFetcher
 
@@ -96,6 +97,9 @@ class Runtime:
     process_id: str = field(default_factory=new_process_id)
     #: Hands a just-submitted job to this process's tracker (set by the tracker when it starts).
     track_hook: Callable[[str], None] | None = None
+    #: One fal client per fal account (``REFRAME_FAL_ACCOUNTS``), each with that account's key;
+    #: ``fal`` is the first account's.
+    fal_accounts: dict[str, FalClient] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
@@ -115,15 +119,19 @@ class Runtime:
             stream_maxlen=settings.results_stream_maxlen,
             dlq_retention_s=settings.dlq_retention_s,
             slot_params=SlotParams(
-                capacity=settings.max_concurrency,
+                capacity=settings.slot_capacity,
                 reserved_high=settings.reserved_high_slots,
                 lease_ms=round(settings.slot_lease_ttl_s * 1000),
+                accounts=accounts_arg([(a.id, a.cap, a.rate_per_s) for a in settings.fal_account_specs]),
             ),
         )
         m = metrics or get_metrics()
         portal = Portal()
         portal.start()
-        fal: FalClient = portal.call(lambda: _make_fal(settings, m))
+        clients: dict[str, FalClient] = {}
+        for spec in settings.fal_account_specs:
+            clients[spec.id] = portal.call(functools.partial(_make_fal, settings, m, spec.id))
+        fal = clients[settings.fal_account_specs[0].id]
         return cls(
             settings=settings,
             redis=client,
@@ -133,7 +141,19 @@ class Runtime:
             fal=fal,
             metrics=m,
             fetcher=GuardedFetcher.from_settings(settings),
+            fal_accounts=clients,
         )
+
+    def fal_for(self, account: str) -> FalClient:
+        """The fal client of ``account``, the account a job's attempt is bound to ('' = the first
+        account: records from before accounts). An account that is not configured any more raises
+        :class:`FalAuthError`: its requests are never read or cancelled with another account's key."""
+        if not account or not self.fal_accounts:
+            return self.fal
+        client = self.fal_accounts.get(account)
+        if client is None:
+            raise FalAuthError(f"fal account {account!r} is not configured", op="account", status_code=None)
+        return client
 
     @functools.cached_property
     def dedupe(self) -> DedupeStore:
@@ -157,18 +177,19 @@ class Runtime:
 
     def close(self) -> None:
         """Close the fal client, stop the loop, close Redis."""
-        try:
-            self.portal.call(self.fal.aclose, timeout_s=5)
-        except Exception:
-            log.debug("fal client close failed", exc_info=True)
+        for client in {id(c): c for c in [self.fal, *self.fal_accounts.values()]}.values():
+            try:
+                self.portal.call(client.aclose, timeout_s=5)
+            except Exception:
+                log.debug("fal client close failed", exc_info=True)
         self.portal.stop()
         self.fetcher.close()
         self.redis.close()
 
 
-async def _make_fal(settings: Settings, metrics: Metrics) -> FalClient:
+async def _make_fal(settings: Settings, metrics: Metrics, account: str) -> FalClient:
     # Created on the loop thread so httpx binds its pool to this loop.
-    return FalClient.from_settings(settings, on_request=metrics.fal_request)
+    return FalClient.from_settings(settings, key=settings.fal_key_of(account), on_request=metrics.fal_request)
 
 
 _runtime: Runtime | None = None

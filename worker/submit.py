@@ -34,18 +34,19 @@ from worker.contracts.dedupe import ClaimKind, is_canonical
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.quotes import ModelLimits
 from worker.contracts.record import JobRecord
-from worker.contracts.store import Fence, SlotAction
+from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.contracts.tenants import TenantRegistry
 from worker.dedupe import canonical_key, result_served
 from worker.fal import (
     FalAmbiguousError,
+    FalAuthError,
     FalError,
     FalPermanentError,
     FalTransientError,
     SubmitReceipt,
 )
 from worker.fal.webhooks import webhook_url
-from worker.flow import BreakerState, RateDecision
+from worker.flow import Account, BreakerDecision, BreakerState, RateDecision, UnknownAccount
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
 from worker.lifecycle import Failure, attempt_fence, record_breaker
@@ -197,11 +198,17 @@ class Submitter:
     def _gate_and_submit(self, rec: JobRecord, attempt: str) -> Outcome:
         job_id = rec.id
         record_key = self.rt.store.keys.job(job_id)
-        decision = self.flow.breaker.allow()
-        if not decision.allowed:
-            lifecycle.defer(self.rt, job_id, attempt, until_ms=decision.retry_at_ms, reason="breaker_open")
-            return Outcome.DEFERRED
-        probe = decision.probe
+        pool = self.flow.accounts
+        decision: BreakerDecision | None = None
+        if not pool.multi:
+            # One account: its breaker is asked first, the cheapest refusal (as before accounts).
+            decision = self.flow.breaker.allow()
+            if not decision.allowed:
+                lifecycle.defer(
+                    self.rt, job_id, attempt, until_ms=decision.retry_at_ms, reason="breaker_open"
+                )
+                return Outcome.DEFERRED
+        probe = decision.probe if decision else False
         estimate = self._estimate_micro(rec)
         if isinstance(estimate, Failure):
             self._give_back_probe(probe)
@@ -223,17 +230,45 @@ class Submitter:
             self._give_back_probe(probe)
             lifecycle.park_waiting(self.rt, job_id, attempt, ahead=slot.ahead)
             return Outcome.WAITING
+        try:
+            account = pool.get(slot.account)
+        except UnknownAccount:
+            account = pool.first  # a slot from before a configuration change: count it on the first
+        if decision is None:
+            decision = account.breaker.allow()
+            if not decision.allowed:
+                return self._breaker_refused(job_id, attempt, account, decision)
+            probe = decision.probe
         if not self._take_tenant_token(rec, attempt):
-            self._give_back_probe(probe)
+            self._give_back_probe(probe, account)
             return Outcome.DEFERRED
-        token = self._take_rate_token(job_id, attempt)
+        token = self._take_rate_token(job_id, attempt, account)
         if token is None:
-            self._give_back_probe(probe)
+            self._give_back_probe(probe, account)
             return Outcome.DEFERRED
-        outcome = self._submit(rec, attempt, probe=probe, breaker_state=decision.state)
+        outcome = self._submit(rec, attempt, probe=probe, breaker_state=decision.state, account=account)
         # After a pushback the first token is a lone probe: its outcome lets the others go.
-        self.flow.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST))
+        account.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST))
         return outcome
+
+    def _breaker_refused(
+        self, job_id: str, attempt: str, account: Account, decision: BreakerDecision
+    ) -> Outcome:
+        """Several accounts: the breaker of the account the slot is on refuses. That account takes no
+        new slot until the breaker may let a probe through; the job gives its slot back and is
+        dispatched again at once, to another account's room (nothing was sent: it cannot be paid)."""
+        now = self.rt.now_ms()
+        self.flow.accounts.drain(account.id, until_ms=max(decision.retry_at_ms, now + 1))
+        lifecycle.defer(
+            self.rt,
+            job_id,
+            attempt,
+            until_ms=now,
+            reason="breaker_open",
+            slot=SlotAction.RELEASE,
+            budget=BudgetAction.RELEASE,
+        )
+        return Outcome.DEFERRED
 
     def _take_tenant_token(self, rec: JobRecord, attempt: str) -> bool:
         """The tenant's own submit rate (``reframe tenants set --submit-rate-per-s``), before the
@@ -258,12 +293,15 @@ class Submitter:
                 return False
             time.sleep(decision.retry_after_ms / 1000)
 
-    def _take_rate_token(self, job_id: str, attempt: str) -> RateDecision | None:
-        """Wait briefly for a submit token; defer (keeping slot and reservation) if it is far off."""
+    def _take_rate_token(
+        self, job_id: str, attempt: str, account: Account | None = None
+    ) -> RateDecision | None:
+        """Wait briefly for a submit token of the slot's account; defer (keeping slot and
+        reservation) if it is far off."""
         started = time.monotonic()
         max_wait_ms = int(self.s.max_rate_wait_s * 1000)
         while True:
-            decision = self.flow.rate.try_acquire()
+            decision = (account or self.flow.accounts.first).rate.try_acquire()
             if decision.allowed:
                 waited = time.monotonic() - started
                 if waited > 0:
@@ -317,28 +355,47 @@ class Submitter:
         return micro
 
     # ------------------------------------------------------------------ submit
-    def _submit(self, rec: JobRecord, attempt: str, *, probe: bool, breaker_state: BreakerState) -> Outcome:
+    def _submit(
+        self, rec: JobRecord, attempt: str, *, probe: bool, breaker_state: BreakerState, account: Account
+    ) -> Outcome:
         intent = lifecycle.mark_submitting(self.rt, rec.id, attempt)
         if not intent.ok:
             # Another actor moved the job (cancelled, or a newer attempt): it owns the resources.
-            self._give_back_probe(probe)
+            self._give_back_probe(probe, account)
             return Outcome.LOST
-        if self._paused_since_token(rec.id, attempt, now_ms=intent.at_ms):
-            self._give_back_probe(probe)
+        # The intent bound the attempt to its slot's account: that account's key, and no other.
+        bound = self.rt.store.field(rec.id, "fal_account") or account.id
+        if bound != account.id:
+            account = self.flow.accounts.get(bound)
+        if self._paused_since_token(rec.id, attempt, now_ms=intent.at_ms, account=account):
+            self._give_back_probe(probe, account)
             return Outcome.DEFERRED
         payload = dict(rec.input)
         # With REFRAME_PUBLIC_URL, fal reports the end by webhook to a URL naming this attempt.
         hook = webhook_url(self.s, rec.id, attempt)
-        future: Future[SubmitReceipt] = self.rt.portal.spawn(self.rt.fal.submit(payload, webhook_url=hook))
+        fal = self.rt.fal_for(account.id)
+        future: Future[SubmitReceipt] = self.rt.portal.spawn(fal.submit(payload, webhook_url=hook))
         try:
             receipt = future.result(submit_timeout_s(self.rt) + 5)
         except FalAmbiguousError as err:
-            record_breaker(self.rt, False, probe=probe, before=breaker_state)
+            record_breaker(self.rt, False, probe=probe, before=breaker_state, account=account.id)
             lifecycle.ambiguous(self.rt, rec, attempt, reason=err.message)
             return Outcome.AMBIGUOUS
+        except FalAuthError as err:
+            record_breaker(self.rt, True, probe=probe, before=breaker_state, account=account.id)
+            lifecycle.key_rejected(self.rt, account.id, err)
+            if self.flow.accounts.multi:
+                return self._to_another_account(rec, attempt, account, err)
+            lifecycle.fail(
+                self.rt,
+                rec,
+                Failure("fal_rejected", err.message, err.detail),
+                fence=attempt_fence(attempt, states=[JobState.SUBMITTING]),
+            )
+            return Outcome.FAILED
         except FalPermanentError as err:
             # A definite "no" from fal: not charged, not counted against provider health.
-            record_breaker(self.rt, True, probe=probe, before=breaker_state)
+            record_breaker(self.rt, True, probe=probe, before=breaker_state, account=account.id)
             lifecycle.fail(
                 self.rt,
                 rec,
@@ -347,29 +404,57 @@ class Submitter:
             )
             return Outcome.FAILED
         except FalTransientError as err:
-            self._on_transient_submit_error(rec, attempt, err, probe=probe, before=breaker_state)
+            self._on_transient_submit_error(
+                rec, attempt, err, probe=probe, before=breaker_state, account=account
+            )
             return Outcome.DEFERRED
         except (TimeoutError, CancelledError):
             # The wait ended but the call goes on: its receipt, if any, is recorded when it comes.
-            record_breaker(self.rt, False, probe=probe, before=breaker_state)
-            future.add_done_callback(lambda f: self._late(rec, attempt, f))
+            record_breaker(self.rt, False, probe=probe, before=breaker_state, account=account.id)
+            future.add_done_callback(lambda f: self._late(rec, attempt, f, account.id))
             lifecycle.ambiguous(
                 self.rt, rec, attempt, reason="submit did not finish within the task's deadline"
             )
             return Outcome.AMBIGUOUS
-        record_breaker(self.rt, True, probe=probe, before=breaker_state)
+        record_breaker(self.rt, True, probe=probe, before=breaker_state, account=account.id)
         if rec.attempts == 0:
             self.flow.retry_budget.record_first_attempt()
-        return self._accepted(rec, attempt, receipt)
+        return self._accepted(rec, attempt, receipt, account)
 
-    def _accepted(self, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> Outcome:
+    def _to_another_account(
+        self, rec: JobRecord, attempt: str, account: Account, err: FalAuthError
+    ) -> Outcome:
+        """fal rejected the key of the slot's account (401/403): the account is drained, the job gives
+        its slot and reservation back and is dispatched again at once, to another account.
+
+        Why this cannot pay twice: fal checks the key before it queues anything, so a 401/403 answer
+        means no request was created (no request id, nothing to bill); the job has no fal request
+        id, and the attempt count is given back, so the resubmit elsewhere is its first request.
+        """
+        moved = lifecycle.defer(
+            self.rt,
+            rec.id,
+            attempt,
+            until_ms=self.rt.now_ms(),
+            reason="account_drained",
+            states=[JobState.SUBMITTING],
+            slot=SlotAction.RELEASE,
+            budget=BudgetAction.RELEASE,
+            fields={
+                "last_error": {"type": "fal_key_rejected", "message": f"account {account.id}: {err.message}"}
+            },
+            incr={"attempts": -1},
+        )
+        return Outcome.DEFERRED if moved.ok else Outcome.LOST
+
+    def _accepted(self, rec: JobRecord, attempt: str, receipt: SubmitReceipt, account: Account) -> Outcome:
         moved = lifecycle.accepted(self.rt, rec, attempt, receipt)
         if not moved.ok:
             now = self.rt.store.record(rec.id)
             if now is not None and now.attempt == attempt and now.fal_request_id == receipt.request_id:
                 # fal's webhook arrived first and adopted this very request: it is ours, keep it.
                 return Outcome.SUBMITTED
-            self._cancel_late(receipt)
+            self._cancel_late(receipt, account.id)
             return Outcome.LOST
         if rec.attempts == 0 and rec.created_at_ms:
             # Queue wait excludes deliberate delays: time parked in DEFERRED is not counted.
@@ -378,40 +463,40 @@ class Submitter:
             wait_s = max(0.0, (moved.at_ms - rec.created_at_ms - deferred_ms) / 1000)
             self.rt.metrics.job_queue_wait(rec.priority.value, wait_s)
         if self.rt.store.cancel_requested(rec.id):
-            self._cancel_at_fal(receipt)
+            self._cancel_late(receipt, account.id)
         return Outcome.SUBMITTED
 
-    def _late(self, rec: JobRecord, attempt: str, future: Future[SubmitReceipt]) -> None:
+    def _late(self, rec: JobRecord, attempt: str, future: Future[SubmitReceipt], account: str) -> None:
         """A POST we stopped waiting for finished after all: record its receipt against its attempt."""
         if future.cancelled() or future.exception() is not None:
             return
         receipt = future.result()
         try:
             lifecycle.late_receipt(self.rt, rec.id, attempt, receipt, state="ambiguous")
-            self._cancel_late(receipt)
+            self._cancel_late(receipt, account)
         except Exception:
             log.exception("recording the late receipt of job %s failed", rec.id)
 
-    def _cancel_late(self, receipt: SubmitReceipt) -> None:
-        """Cancel a request nobody follows: fal does not bill one cancelled while still queued."""
-        self.rt.portal.spawn(self._cancel_quietly(receipt))
+    def _cancel_late(self, receipt: SubmitReceipt, account: str) -> None:
+        """Cancel a request nobody follows (with the key of the account that holds it): fal does not
+        bill one cancelled while still queued."""
+        self.rt.portal.spawn(self._cancel_quietly(receipt, account))
 
-    async def _cancel_quietly(self, receipt: SubmitReceipt) -> None:
+    async def _cancel_quietly(self, receipt: SubmitReceipt, account: str) -> None:
         try:
-            await self.rt.fal.cancel(receipt)
+            await self.rt.fal_for(account).cancel(receipt)
         except FalError as err:
             log.warning("cancel of late fal request %s failed: %s", receipt.request_id, err)
 
-    def _cancel_at_fal(self, receipt: SubmitReceipt) -> None:
-        self.rt.portal.spawn(self._cancel_quietly(receipt))
-
-    def _paused_since_token(self, job_id: str, attempt: str, *, now_ms: int) -> bool:
+    def _paused_since_token(
+        self, job_id: str, attempt: str, *, now_ms: int, account: Account | None = None
+    ) -> bool:
         """True (and the job deferred again, unsent) if fal pushed back after this job took its token.
 
         The token script already checks the pause; this second look, just before the request goes
         out, closes the window in which another worker's 429 arrives between token and send.
         """
-        until = self.flow.rate.paused_until_ms()
+        until = (account or self.flow.accounts.first).rate.paused_until_ms()
         if until is None or until <= now_ms:
             return False
         moved = lifecycle.defer(
@@ -429,13 +514,21 @@ class Submitter:
         return moved.ok
 
     def _on_transient_submit_error(
-        self, rec: JobRecord, attempt: str, err: FalTransientError, *, probe: bool, before: BreakerState
+        self,
+        rec: JobRecord,
+        attempt: str,
+        err: FalTransientError,
+        *,
+        probe: bool,
+        before: BreakerState,
+        account: Account,
     ) -> None:
         """fal did not accept the request: free the slot and reservation, retry later if allowed."""
-        record_breaker(self.rt, not lifecycle.counts_against_breaker(err), probe=probe, before=before)
+        ok = not lifecycle.counts_against_breaker(err)
+        record_breaker(self.rt, ok, probe=probe, before=before, account=account.id)
         if err.status_code in (429, 503) and err.retry_after_s:
-            # fal asked everyone to back off: hold every worker's submits until then.
-            paused = self.flow.rate.pause(min(err.retry_after_s, self.s.retry_after_max_s))
+            # fal asked this account to back off: hold every worker's submits through it until then.
+            paused = account.rate.pause(min(err.retry_after_s, self.s.retry_after_max_s))
             self.rt.metrics.rate_limit_paused(err.retry_after_s)
             log.info("fal asked to retry after %.1fs; cluster paused until %d", err.retry_after_s, paused)
         reason = f"http_{err.status_code}" if err.status_code else "connect"
@@ -464,6 +557,6 @@ class Submitter:
         done = lifecycle.ambiguous(self.rt, rec, rec.attempt, reason="worker lost during submit")
         return Outcome.AMBIGUOUS if done else Outcome.LOST
 
-    def _give_back_probe(self, probe: bool) -> None:
+    def _give_back_probe(self, probe: bool, account: Account | None = None) -> None:
         if probe:
-            self.flow.breaker.release_probe()
+            (account.breaker if account is not None else self.flow.breaker).release_probe()

@@ -14,7 +14,11 @@ What fal *said* and what we *could not read* are kept apart (README, "Never payi
   attempt (fal does not bill it); a model error (the result's 4xx) fails the job;
 * a status or result read that fails (5xx, timeout, reset) is retried with backoff for as long as
   fal keeps the result (``result_read_deadline_s``) and never leads to a new submit;
-* a 404 is re-checked for ``lost_confirm_s`` before the request is called lost (charged).
+* a 404 is re-checked for ``lost_confirm_s`` before the request is called lost (charged);
+* every read uses the key of the fal account the attempt is bound to (``fal_account``). A 401/403
+  (the key was revoked) drains that account and is re-checked like a 404: if the key stays
+  rejected for ``lost_confirm_s``, what fal did cannot be read with any key we may use, so the job
+  is called lost (FAILED, charged at its estimate) and never resubmitted.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import JobState
 from worker.contracts.record import JobRecord, text
 from worker.fal import (
+    FalAuthError,
+    FalClient,
     FalError,
     FalModelError,
     FalNotFoundError,
@@ -157,14 +163,21 @@ class Tracker:
             await asyncio.to_thread(self._drop, job_id)
             return
         receipt = receipt_from_record(rec, self.rt)
-        if self.s.webhooks_on and await self._checked_once(rec, receipt):
+        try:
+            fal = self.rt.fal_for(rec.get("fal_account"))
+        except FalAuthError as err:
+            await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message, via="status")
+            return
+        if self.s.webhooks_on and await self._checked_once(rec, receipt, fal):
             return
         failures = 0
         not_found_since: float | None = None
         while True:
             try:
-                final = await self._watch(rec, receipt)
-            except FalNotFoundError as err:
+                final = await self._watch(rec, receipt, fal)
+            except (FalNotFoundError, FalAuthError) as err:
+                if isinstance(err, FalAuthError):
+                    await asyncio.to_thread(lifecycle.key_rejected, self.rt, rec.get("fal_account"), err)
                 # fal may answer 404 for a moment (a replica that has not seen the request yet):
                 # re-check for lost_confirm_s before calling the request lost.
                 now = time.monotonic()
@@ -183,21 +196,21 @@ class Tracker:
                 continue
             not_found_since = None
             if final is not None:
-                await self._finish(rec, receipt, final)
+                await self._finish(rec, receipt, final, fal)
                 return
 
-    async def _checked_once(self, rec: JobRecord, receipt: SubmitReceipt) -> bool:
+    async def _checked_once(self, rec: JobRecord, receipt: SubmitReceipt, fal: FalClient) -> bool:
         """Webhook mode: the job's webhook is late (the grace ran out). One status GET: the end is
         handled now, a running request is looked at again in ``webhook_recheck_s`` (claim handed
         back, slot lease kept); no connection stays open per job. False when fal's answer was an
         error: the caller follows the request as usual (404 confirmation, backoff)."""
         try:
-            status = await self.rt.fal.status(receipt)
+            status = await fal.status(receipt)
         except (FalError, OSError):
             return False
         self.rt.metrics.tracker_poll("ok")
         if await self._observe(rec, status):
-            await self._finish(rec, receipt, status)
+            await self._finish(rec, receipt, status, fal)
             return True
         recheck_ms = int(self.s.webhook_recheck_s * 1000)
         await asyncio.to_thread(
@@ -219,16 +232,16 @@ class Tracker:
             self.rt.process_id,
         )
 
-    async def _watch(self, rec: JobRecord, receipt: SubmitReceipt) -> QueueStatus | None:
+    async def _watch(self, rec: JobRecord, receipt: SubmitReceipt, fal: FalClient) -> QueueStatus | None:
         """Follow the status until COMPLETED (returned) or the stream ends (None)."""
         if self.s.use_status_stream:
             # aclosing: leaving the loop early must release the stream's connection at once.
-            async with contextlib.aclosing(self.rt.fal.stream_status(receipt)) as stream:
+            async with contextlib.aclosing(fal.stream_status(receipt)) as stream:
                 async for status in stream:
                     if await self._observe(rec, status):
                         return status
             return None
-        status = await self.rt.fal.status(receipt)
+        status = await fal.status(receipt)
         if await self._observe(rec, status):
             return status
         self.rt.metrics.tracker_poll("ok")
@@ -258,16 +271,18 @@ class Tracker:
         return False
 
     # ------------------------------------------------------------------ the end of a request
-    async def _finish(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
+    async def _finish(
+        self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus, fal: FalClient
+    ) -> None:
         if status.failed:
-            await self._failed_at_fal(rec, receipt, status)
+            await self._failed_at_fal(rec, receipt, status, fal)
             return
         try:
-            output = await self._read_result(receipt)
+            output = await self._read_result(rec, receipt, fal)
         except FalModelError as err:
             await asyncio.to_thread(outcomes.model_error, self.rt, rec, err, via="status")
             return
-        except FalNotFoundError as err:
+        except (FalNotFoundError, FalAuthError) as err:
             await asyncio.to_thread(outcomes.lost, self.rt, rec, err.message, via="status")
             return
         except _Unreadable as err:
@@ -275,21 +290,24 @@ class Tracker:
             return
         await asyncio.to_thread(outcomes.succeeded, self.rt, rec, output, status, via="status")
 
-    async def _read_result(self, receipt: SubmitReceipt) -> ReframeOutput:
+    async def _read_result(self, rec: JobRecord, receipt: SubmitReceipt, fal: FalClient) -> ReframeOutput:
         """The result, read with backoff for as long as fal keeps it (never resubmitted).
 
-        Only a documented error answer (a model error) or a 404 confirmed over ``lost_confirm_s``
-        ends the read early; every other failure is "we could not read what fal said".
+        Only a documented error answer (a model error) or a 404 (or a rejected key, which drains
+        the account) confirmed over ``lost_confirm_s`` ends the read early; every other failure is
+        "we could not read what fal said".
         """
         started = time.monotonic()
         not_found_since: float | None = None
         attempt = 0
         while True:
             try:
-                return await self.rt.fal.result(receipt)
+                return await fal.result(receipt)
             except FalModelError:
                 raise
-            except FalNotFoundError:
+            except (FalNotFoundError, FalAuthError) as err:
+                if isinstance(err, FalAuthError):
+                    await asyncio.to_thread(lifecycle.key_rejected, self.rt, rec.get("fal_account"), err)
                 now = time.monotonic()
                 not_found_since = not_found_since or now
                 if now - not_found_since >= self.s.lost_confirm_s:
@@ -304,14 +322,16 @@ class Tracker:
             attempt += 1
             await asyncio.sleep(backoff_s(attempt, base_s=0.5, cap_s=30.0, rng=self.rt.rng))
 
-    async def _failed_at_fal(self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus) -> None:
+    async def _failed_at_fal(
+        self, rec: JobRecord, receipt: SubmitReceipt, status: QueueStatus, fal: FalClient
+    ) -> None:
         """fal said the request failed: cancelled, a model error, or a runner failure (new attempt)."""
         if status.error_type == "client_cancelled" or rec.cancel_requested:
             await asyncio.to_thread(outcomes.cancelled, self.rt, rec, via="status")
             return
         detail: FalError | None = None
         try:
-            await self.rt.fal.result(receipt)  # replays fal's error answer: tells model from runner
+            await fal.result(receipt)  # replays fal's error answer: tells model from runner
         except FalModelError as err:
             await asyncio.to_thread(outcomes.model_error, self.rt, rec, err, via="status")
             return

@@ -114,6 +114,8 @@ class SlotParams:
     capacity: int = 1
     reserved_high: int = 0
     lease_ms: int = 60_000
+    #: The fal accounts as ``id:cap,...`` (``lua/accounts_lib.lua``); '' = one account of ``capacity``.
+    accounts: str = ""
 
 
 class JobStore:
@@ -335,6 +337,7 @@ class JobStore:
             "settle_micro": int(settle_micro),
             "hold_ms": int(hold_ms),
             "capacity": p.capacity,
+            "accounts": p.accounts or str(p.capacity),
             "reserved": p.reserved_high,
             "lease_ms": p.lease_ms,
             "bprefix": self.keys.root,
@@ -359,10 +362,12 @@ class JobStore:
         incr: Mapping[str, int] | None = None,
         delete: Sequence[str] = (),
         ledger_kind: str = "settled",
+        bind_account: bool = False,
     ) -> MoveOutcome:
         """One fenced transition of a live job and what it frees or parks (see ``lua/move.lua``).
 
-        A settlement (``budget`` SETTLE) appends a ledger entry of ``ledger_kind``."""
+        A settlement (``budget`` SETTLE) appends a ledger entry of ``ledger_kind``. With
+        ``bind_account`` the record's ``fal_account`` becomes the account of the job's slot."""
         if to in TERMINAL_STATES:
             raise ValueError(f"{to} is terminal: use finish()")
         opt: dict[str, Any] = {
@@ -375,6 +380,7 @@ class JobStore:
             "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
             "incr": dict(incr or {}) or None,
             "del": list(delete) or None,
+            "bind_account": bind_account,
         }
         if park_at_ms is not None:
             opt["park_at_ms"] = int(park_at_ms)
@@ -453,6 +459,11 @@ class JobStore:
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state="exists")
         return MoveOutcome(ok=True, state="", admitted=tuple(_text(x) for x in raw[1:]))
+
+    def field(self, job_id: str, name: str) -> str:
+        """One field of the job's record ('' when absent)."""
+        raw = self.r.hget(self.keys.job(job_id), name)
+        return _text(raw) if raw is not None else ""
 
     def set_fields(self, job_id: str, **fields: Any) -> None:
         """Set informational fields (no state change) on an existing record."""

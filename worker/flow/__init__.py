@@ -14,6 +14,7 @@ import redis
 
 from worker.contracts.keys import Keys
 from worker.contracts.models import Priority
+from worker.flow.accounts import Account, AccountPool, AccountStatus, UnknownAccount, accounts_arg
 from worker.flow.breaker import BreakerDecision, BreakerSnapshot, BreakerState, CircuitBreaker
 from worker.flow.budget import (
     Budget,
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from config import Settings
 
 __all__ = [
+    "Account",
+    "AccountPool",
+    "AccountStatus",
     "BreakerDecision",
     "BreakerSnapshot",
     "BreakerState",
@@ -52,6 +56,7 @@ __all__ = [
     "SlotStatus",
     "SubmitRateLimiter",
     "TenantRateLimiter",
+    "UnknownAccount",
     "micro_to_usd",
     "usd_to_micro",
 ]
@@ -59,7 +64,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class FlowControl:
-    """The primitives of one cluster, built from the settings and sharing one Redis client."""
+    """The primitives of one cluster, built from the settings and sharing one Redis client.
+
+    ``breaker`` and ``rate`` are the first fal account's (the only one's in a pool of one); a
+    submit uses those of the account its slot is on (``accounts.get(slot.account)``).
+    """
 
     breaker: CircuitBreaker
     budget: Budget
@@ -67,15 +76,18 @@ class FlowControl:
     rate: SubmitRateLimiter
     retry_budget: RetryBudget
     tenant_rate: TenantRateLimiter
+    accounts: AccountPool
 
     @classmethod
     def from_settings(cls, r: redis.Redis, settings: Settings) -> FlowControl:
         """Build every primitive under ``settings.key_prefix`` with the configured limits."""
         prefix = Keys(settings.key_prefix).root  # one hash tag for every key (docs/design.md)
-        return cls(
-            breaker=CircuitBreaker(
+        specs = [(a.id, a.cap, a.rate_per_s) for a in settings.fal_account_specs]
+
+        def breaker(at: str) -> CircuitBreaker:
+            return CircuitBreaker(
                 r,
-                prefix=prefix,
+                prefix=at,
                 window_s=settings.breaker_window_s,
                 min_calls=settings.breaker_min_calls,
                 failure_ratio=settings.breaker_failure_ratio,
@@ -83,7 +95,24 @@ class FlowControl:
                 open_cap_s=settings.breaker_open_cap_s,
                 half_open_probes=settings.breaker_half_open_probes,
                 close_after_successes=settings.breaker_close_after_successes,
-            ),
+            )
+
+        def rate(at: str, per_s: float | None) -> SubmitRateLimiter:
+            return SubmitRateLimiter(
+                r, prefix=at, rate_per_s=per_s or settings.submit_rate_per_s, burst=settings.submit_burst
+            )
+
+        slots = SlotPool(
+            r,
+            prefix=prefix,
+            capacity=settings.slot_capacity,
+            reserved_high=settings.reserved_high_slots,
+            lease_ttl_ms=round(settings.slot_lease_ttl_s * 1000),
+            accounts=accounts_arg(specs),
+        )
+        accounts = AccountPool.build(r, prefix=prefix, slots=slots, specs=specs, breaker=breaker, rate=rate)
+        return cls(
+            breaker=accounts.first.breaker,
             budget=Budget(
                 r,
                 prefix=prefix,
@@ -92,16 +121,8 @@ class FlowControl:
                 price_per_s_usd=settings.price_per_s_usd,
                 billing_unit_s=settings.billing_unit_s,
             ),
-            slots=SlotPool(
-                r,
-                prefix=prefix,
-                capacity=settings.max_concurrency,
-                reserved_high=settings.reserved_high_slots,
-                lease_ttl_ms=round(settings.slot_lease_ttl_s * 1000),
-            ),
-            rate=SubmitRateLimiter(
-                r, prefix=prefix, rate_per_s=settings.submit_rate_per_s, burst=settings.submit_burst
-            ),
+            slots=slots,
+            rate=accounts.first.rate,
             retry_budget=RetryBudget(
                 r,
                 prefix=prefix,
@@ -109,4 +130,5 @@ class FlowControl:
                 min_tokens=settings.retry_budget_min_tokens,
             ),
             tenant_rate=TenantRateLimiter(r, prefix=prefix),
+            accounts=accounts,
         )

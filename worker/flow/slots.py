@@ -53,6 +53,8 @@ class SlotResult:
 
     status: SlotStatus
     ahead: int = 0
+    account: str = ""
+    """The fal account the slot is on (when acquired): the attempt submits with that account's key."""
 
     @property
     def acquired(self) -> bool:
@@ -77,6 +79,9 @@ class SlotPool:
 
     Guarantees (each call is one atomic Lua script on Redis time):
 
+    * Every slot is on one fal account (``accounts``, worker/contracts/lua/accounts_lib.lua): a slot
+      is taken only on an account that is not drained and holds fewer than its cap, so no account
+      ever holds more slots than its cap, and the total stays within the sum of the caps.
     * ``ZCARD {prefix}:slots`` never exceeds ``capacity`` (for a fixed capacity), under any
       interleaving of calls from any number of workers.
     * ``normal`` and ``low`` jobs together hold at most ``capacity - reserved_high`` slots.
@@ -94,6 +99,7 @@ class SlotPool:
         capacity: int,
         reserved_high: int = 0,
         lease_ttl_ms: int,
+        accounts: str = "",
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
@@ -102,6 +108,8 @@ class SlotPool:
         if lease_ttl_ms < 1:
             raise ValueError("lease_ttl_ms must be >= 1")
         self.capacity = capacity
+        #: The fal accounts as ``id:cap,...`` (worker/contracts/lua/accounts_lib.lua); '' = one account.
+        self.accounts = accounts or str(capacity)
         self.reserved_high = reserved_high
         self.lease_ttl_ms = lease_ttl_ms
         self.slots_key = f"{prefix}:slots"
@@ -122,8 +130,8 @@ class SlotPool:
         return [self.slots_key, self.waiting_key, self.wait_key, self.fair_key, self.params_key]
 
     @property
-    def _base_args(self) -> list[int]:
-        return [self.capacity, self.reserved_high, self.lease_ttl_ms]
+    def _base_args(self) -> list[int | str]:
+        return [self.accounts, self.reserved_high, self.lease_ttl_ms]
 
     def acquire(
         self,
@@ -153,8 +161,9 @@ class SlotPool:
         )
         if as_int(reply[0]) == -1:
             raise SlotRefused(text(reply[1]))
-        status = SlotStatus.ACQUIRED if as_int(reply[0]) == 1 else SlotStatus.WAITING
-        return SlotResult(status, as_int(reply[1]))
+        if as_int(reply[0]) == 1:
+            return SlotResult(SlotStatus.ACQUIRED, 0, text(reply[2]) if len(reply) > 2 else "")
+        return SlotResult(SlotStatus.WAITING, as_int(reply[1]))
 
     def renew(self, job_ids: Sequence[str], ttl_ms: int | None = None) -> int:
         """Extend the leases of those ``job_ids`` that still hold a slot; returns how many did.
@@ -206,6 +215,11 @@ class SlotPool:
         """Slots held per tenant now (the fair-share bookkeeping)."""
         raw = self._r.hgetall(self.fair_key)
         return {text(k)[4:]: as_int(v) for k, v in raw.items() if text(k).startswith("use:")}
+
+    def account_of(self, job_id: str) -> str:
+        """The fal account of ``job_id``'s slot ('' when it holds none)."""
+        raw = self._r.hget(self.fair_key, f"acct:{job_id}")
+        return text(raw) if raw is not None else ""
 
     def holds(self, job_id: str) -> bool:
         """True when ``job_id`` holds a slot (its lease may have expired)."""

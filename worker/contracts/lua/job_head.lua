@@ -5,7 +5,8 @@
 --       12 and 13 the day and month budget keys of the job's reservation (today's when it has none),
 --       14 and 15 the same periods of the reservation's tenant (any key when it has none),
 --       16 the cost ledger STREAM (settlements append to it).
--- ARGV: 1 job id, 2 options as JSON (see each script); always: capacity, reserved, lease_ms, bprefix,
+-- ARGV: 1 job id, 2 options as JSON (see each script); always: capacity, accounts (the fal accounts
+--       'id:cap,...', see accounts_lib; absent = one account of `capacity`), reserved, lease_ms, bprefix,
 --       and the fence: attempt (the record's `attempt` must equal it; '' = none), request_id (the
 --       record's `fal_request_id` must equal it; absent = none), from (allowed states; absent = any
 --       non-terminal state).
@@ -15,6 +16,7 @@ local opt = cjson.decode(ARGV[2])
 local slots, waiting = KEYS[2], KEYS[3]
 local wait_q, fair, params = KEYS[4], KEYS[5], KEYS[6]
 local capacity, reserved, lease_ms = tonumber(opt.capacity), tonumber(opt.reserved), tonumber(opt.lease_ms)
+local acct_spec = opt.accounts or tostring(capacity)
 local bprefix, reservations = opt.bprefix, KEYS[7]
 local delayed, blocked, track, track_owner = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local bdeclared = {[KEYS[12]] = true, [KEYS[13]] = true, [KEYS[14]] = true, [KEYS[15]] = true}

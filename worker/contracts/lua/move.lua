@@ -7,12 +7,19 @@
 --   track_at_ms the job joins `track`, due at this time (owner: track_by, '' = unclaimed)
 --   untrack     true: the job leaves `track`
 --   set, incr, del: record fields
+--   bind_account true: the record's `fal_account` becomes the account of the job's slot (the
+--               SUBMITTING intent: the attempt's requests go through that account's key only)
 -- Returns {1, now_ms, admitted ids...} or {0, state} when the fence refused (nothing changed).
 -- @include job_head
 local refused = fence() or budget_keys_missing()
 if refused then return {0, refused} end
 redis.call('HSET', job_key, 'state', opt.to, 'ts_' .. opt.to, now_ms, 'updated_at_ms', now_ms)
 write_fields()
+if opt.bind_account then
+  local bound = account_of(job_id)
+  if bound == '' and accounts[1] then bound = accounts[1].id end  -- a slot from before accounts
+  redis.call('HSET', job_key, 'fal_account', bound)
+end
 if opt.park_at_ms then
   redis.call('ZADD', delayed, tonumber(opt.park_at_ms), job_id)
 else

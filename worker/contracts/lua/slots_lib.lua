@@ -19,6 +19,10 @@
 -- slot's worth (1/w of the one just served) after a decision, so each tenant's share of the slots
 -- stays within one slot of its weighted share; a tenant with nothing waiting takes no slot, and
 -- its share is used by the others (work-conserving).
+--
+-- Every slot is on one fal account (accounts_lib: the including script also declares acct_spec);
+-- `capacity` is the room of the usable accounts, recomputed before each decision.
+-- @include accounts_lib
 
 local function hnum(field) return tonumber(redis.call('HGET', fair, field)) or 0 end
 local function weight_of(t) return tonumber(redis.call('HGET', params, 'w:' .. t) or '') or 1 end
@@ -68,6 +72,7 @@ end
 
 local function take_slot(job, tenant)
   redis.call('ZADD', slots, now_ms + lease_ms, job)
+  account_take(job)
   redis.call('HSET', fair, 'own:' .. job, tenant)
   redis.call('HINCRBY', fair, 'use:' .. tenant, 1)
   local vt = hnum('vt:' .. tenant)
@@ -77,6 +82,7 @@ end
 
 local function drop_slot(job)
   if redis.call('ZREM', slots, job) == 0 then return end
+  account_drop(job)
   local tenant = redis.call('HGET', fair, 'own:' .. job)
   if tenant then
     redis.call('HDEL', fair, 'own:' .. job)
@@ -134,6 +140,7 @@ end
 local function admit_all()
   local admitted = {}
   while true do
+    refresh_capacity()
     local entry = choose()
     if not entry then return admitted end
     local t, _, _, job = parse_entry(entry)

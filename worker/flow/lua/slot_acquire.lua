@@ -5,7 +5,8 @@
 --       6 the attempt that asks (the record's `attempt` must equal it; '' = any attempt),
 --       7 '1' to fence on the record (it must be pre-submit), '0' for no fence,
 --       8 the job's tenant when not fenced (fenced: the record's `tenant` field).
--- Returns {1, 0} acquired, {0, ahead} waiting, {-1, state} refused by the fence (nothing changed).
+-- Returns {1, 0, account} acquired (the fal account the slot is on), {0, ahead} waiting,
+-- {-1, state} refused by the fence (nothing changed).
 -- @include slots_head
 local job, p = ARGV[4], tonumber(ARGV[5])
 local tenant = ARGV[8] or ''
@@ -18,14 +19,15 @@ if ARGV[7] == '1' then
 end
 if redis.call('ZSCORE', slots, job) then
   redis.call('ZADD', slots, now_ms + lease_ms, job)  -- idempotent: same slot, fresh lease
-  return {1, 0}
+  return {1, 0, account_of(job)}
 end
 -- queue it (once), then take the slot only if the rule picks this very job (nobody is passed over)
 enqueue_wait(job, tenant, p)
+refresh_capacity()
 local entry = choose()
 if entry and redis.call('HGET', fair, 'pos:' .. job) == entry then
   take_slot(job, tenant)  -- before unqueue: the tenant is not idle in between
   unqueue(job)
-  return {1, 0}
+  return {1, 0, account_of(job)}
 end
 return {0, ahead_of(job)}

@@ -1,0 +1,88 @@
+"""The pool of fal accounts: ids, per-account caps and rates, and where each key comes from.
+
+``REFRAME_FAL_ACCOUNTS`` lists the accounts as ``id:cap[:rate_per_s]`` separated by commas
+(``team-a:3,team-b:5:2.5``); ``REFRAME_FAL_ACCOUNT_KEYS`` (a secret) maps ids to fal keys as
+``id=key_id:key_secret; id2=...``. An account missing from the keys uses ``FAL_KEY`` (at most one
+may: two ids on one key would be one fal account counted twice). Unset, the pool is one account,
+``default``, with ``REFRAME_MAX_CONCURRENCY`` slots and ``FAL_KEY``: today's single-account setup.
+
+Parsing only: nothing here reads the environment (config/settings.py does) and no message names a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: The id of the one account of a configuration without ``REFRAME_FAL_ACCOUNTS``.
+DEFAULT_ACCOUNT = "default"
+#: Account ids label metrics and Redis fields: short, lower case, no separators of the slot scripts.
+ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+#: More accounts than this is a typo, not a pool (and it bounds the metrics' label values).
+MAX_ACCOUNTS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    """One fal account as declared: its id, its cap of requests in flight and its own submit rate."""
+
+    id: str
+    cap: int
+    rate_per_s: float | None = None
+
+
+def parse_accounts(text: str) -> list[AccountSpec]:
+    """``id:cap[:rate_per_s],...`` as specs in the given order (ValueError naming the bad entry)."""
+    out: list[AccountSpec] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        fields = part.split(":")
+        if len(fields) not in (2, 3) or not ACCOUNT_ID.fullmatch(fields[0]):
+            raise ValueError(
+                f"entry {part!r}: must be id:cap[:rate_per_s] (id: a-z, 0-9, _ and -, at most 32 characters)"
+            )
+        try:
+            cap = int(fields[1])
+            rate = float(fields[2]) if len(fields) == 3 else None
+        except ValueError:
+            raise ValueError(f"entry {part!r}: cap must be an integer and rate a number") from None
+        if cap < 1 or (rate is not None and not 0 < rate < 1e6):
+            raise ValueError(f"entry {part!r}: cap must be >= 1 and rate > 0")
+        if any(a.id == fields[0] for a in out):
+            raise ValueError(f"account {fields[0]!r} is listed twice")
+        out.append(AccountSpec(fields[0], cap, rate))
+    if len(out) > MAX_ACCOUNTS:
+        raise ValueError(f"at most {MAX_ACCOUNTS} accounts")
+    return out
+
+
+def parse_account_keys(text: str) -> dict[str, str]:
+    """``id=key; id2=key2`` as {id: key}; the message of a ValueError names the id, never the key."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        account, sep, key = part.partition("=")
+        account, key = account.strip(), key.strip()
+        if not sep or not ACCOUNT_ID.fullmatch(account):
+            raise ValueError("each entry must be id=key_id:key_secret (id: a-z, 0-9, _ and -)")
+        if not key:
+            raise ValueError(f"account {account!r} has an empty key")
+        out[account] = key
+    return out
+
+
+def pool_specs(accounts_text: str, max_concurrency: int) -> list[AccountSpec]:
+    """The declared accounts, or the one ``default`` account with ``max_concurrency`` slots."""
+    return parse_accounts(accounts_text) or [AccountSpec(DEFAULT_ACCOUNT, max_concurrency)]
+
+
+def check_keys(specs: list[AccountSpec], keys: dict[str, str]) -> None:
+    """Every key names a declared account and at most one account falls back to ``FAL_KEY``."""
+    unknown = sorted(set(keys) - {a.id for a in specs})
+    if unknown:
+        raise ValueError(f"keys for undeclared accounts: {', '.join(unknown)}")
+    without = [a.id for a in specs if a.id not in keys]
+    if len(without) > 1:
+        raise ValueError(f"accounts {', '.join(without)} have no key: at most one may use FAL_KEY")
