@@ -152,6 +152,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         webhook_url=request.query_params.get("fal_webhook"),
         runner_fault=runner_fault,
         start_timeout_s=start_timeout_s,
+        account=_key_id(request),
     )
     body = {"status": "IN_QUEUE", "request_id": req.id, **req.urls(), "queue_position": _position(state, req)}
     return _json(body, 200, req.id)
@@ -161,8 +162,18 @@ def _position(state: EmulatorState, req: QueueRequest) -> int:
     return state.queue_position(req) if req.status == IN_QUEUE else 0
 
 
+def _key_id(request: Request) -> str:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    return credential.strip().split(":", 1)[0] if scheme.lower() == "key" else ""
+
+
 def _find(request: Request, request_id: str) -> QueueRequest | None:
-    return _state(request).requests.get(request_id)
+    """The request, unless accounts are isolated and it belongs to another key id's account."""
+    state = _state(request)
+    req = state.requests.get(request_id)
+    if req is not None and state.config.isolate_accounts and req.account != _key_id(request):
+        return None
+    return req
 
 
 def _wants_logs(request: Request) -> bool:
@@ -215,6 +226,8 @@ async def _result(request: Request, request_id: str) -> Response:
 
 
 async def _cancel(request: Request, request_id: str) -> Response:
+    if _find(request, request_id) is None and request_id in _state(request).requests:
+        return _json({"status": "NOT_FOUND", "detail": "Request not found"}, 404, request_id)
     code, outcome = _state(request).cancel(request_id)
     body: dict[str, Any] = {"status": outcome}
     if code == 404:

@@ -19,6 +19,7 @@ RUNTIME_FIELDS = frozenset(
         "webhook_retry_delays_s",
         "max_queue_length",
         "unit_price_usd",
+        "isolate_accounts",
     }
 )
 
@@ -87,6 +88,9 @@ class EmulatorConfig:
     billing_unit_s: float = 1.0
     #: Dollars per billed second in the usage export (Luma Ray 2 Flash Reframe: $0.06 per second).
     unit_price_usd: float = 0.06
+    #: Each key id is its own fal account: a request is seen (status, result, cancel) only with a key
+    #: of the account that submitted it; another account's key gets fal's 404. Off: one account.
+    isolate_accounts: bool = False
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update of run-time fields; raises ``ValueError`` on unknown or invalid ones."""
@@ -129,6 +133,8 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if name in {"processing_time_s", "submit_rate_per_s", "result_ttl_s", "unit_price_usd"}:
         return float(value)
+    if name == "isolate_accounts":
+        return bool(value)
     if name in {"valid_keys", "locked_keys"}:
         return [str(v) for v in value]
     if name == "webhook_retry_delays_s":

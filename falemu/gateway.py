@@ -72,7 +72,7 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         state = self._state()
-        exchange = _Exchange(state, scope["method"], scope["path"])
+        exchange = _Exchange(state, scope["method"], scope["path"], key_id_of(scope))
         fault = state.faults.take(exchange.op, HTTP_KINDS) if state is not None else None
 
         delay_s = fault.delay_s if fault is not None and fault.kind == "slow" else 0.0
@@ -112,8 +112,9 @@ class GatewayMiddleware:
 class _Exchange:
     """One HTTP call as the ledger sees it; recorded exactly once."""
 
-    def __init__(self, state: Any, method: str, path: str) -> None:
+    def __init__(self, state: Any, method: str, path: str, account: str = "") -> None:
         self.state = state
+        self.account = account
         self.t = time.time()
         self.method, self.path = method, path
         self.op, self.request_id = classify(method, path)
@@ -142,7 +143,18 @@ class _Exchange:
             op=self.op,
             status=self.status if status is None else status,
             request_id=self.request_id,
+            account=self.account,
         )
+
+
+def key_id_of(scope: Scope) -> str:
+    """The key id of a ``Key id:secret`` Authorization header ('' otherwise); never the secret."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "key" and ":" in credential:
+                return str(credential.strip().split(":", 1)[0])
+    return ""
 
 
 async def drop_connection(send: Send) -> None:

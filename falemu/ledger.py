@@ -46,6 +46,9 @@ class Ledger:
     #: One row per billed request (what fal's usage export lists): request_id, endpoint_id, t, billed_s.
     billed: list[dict[str, Any]] = field(default_factory=list)
     open_timeline: list[tuple[float, int, int]] = field(default_factory=list)
+    #: Requests open (IN_QUEUE + IN_PROGRESS) per key id (fal account), and the most at once.
+    open_by_account: Counter[str] = field(default_factory=Counter)
+    max_open_by_account: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def bounded(cls, max_requests: int | None) -> Ledger:
@@ -53,19 +56,46 @@ class Ledger:
         return cls(requests=deque(maxlen=max_requests))
 
     def record_http(
-        self, *, t: float, method: str, path: str, op: str, status: int, request_id: str | None
+        self,
+        *,
+        t: float,
+        method: str,
+        path: str,
+        op: str,
+        status: int,
+        request_id: str | None,
+        account: str = "",
     ) -> None:
-        """One HTTP exchange (status 0 = connection dropped without a response)."""
+        """One HTTP exchange (status 0 = connection dropped without a response); ``account`` is the
+        key id of its Authorization header ('' without one), never the secret."""
         self.requests.append(
-            {"t": t, "method": method, "path": path, "op": op, "status": status, "request_id": request_id}
+            {
+                "t": t,
+                "method": method,
+                "path": path,
+                "op": op,
+                "status": status,
+                "request_id": request_id,
+                "account": account,
+            }
         )
         if status == 429:
             self.count_429 += 1
 
-    def record_submit(self, request_id: str, fp: str) -> None:
-        """An accepted submit (a request was created)."""
-        self.submits.append({"t": time.time(), "request_id": request_id, "fingerprint": fp})
+    def record_submit(self, request_id: str, fp: str, account: str = "") -> None:
+        """An accepted submit (a request was created) by the key id ``account``."""
+        self.submits.append(
+            {"t": time.time(), "request_id": request_id, "fingerprint": fp, "account": account}
+        )
         self.submissions[fp] += 1
+        self.open_by_account[account] += 1
+        self.max_open_by_account[account] = max(
+            self.max_open_by_account[account], self.open_by_account[account]
+        )
+
+    def account_closed(self, account: str) -> None:
+        """A request of the key id ``account`` completed (it no longer counts as open there)."""
+        self.open_by_account[account] = max(0, self.open_by_account[account] - 1)
 
     def record_cancel(self, request_id: str, outcome: str, code: int) -> None:
         """A cancel call: ``status`` = outcome string (CANCELLATION_REQUESTED, ...), ``code`` = HTTP code."""
@@ -153,4 +183,6 @@ class Ledger:
             "completions": list(self.completions),
             "billed": list(self.billed),
             "open_timeline": [list(x) for x in self.open_timeline],
+            "open_by_account": dict(self.open_by_account),
+            "max_open_by_account": dict(self.max_open_by_account),
         }

@@ -10,7 +10,9 @@ Open-question answers (fal documents none of these; see falemu/README.md):
   ``error_type`` ``client_cancelled`` at once (a running render is abandoned) and its result is 499;
 * a validation failure ends COMPLETED with ``error`` = first message and ``error_type`` ``validation_error``;
   its result replays 422 with fal's ``{"detail": [...]}`` list;
-* the concurrency limit is one account-wide limit (the emulator serves one account, whatever the key).
+* the concurrency limit is one account-wide limit (the emulator serves one account, whatever the key);
+  the ledger still counts requests open per key id (``account``), and ``isolate_accounts`` makes
+  each key id see only its own requests, as separate fal accounts would.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class QueueRequest:
     webhook_url: str | None
     generation: int
     runner_fault: Fault | None = None
+    #: The key id that submitted it (its fal account); never the secret.
+    account: str = ""
     status: str = IN_QUEUE
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -199,6 +203,7 @@ class EmulatorState:
         webhook_url: str | None,
         runner_fault: Fault | None,
         start_timeout_s: float | None = None,
+        account: str = "",
     ) -> QueueRequest:
         """Create a request IN_QUEUE (no validation: fal validates in the runner) and schedule.
 
@@ -214,10 +219,11 @@ class EmulatorState:
             webhook_url=webhook_url,
             generation=self._generation,
             runner_fault=runner_fault,
+            account=account,
         )
         self.requests[req.id] = req
         self._queue.append(req.id)
-        self.ledger.record_submit(req.id, fingerprint(payload))
+        self.ledger.record_submit(req.id, fingerprint(payload), account)
         self._update_counts()
         self._schedule()
         if start_timeout_s is not None and req.status == IN_QUEUE:
@@ -392,6 +398,7 @@ class EmulatorState:
         req.notify()
         if req.generation != self._generation:
             return  # a request from before a reset: keep the new ledger clean
+        self.ledger.account_closed(req.account)
         self.ledger.record_terminal(
             ok=outcome.ok,
             cancelled=outcome.error_type == "client_cancelled",

@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "result_ttl_s": 3600.0,
     "webhook_retry_delays_s": [0.05, 0.05, 0.05],
     "max_queue_length": None,
+    "isolate_accounts": False,
 }
 
 

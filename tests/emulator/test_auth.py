@@ -57,3 +57,20 @@ def test_auth_failures_are_in_the_ledger_and_create_nothing(emu: EmulatorServer)
     ledger = emu.ledger()
     assert ledger["submits"] == []
     assert [(r["op"], r["status"]) for r in ledger["requests"] if r["op"] == "submit"] == [("submit", 401)]
+
+
+def test_isolated_accounts_see_only_their_own_requests(emu: EmulatorServer, http: httpx.Client) -> None:
+    """With ``isolate_accounts`` each key id is its own fal account: another key's status, result and
+    cancel get fal's 404, the owner's go through; the ledger names the account of every call."""
+    emu.configure(isolate_accounts=True)
+    sub = http.post(f"/{APP}", json={}).json()
+    other = {"Authorization": "Key other-account:secret"}
+    assert httpx.get(sub["status_url"], headers=other).status_code == 404
+    assert httpx.get(sub["response_url"], headers=other).status_code == 404
+    assert httpx.put(sub["cancel_url"], headers=other).status_code == 404
+    assert http.get(sub["status_url"]).status_code in (200, 202)
+    assert http.put(sub["cancel_url"]).status_code in (202, 400)  # the owner may cancel it
+    ledger = emu.ledger()
+    assert [s["account"] for s in ledger["submits"]] == [KEY.split(":")[0]]
+    assert {r["account"] for r in ledger["requests"] if r["status"] == 404} == {"other-account"}
+    assert all("secret" not in r["account"] for r in ledger["requests"])

@@ -35,7 +35,8 @@ def test_ledger_records_every_call_with_its_op(
     for op in ("submit", "status", "result", "stream", "cancel", "file", "token", "upload", "jwks"):
         assert op in ops, op
     first = ledger["requests"][0]
-    assert set(first) == {"t", "method", "path", "op", "status", "request_id"}
+    assert set(first) == {"t", "method", "path", "op", "status", "request_id", "account"}
+    assert first["account"] == "test-key-id"  # the key id only, never the secret
     assert (first["op"], first["method"], first["path"], first["status"]) == (
         "submit",
         "POST",
@@ -60,7 +61,10 @@ def test_fingerprints_billing_and_counts(emu: EmulatorServer, http: httpx.Client
     assert ledger["submissions"][fp] == 3
     assert sum(ledger["submissions"].values()) == 4
     assert [s["request_id"] for s in ledger["submits"]] == [s["request_id"] for s in subs]
-    assert all(set(s) == {"t", "request_id", "fingerprint"} for s in ledger["submits"])
+    assert all(set(s) == {"t", "request_id", "fingerprint", "account"} for s in ledger["submits"])
+    assert {s["account"] for s in ledger["submits"]} == {"test-key-id"}
+    assert ledger["max_open_by_account"] == {"test-key-id": 4}
+    assert ledger["open_by_account"] == {"test-key-id": 0}
     assert ledger["billed_requests"] == 3
     assert abs(ledger["billed_seconds"] - 3 * 2.0) < 0.2  # output duration of the 2 s clip, failures free
     assert ledger["completed"] == 4
