@@ -1,0 +1,101 @@
+"""A pool of fal accounts (issue #15 item 3), judged by the emulator's ledger and Redis.
+
+Two emulated accounts (key ids ``acct-a`` and ``acct-b``, each its own fal account: the emulator
+isolates them, so a status, result or cancel with the wrong account's key gets fal's 404) with
+caps 3 and 5. Sixteen jobs: eight run at once, both accounts full; then account a's key is revoked
+while its three requests run. Those finish at account a (fal's webhooks need no key); the jobs that
+then take a's freed slots get a 401 on submit, which drains a and sends them to b. The ledger must
+show: never more than 3 open at a nor 5 at b, no request accepted at a after the revocation, every
+input accepted (and billed) exactly once, and no call made with the wrong account's key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from producer import Producer
+from reframe.localcluster import LocalCluster, upload_file
+from reframe.localproc import wait_until
+from tests.chaos.conftest import KEYS, distinct_inputs, explained, ledger, new_tag, redis_of
+from tests.cluster.conftest import fingerprint_of, wait_terminal
+
+pytestmark = pytest.mark.integration
+
+A_KEY = "acct-a:secret-of-a"
+B_KEY = "acct-b:secret-of-b"
+JOBS = 16
+
+
+def test_two_accounts_keep_their_caps_and_a_revoked_key_drains_its_account(
+    chaos_cluster: Callable[..., LocalCluster], whole_clip: Path
+) -> None:
+    tag = new_tag("accounts")
+    cluster = chaos_cluster(
+        workers=1,
+        emulator_concurrency=8,
+        emulator_processing_time_s=2.5,
+        fal_webhook_secret="accounts-chaos-secret",
+        env={
+            "REFRAME_FAL_ACCOUNTS": "a:3,b:5",
+            "REFRAME_FAL_ACCOUNT_KEYS": f"a={A_KEY}; b={B_KEY}",
+            "REFRAME_RETRY_BASE_S": "0.2",
+            "REFRAME_RETRY_CAP_S": "1",
+        },
+    )
+    control = cluster.emulator_control
+    assert control is not None
+    settings = cluster.settings()
+    url = upload_file(settings, whole_clip)  # with the default key, before only the accounts' are valid
+    control.configure(valid_keys=[A_KEY, B_KEY], isolate_accounts=True)
+    requests = distinct_inputs(url, JOBS, tag)
+    r = redis_of(cluster)
+    with Producer(settings) as producer:
+        ids = producer.enqueue_many(requests)
+        with explained(cluster, ids):
+            wait_until(
+                lambda: ledger(cluster)["open_by_account"] == {"acct-a": 3, "acct-b": 5},
+                timeout_s=60,
+                interval_s=0.05,
+                what="both accounts full (3 at a, 5 at b)",
+            )
+            control.configure(valid_keys=[B_KEY])  # a's key is revoked while its 3 requests run
+            revoked_at = time.time()
+            wait_terminal(producer, ids, timeout_s=90)
+        jobs = producer.get_many(ids)
+    assert all(j is not None and j.state.value == "SUCCEEDED" for j in jobs), [
+        (j.id, j.state.value, j.error) for j in jobs if j is not None
+    ]
+
+    book = ledger(cluster)
+    # never more than an account's own cap open there (and both were full at once)
+    assert book["max_open_by_account"] == {"acct-a": 3, "acct-b": 5}, book["max_open_by_account"]
+    accepted = book["submits"]
+    at_a = [s for s in accepted if s["account"] == "acct-a"]
+    assert len(at_a) == 3 and all(s["t"] < revoked_at for s in at_a), at_a
+    # the jobs given a's freed slots got fal's 401 at submit, and went to b
+    refused = [q for q in book["requests"] if q["op"] == "submit" and q["status"] == 401]
+    assert refused and {q["account"] for q in refused} == {"acct-a"}
+    assert all(q["t"] >= revoked_at for q in refused)
+    # nothing paid twice: every input accepted once and billed once
+    fps = Counter(s["fingerprint"] for s in accepted)
+    assert sorted(fps[fingerprint_of(req)] for req in requests) == [1] * JOBS, fps
+    assert len(accepted) == JOBS and book["billed_requests"] == JOBS
+    # every status/result/cancel went with the key of the account holding the request (no 404)
+    reads = [q for q in book["requests"] if q["op"] in {"status", "stream", "result", "cancel"}]
+    assert not [q for q in reads if q["status"] == 404], reads
+
+    # Redis: each job is bound to the account that accepted it; a is drained, nothing left held
+    account_of = {s["request_id"]: s["account"] for s in accepted}
+    for job in jobs:
+        assert job is not None
+        record = r.hgetall(KEYS.job(job.id))
+        assert account_of[record["fal_request_id"]] == f"acct-{record['fal_account']}", record
+    fair = r.hgetall(f"{KEYS.root}:fc:fair")
+    assert fair.get("adrain:a") == "key_rejected", fair
+    assert int(fair.get("ause:a", 0)) == 0 and int(fair.get("ause:b", 0)) == 0, fair
+    assert r.zcard(f"{KEYS.root}:slots") == 0
