@@ -120,3 +120,60 @@ def test_bad_tenant_secrets_are_refused_without_echoing_a_secret(value: str) -> 
         load_settings({"REFRAME_CALLBACK_TENANT_SECRETS": value})
     assert "REFRAME_CALLBACK_TENANT_SECRETS" in str(info.value)
     assert ACME.removeprefix("whsec_") not in str(info.value)
+
+
+def test_without_accounts_the_pool_is_one_default_account_of_max_concurrency() -> None:
+    s = load_settings({"REFRAME_MAX_CONCURRENCY": "7", "FAL_KEY": "id:sec"})
+    assert [(a.id, a.cap, a.rate_per_s) for a in s.fal_account_specs] == [("default", 7, None)]
+    assert s.slot_capacity == 7 and s.fal_key_of("default") == "id:sec"
+
+
+def test_accounts_their_caps_rates_and_keys() -> None:
+    s = load_settings(
+        {
+            "REFRAME_FAL_ACCOUNTS": "a:3, b:5:2.5",
+            "REFRAME_FAL_ACCOUNT_KEYS": "b=bid:bsecret",
+            "FAL_KEY": "aid:asecret",
+            "REFRAME_RESERVED_HIGH_SLOTS": "7",
+        }
+    )
+    assert [(a.id, a.cap, a.rate_per_s) for a in s.fal_account_specs] == [("a", 3, None), ("b", 5, 2.5)]
+    assert s.slot_capacity == 8  # REFRAME_MAX_CONCURRENCY no longer counts
+    assert (s.fal_key_of("a"), s.fal_key_of("b")) == ("aid:asecret", "bid:bsecret")
+    assert "bsecret" not in str(s.redacted())
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REFRAME_FAL_ACCOUNTS": "a:0"}, "REFRAME_FAL_ACCOUNTS: entry 'a:0': cap must be >= 1"),
+        ({"REFRAME_FAL_ACCOUNTS": "A:3"}, "REFRAME_FAL_ACCOUNTS: entry 'A:3': must be id:cap"),
+        ({"REFRAME_FAL_ACCOUNTS": "a:3,a:4"}, "account 'a' is listed twice"),
+        ({"REFRAME_FAL_ACCOUNTS": "a:3,b:4"}, "accounts a, b have no key: at most one may use FAL_KEY"),
+        (
+            {"REFRAME_FAL_ACCOUNTS": "a:3", "REFRAME_FAL_ACCOUNT_KEYS": "zz=id:topsecret"},
+            "keys for undeclared accounts: zz",
+        ),
+        ({"REFRAME_FAL_ACCOUNT_KEYS": "a id:topsecret"}, "REFRAME_FAL_ACCOUNT_KEYS: each entry must be id="),
+        (
+            {
+                "REFRAME_FAL_ACCOUNTS": "a:1,b:1",
+                "REFRAME_FAL_ACCOUNT_KEYS": "a=x:y",
+                "REFRAME_RESERVED_HIGH_SLOTS": "2",
+            },
+            "REFRAME_RESERVED_HIGH_SLOTS must be below",
+        ),
+    ],
+)
+def test_bad_accounts_name_the_variable_and_never_a_key(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(env)
+    assert expected in str(err.value)
+    assert "topsecret" not in str(err.value)
+
+
+def test_a_worker_against_real_fal_needs_every_account_keyed() -> None:
+    env = {"REFRAME_FAL_QUEUE_URL": "https://queue.fal.run", "REFRAME_FAL_ACCOUNTS": "a:3,b:5"}
+    with pytest.raises(SettingsError, match="FAL_KEY: required"):
+        load_settings({**env, "REFRAME_FAL_ACCOUNT_KEYS": "a=x:y"}, require_fal_key=True)
+    load_settings({**env, "REFRAME_FAL_ACCOUNT_KEYS": "a=x:y; b=z:w"}, require_fal_key=True)
