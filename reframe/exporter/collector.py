@@ -92,7 +92,22 @@ _SPECS: Final = (
         "Growing means nothing is dispatching deferred jobs.",
     ),
     _Spec("reframe_slots_in_use", "fal request slots held (ZCARD P:slots), expired leases included."),
-    _Spec("reframe_slots_capacity", "Cluster-wide cap of fal requests in flight (max_concurrency)."),
+    _Spec(
+        "reframe_slots_capacity",
+        "Cluster-wide cap of fal requests in flight (max_concurrency, or the sum of the fal accounts' caps).",
+    ),
+    _Spec(
+        "reframe_fal_account_up",
+        "1 while a fal account takes new work, 0 while it is drained (its key rejected, or its breaker "
+        "open); one series per configured account (REFRAME_FAL_ACCOUNTS; `default` without it).",
+        ("account",),
+    ),
+    _Spec("reframe_fal_account_capacity", "The cap of fal requests in flight of one account.", ("account",)),
+    _Spec(
+        "reframe_fal_account_slots_in_use",
+        "Slots held on one fal account (its requests in flight, expired leases included).",
+        ("account",),
+    ),
     _Spec("reframe_slots_reserved_high", "Slots only high-priority jobs may take (reserved_high_slots)."),
     _Spec(
         "reframe_slot_leases_expired",
@@ -313,7 +328,7 @@ class ClusterCollector(Collector):
         self._unacked_key = f"{kombu_keyprefix}unacked"
         self._unacked_index_key = f"{kombu_keyprefix}unacked_index"
         self._wait_scan = max(1, wait_scan)
-        self._slot_scan = 2 * settings.max_concurrency
+        self._slot_scan = 2 * settings.slot_capacity
         self._errors = 0
         self._errors_lock = threading.Lock()
         self._last_error_log = 0.0
@@ -356,7 +371,8 @@ class ClusterCollector(Collector):
     def _static_samples(self) -> list[Sample]:
         s = self._settings
         return [
-            ("reframe_slots_capacity", (), float(s.max_concurrency)),
+            ("reframe_slots_capacity", (), float(s.slot_capacity)),
+            *[("reframe_fal_account_capacity", (a.id,), float(a.cap)) for a in s.fal_account_specs],
             ("reframe_slots_reserved_high", (), float(s.reserved_high_slots)),
             ("reframe_celery_visibility_timeout_seconds", (), float(s.visibility_timeout_s)),
             ("reframe_budget_cap_usd", ("day",), float(s.budget_daily_usd)),
@@ -505,6 +521,10 @@ class ClusterCollector(Collector):
             ("reframe_breaker_state", (state.value,), 1.0 if breaker.state is state else 0.0)
             for state in BreakerState
         ]
+        # account ids come from the settings (a closed set of at most 32): bounded labels
+        for account in flow.accounts.status():
+            out.append(("reframe_fal_account_up", (account.id,), 1.0 if account.usable else 0.0))
+            out.append(("reframe_fal_account_slots_in_use", (account.id,), float(account.in_use)))
         remaining = (breaker.open_until_ms - now_ms) / 1000.0 if breaker.state is BreakerState.OPEN else 0.0
         out += [
             ("reframe_breaker_open_remaining_seconds", (), max(0.0, remaining)),

@@ -266,3 +266,26 @@ def test_parse_celery_message() -> None:
     env["headers"]["eta"] = "2026-01-01T00:00:10"  # naive: taken as UTC
     parsed = parse_celery_message(json.dumps(env))
     assert parsed is not None and parsed.eta_ms == 1767225610000
+
+
+def test_fal_accounts_are_exported_one_series_each(
+    make_settings: Callable[..., Settings], rclient: redis.Redis
+) -> None:
+    settings = make_settings(fal_accounts="a:3,b:5", fal_account_keys="a=ida:seca; b=idb:secb")
+    flow = FlowControl.from_settings(rclient, settings)
+    for i in range(4):
+        assert flow.slots.acquire(f"j{i}", "normal", tenant="t").acquired
+    flow.accounts.drain("a")
+    reg = scrape(ClusterCollector(rclient, settings))
+    assert val(reg, "reframe_slots_capacity") == 8
+    assert (
+        val(reg, "reframe_fal_account_up", account="a"),
+        val(reg, "reframe_fal_account_up", account="b"),
+    ) == (
+        0,
+        1,
+    )
+    assert val(reg, "reframe_fal_account_capacity", account="a") == 3
+    used = {a: val(reg, "reframe_fal_account_slots_in_use", account=a) for a in ("a", "b")}
+    assert sum(used.values()) == 4 and used["a"] <= 3
+    assert b"seca" not in generate_latest(reg) and b"ida" not in generate_latest(reg)

@@ -22,6 +22,7 @@ REQUIRED_ALERTS = {
     "ReframeFalErrorRatio",
     "ReframeFal429Ratio",
     "ReframeBreakerOpen",
+    "ReframeFalAccountDrained",
     "ReframeBudgetNearlyExhausted",
     "ReframeBudgetExhausted",
     "ReframeDeadLettersGrowing",
