@@ -43,7 +43,7 @@ from worker.contracts.ledger import (
 )
 from worker.contracts.tenants import LIMIT_FIELDS, TenantLimits, TenantRegistry, check_tenant
 from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
-from worker.flow import FlowControl
+from worker.flow import FlowControl, UnknownAccount
 
 app = typer.Typer(
     name="reframe",
@@ -63,6 +63,11 @@ tenants_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(tenants_app, name="tenants")
+accounts_app = typer.Typer(
+    help="The pool of fal accounts (REFRAME_FAL_ACCOUNTS): caps, slots held, drained ones.",
+    no_args_is_help=True,
+)
+app.add_typer(accounts_app, name="accounts")
 costs_app = typer.Typer(
     help="Report spend from the cost ledger, or reconcile it with fal's usage export.",
     invoke_without_command=True,
@@ -1286,6 +1291,46 @@ def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
         cells = [_shown_limit(row[f]) for f in LIMIT_FIELDS]
         table.add_row(row["tenant"], *cells, f"{row['day_spent_usd']:.2f}", f"{row['day_reserved_usd']:.2f}")
     console.print(table)
+
+
+@accounts_app.command("list")
+def accounts_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
+    """Every fal account: its cap, slots held now, and whether it takes new work (never its key)."""
+    settings = settings_or_exit()
+    rows = [
+        {
+            "account": a.id,
+            "cap": a.cap,
+            "in_use": a.in_use,
+            "up": a.usable,
+            "drain_reason": a.drain_reason or None,
+            "drained_until_ms": a.drained_until_ms or None,
+        }
+        for a in FlowControl.from_settings(_redis_client(settings), settings).accounts.status()
+    ]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table("account", "cap", "in use", "up", "drained")
+    for row in rows:
+        drained = str(row["drain_reason"] or ("breaker" if not row["up"] else "-"))
+        table.add_row(
+            str(row["account"]), str(row["cap"]), str(row["in_use"]), "yes" if row["up"] else "no", drained
+        )
+    console.print(table)
+
+
+@accounts_app.command("undrain")
+def accounts_undrain(account: Annotated[str, typer.Argument(help="The account id.")]) -> None:
+    """Let a drained account take new work again (after fixing its key in REFRAME_FAL_ACCOUNT_KEYS)."""
+    settings = settings_or_exit()
+    pool = FlowControl.from_settings(_redis_client(settings), settings).accounts
+    try:
+        was = pool.undrain(account)
+    except UnknownAccount:
+        raise fail(f"account {account!r} is not in REFRAME_FAL_ACCOUNTS") from None
+    console.print(f"account {account}: {'undrained' if was else 'was not drained'}", highlight=False)
 
 
 @app.command(

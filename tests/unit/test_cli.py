@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import redis
+
+from config import load_settings
+from worker.flow import FlowControl
 
 COMMANDS = [
     [],
@@ -23,6 +28,9 @@ COMMANDS = [
     ["dlq", "show"],
     ["dlq", "replay"],
     ["dlq", "purge"],
+    ["accounts"],
+    ["accounts", "list"],
+    ["accounts", "undrain"],
 ]
 
 
@@ -86,3 +94,26 @@ def test_worker_refuses_to_start_against_real_fal_without_a_key() -> None:
     out = reframe("worker")
     assert out.returncode == 2
     assert "FAL_KEY: required" in out.stderr
+
+
+def test_accounts_list_and_undrain_name_accounts_never_keys(redis_url: str) -> None:
+    env = {
+        "REFRAME_REDIS_URL": redis_url,
+        "REFRAME_FAL_ACCOUNTS": "a:3,b:5",
+        "REFRAME_FAL_ACCOUNT_KEYS": "a=ida:very-secret-a; b=idb:very-secret-b",
+    }
+    client = redis.Redis.from_url(redis_url)
+    FlowControl.from_settings(client, load_settings(env)).accounts.drain("a")
+    out = reframe("accounts", "list", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["account"], r["cap"], r["up"], r["drain_reason"]) for r in rows] == [
+        ("a", 3, False, "key_rejected"),
+        ("b", 5, True, None),
+    ]
+    assert "very-secret" not in out.stdout + out.stderr
+    assert "undrained" in reframe("accounts", "undrain", "a", env=env).stdout
+    assert "was not drained" in reframe("accounts", "undrain", "a", env=env).stdout
+    unknown = reframe("accounts", "undrain", "zz", env=env)
+    assert unknown.returncode != 0 and "not in REFRAME_FAL_ACCOUNTS" in unknown.stderr
+    client.close()

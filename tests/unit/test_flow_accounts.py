@@ -87,8 +87,9 @@ def test_a_drained_account_takes_no_new_slot_and_undrain_admits_into_it(r: redis
     assert slots.account_of("j8") == "b"
     status = {s.id: s for s in accounts.status()}
     assert not status["a"].usable and status["a"].drain_reason == "key_rejected"
-    # the operator fixed a's key: the next waiter goes into a's room at once
-    assert accounts.undrain("a") == ["j9"]
+    # the operator fixed a's key: the next admission puts the waiter into a's room
+    assert accounts.undrain("a") is True and accounts.undrain("a") is False
+    assert slots.admit() == ["j9"]
     assert slots.account_of("j9") == "a"
     assert held(accounts) == {"a": 3, "b": 5}
 

@@ -29,7 +29,7 @@ import redis
 from redis.commands.core import Script
 
 from worker.contracts.lua import load_lua, script_path
-from worker.flow._redis import as_int, as_texts, run, text
+from worker.flow._redis import as_int, run, text
 from worker.flow.breaker import CircuitBreaker
 from worker.flow.rate import SubmitRateLimiter
 from worker.flow.slots import SlotPool
@@ -137,10 +137,11 @@ class AccountPool:
         args = [account_id, "" if until_ms is not None else reason, int(until_ms or 0)]
         return as_int(run(self._drain, self._slots_keys, [*self._slots_args, *args])) == 1
 
-    def undrain(self, account_id: str) -> list[str]:
-        """Make ``account_id`` usable again; returns the jobs admitted into its room (dispatch them)."""
+    def undrain(self, account_id: str) -> bool:
+        """Make ``account_id`` usable again (True if it was drained). Waiting jobs go into its room at
+        the next admission: a freed slot, or the housekeeper's sweep, which dispatches them."""
         self.get(account_id)
-        return as_texts(run(self._undrain, self._slots_keys, [*self._slots_args, account_id]))
+        return as_int(run(self._undrain, self._slots_keys, [*self._slots_args, account_id])) == 1
 
     def status(self) -> list[AccountStatus]:
         """Every configured account: cap, slots held, usable, and why/until when it is drained."""
