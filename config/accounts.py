@@ -79,10 +79,17 @@ def pool_specs(accounts_text: str, max_concurrency: int) -> list[AccountSpec]:
 
 
 def check_keys(specs: list[AccountSpec], keys: dict[str, str]) -> None:
-    """Every key names a declared account and at most one account falls back to ``FAL_KEY``."""
+    """Every key names a declared account."""
     unknown = sorted(set(keys) - {a.id for a in specs})
     if unknown:
         raise ValueError(f"keys for undeclared accounts: {', '.join(unknown)}")
+
+
+def keyless_problem(specs: list[AccountSpec], keys: dict[str, str]) -> str | None:
+    """Why the accounts cannot all call fal with a key of their own, or None: at most one account
+    may fall back to ``FAL_KEY`` (two would be one fal account counted twice). Checked where fal is
+    called (workers); the exporter and the API need no account key."""
     without = [a.id for a in specs if a.id not in keys]
     if len(without) > 1:
-        raise ValueError(f"accounts {', '.join(without)} have no key: at most one may use FAL_KEY")
+        return f"accounts {', '.join(without)} have no key: at most one may use FAL_KEY"
+    return None

@@ -22,7 +22,14 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.accounts import AccountSpec, check_keys, parse_account_keys, parse_accounts, pool_specs
+from config.accounts import (
+    AccountSpec,
+    check_keys,
+    keyless_problem,
+    parse_account_keys,
+    parse_accounts,
+    pool_specs,
+)
 
 ENV_PREFIX = "REFRAME_"
 FAL_KEY_ENV = "FAL_KEY"
@@ -717,7 +724,10 @@ def load_settings(
         problems.extend(_describe(exc))
     else:
         keyless = [a.id for a in settings.fal_account_specs if not settings.fal_key_of(a.id)]
-        if require_fal_key and settings.talks_to_real_fal and keyless:
+        shared = keyless_problem(settings.fal_account_specs, settings.fal_account_key_map)
+        if require_fal_key and shared:
+            problems.append(f"REFRAME_FAL_ACCOUNT_KEYS: {shared}")
+        elif require_fal_key and settings.talks_to_real_fal and keyless:
             problems.append(
                 f"{FAL_KEY_ENV}: required when REFRAME_FAL_QUEUE_URL points at fal ({settings.fal_queue_url})"
             )

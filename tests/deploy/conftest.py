@@ -28,6 +28,7 @@ SECRET_KEYS = {
     "redis-address",
     "redis-password",
     "fal-key",
+    "fal-account-keys",
     "callback-signing-key",
     "callback-secrets",
     "callback-tenant-secrets",

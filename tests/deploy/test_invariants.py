@@ -15,6 +15,7 @@ METRICS_PORT = 17300
 #: environment variables that carry secrets: only ever from a secretKeyRef
 SECRET_ENV = {
     "FAL_KEY",
+    "REFRAME_FAL_ACCOUNT_KEYS",
     "REFRAME_REDIS_URL",
     "REFRAME_CALLBACK_SIGNING_KEY",
     "REFRAME_CALLBACK_SECRETS",

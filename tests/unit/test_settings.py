@@ -149,7 +149,6 @@ def test_accounts_their_caps_rates_and_keys() -> None:
         ({"REFRAME_FAL_ACCOUNTS": "a:0"}, "REFRAME_FAL_ACCOUNTS: entry 'a:0': cap must be >= 1"),
         ({"REFRAME_FAL_ACCOUNTS": "A:3"}, "REFRAME_FAL_ACCOUNTS: entry 'A:3': must be id:cap"),
         ({"REFRAME_FAL_ACCOUNTS": "a:3,a:4"}, "account 'a' is listed twice"),
-        ({"REFRAME_FAL_ACCOUNTS": "a:3,b:4"}, "accounts a, b have no key: at most one may use FAL_KEY"),
         (
             {"REFRAME_FAL_ACCOUNTS": "a:3", "REFRAME_FAL_ACCOUNT_KEYS": "zz=id:topsecret"},
             "keys for undeclared accounts: zz",
@@ -170,6 +169,13 @@ def test_bad_accounts_name_the_variable_and_never_a_key(env: dict[str, str], exp
         load_settings(env)
     assert expected in str(err.value)
     assert "topsecret" not in str(err.value)
+
+
+def test_a_worker_needs_a_key_per_account_but_the_exporter_does_not() -> None:
+    env = {"REFRAME_FAL_ACCOUNTS": "a:3,b:4"}
+    assert load_settings(env).slot_capacity == 7  # the exporter and the API read the pool only
+    with pytest.raises(SettingsError, match="accounts a, b have no key: at most one may use FAL_KEY"):
+        load_settings(env, require_fal_key=True)
 
 
 def test_a_worker_against_real_fal_needs_every_account_keyed() -> None:
