@@ -99,3 +99,71 @@ def test_two_accounts_keep_their_caps_and_a_revoked_key_drains_its_account(
     assert fair.get("adrain:a") == "key_rejected", fair
     assert int(fair.get("ause:a", 0)) == 0 and int(fair.get("ause:b", 0)) == 0, fair
     assert r.zcard(f"{KEYS.root}:slots") == 0
+
+
+def test_jobs_at_a_revoked_account_are_resolved_there_never_resubmitted(
+    chaos_cluster: Callable[..., LocalCluster], whole_clip: Path
+) -> None:
+    """Without fal webhooks the jobs at the revoked account are followed by status and result reads,
+    which now get 401: the account is drained, and once the key stays rejected for
+    REFRAME_LOST_CONFIRM_S each job is resolved as an unknown outcome (result_unavailable, charged at
+    its estimate), never submitted again through the other account; later work goes to b."""
+    tag = new_tag("accounts-revoked")
+    cluster = chaos_cluster(
+        workers=1,
+        emulator_concurrency=8,
+        emulator_processing_time_s=3.0,
+        env={
+            "REFRAME_FAL_ACCOUNTS": "a:3,b:5",
+            "REFRAME_FAL_ACCOUNT_KEYS": f"a={A_KEY}; b={B_KEY}",
+            "REFRAME_LOST_CONFIRM_S": "1",
+        },
+    )
+    control = cluster.emulator_control
+    assert control is not None
+    settings = cluster.settings()
+    url = upload_file(settings, whole_clip)
+    control.configure(valid_keys=[A_KEY, B_KEY], isolate_accounts=True)
+    first, later = distinct_inputs(url, 10, tag)[:8], distinct_inputs(url, 10, tag)[8:]
+    r = redis_of(cluster)
+    with Producer(settings) as producer:
+        ids = producer.enqueue_many(first)
+        with explained(cluster, ids):
+            wait_until(
+                lambda: ledger(cluster)["open_by_account"] == {"acct-a": 3, "acct-b": 5},
+                timeout_s=60,
+                interval_s=0.05,
+                what="both accounts full (3 at a, 5 at b)",
+            )
+            control.configure(valid_keys=[B_KEY])
+            revoked_at = time.time()
+            ids += producer.enqueue_many(later)
+            wait_terminal(producer, ids, timeout_s=90)
+        jobs = {j.id: j for j in producer.get_many(ids) if j is not None}
+
+    book = ledger(cluster)
+    accepted = book["submits"]
+    account_of = {s["request_id"]: s["account"] for s in accepted}
+    records = {job_id: r.hgetall(KEYS.job(job_id)) for job_id in ids}
+    at_a = [job_id for job_id, rec in records.items() if account_of[rec["fal_request_id"]] == "acct-a"]
+    assert len(at_a) == 3
+    for job_id in at_a:  # resolved at a: an unknown outcome, charged, dead-lettered, not resubmitted
+        job = jobs[job_id]
+        assert job.state.value == "FAILED" and job.error is not None, job
+        assert job.error["type"] == "result_unavailable", job.error
+        assert records[job_id]["fal_account"] == "a"
+    assert all(jobs[j].state.value == "SUCCEEDED" for j in ids if j not in at_a)
+    # nothing accepted twice, nothing accepted at a after the revocation, the later work went to b
+    fps = Counter(s["fingerprint"] for s in accepted)
+    assert sorted(fps[fingerprint_of(req)] for req in first + later) == [1] * 10, fps
+    assert all(s["t"] < revoked_at for s in accepted if s["account"] == "acct-a")
+    assert {records[j]["fal_account"] for j in ids[8:]} == {"b"}
+    assert book["max_open_by_account"] == {"acct-a": 3, "acct-b": 5}
+    # the reads of a's requests after the revocation got 401 and nothing read them with b's key
+    reads = [q for q in book["requests"] if q["op"] in {"status", "stream", "result", "cancel"}]
+    assert not [q for q in reads if q["status"] == 404], reads
+    assert any(q["account"] == "acct-a" and q["status"] == 401 for q in reads)
+    # Redis: a drained for its key; each unknown outcome charged once, at its estimate
+    assert r.hget(f"{KEYS.root}:fc:fair", "adrain:a") == "key_rejected"
+    charged = Counter(f["job_id"] for _i, f in r.xrange(KEYS.ledger) if f.get("kind") == "estimate")
+    assert charged == Counter(at_a), charged
