@@ -73,7 +73,7 @@ def package_version() -> str:
 def effective_limits(settings: Settings, *, hostname: str | None = None) -> dict[str, Any]:
     """What a worker process publishes: the limits it enforces and who it is."""
     return {
-        "max_concurrency": settings.max_concurrency,
+        "max_concurrency": settings.slot_capacity,  # the sum of the fal accounts' caps
         "reserved_high_slots": settings.reserved_high_slots,
         "submit_rate_per_s": settings.submit_rate_per_s,
         "submit_burst": settings.submit_burst,

@@ -58,9 +58,10 @@ def prepare(settings: Settings) -> Runtime:
         health.start()
         _state.health = health
     log.info(
-        "flow-control limits: max_concurrency=%d reserved_high=%d rate=%.2f/s burst=%d attempts=%d "
-        "breaker=%.0f%%/%ds(min %d) budget day=$%.2f month=$%.2f price=$%.3f/s ambiguous=%s",
-        settings.max_concurrency,
+        "flow-control limits: max_concurrency=%d fal_accounts=%s reserved_high=%d rate=%.2f/s burst=%d "
+        "attempts=%d breaker=%.0f%%/%ds(min %d) budget day=$%.2f month=$%.2f price=$%.3f/s ambiguous=%s",
+        settings.slot_capacity,
+        ",".join(f"{a.id}:{a.cap}" for a in settings.fal_account_specs),  # ids and caps, never keys
         settings.reserved_high_slots,
         settings.submit_rate_per_s,
         settings.submit_burst,
