@@ -233,7 +233,18 @@ class Submitter:
         try:
             account = pool.get(slot.account)
         except UnknownAccount:
-            account = pool.first  # a slot from before a configuration change: count it on the first
+            # a slot on an account removed from the configuration: nothing was sent, so it goes
+            # back and the job takes a slot on a configured account (its next run)
+            lifecycle.defer(
+                self.rt,
+                job_id,
+                attempt,
+                until_ms=self.rt.now_ms(),
+                reason="account_removed",
+                slot=SlotAction.RELEASE,
+                budget=BudgetAction.RELEASE,
+            )
+            return Outcome.DEFERRED
         if decision is None:
             decision = account.breaker.allow()
             if not decision.allowed:
