@@ -657,6 +657,10 @@ def cluster_snapshot(settings: Settings, client: redis.Redis) -> dict[str, Any]:
         "limits": limits,
         "disagreements": disagreements,
         "slots_in_use": flow.slots.in_use(),
+        "fal_accounts": [
+            {"account": a.id, "cap": a.cap, "in_use": a.in_use, "up": a.usable}
+            for a in flow.accounts.status()
+        ],
         "expired_leases": len(flow.slots.expired(limit=1000)),
         "waiting": flow.slots.waiting_depths(),
         "celery_queue": sum(int(client.llen(k)) for k in celery_queue_keys(settings.queue_name)),
@@ -705,6 +709,14 @@ def _cluster_status(settings: Settings, *, as_json: bool) -> None:
         else f"0 (no heartbeat in the last {workers['window_ms'] / 1000:g}s)",
     )
     table.add_row("slots in use / capacity", f"{snap['slots_in_use']} / {shown('max_concurrency')}")
+    accounts = snap["fal_accounts"]
+    if len(accounts) > 1:
+        table.add_row(
+            "fal accounts (in use / cap)",
+            ", ".join(
+                f"{a['account']} {a['in_use']}/{a['cap']}{'' if a['up'] else ' drained'}" for a in accounts
+            ),
+        )
     table.add_row("reserved high slots", shown("reserved_high_slots"))
     table.add_row("submit rate / burst", f"{shown('submit_rate_per_s', '{:g}/s')} / {shown('submit_burst')}")
     table.add_row("expired leases (checking fal)", str(snap["expired_leases"]))

@@ -112,6 +112,9 @@ def test_accounts_list_and_undrain_name_accounts_never_keys(redis_url: str) -> N
         ("b", 5, True, None),
     ]
     assert "very-secret" not in out.stdout + out.stderr
+    snap = json.loads(reframe("status", "--cluster", "--json", env=env).stdout)
+    assert [(a["account"], a["up"]) for a in snap["fal_accounts"]] == [("a", False), ("b", True)]
+    assert "a 0/3 drained, b 0/5" in reframe("status", "--cluster", env=env).stdout
     assert "undrained" in reframe("accounts", "undrain", "a", env=env).stdout
     assert "was not drained" in reframe("accounts", "undrain", "a", env=env).stdout
     unknown = reframe("accounts", "undrain", "zz", env=env)
