@@ -434,12 +434,13 @@ def capacity(d: Dashboard) -> Dashboard:
     d = d.with_panel(
         ts(
             "Slot utilisation",
-            "fal requests in flight vs max_concurrency. Expired leases still hold their slot until the "
-            "housekeeper checked fal.",
+            "fal requests in flight vs max_concurrency (the sum of the fal accounts' caps), and per fal "
+            "account. Expired leases still hold their slot until the housekeeper checked fal.",
             [
                 q(f"sum(reframe_slots_in_use{sel()})", "in use"),
                 q(f"sum(reframe_slots_capacity{sel()})", "capacity"),
                 q(f"sum(reframe_slot_leases_expired{sel()})", "expired leases"),
+                q(f"max by (account) (reframe_fal_account_slots_in_use{sel()})", "account {{account}}"),
             ],
         )
     )
