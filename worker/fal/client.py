@@ -217,7 +217,9 @@ class FalClient:
     def from_settings(cls, settings: Settings, **kw: Any) -> FalClient:
         """A client configured from ``settings``; ``kw`` overrides (``transport``, ``on_request``, …)."""
         params: dict[str, Any] = {
-            "key": settings.fal_key_value,
+            # the first fal account's key (FAL_KEY unless REFRAME_FAL_ACCOUNT_KEYS names its own);
+            # workers build one client per account with ``key=`` (worker/runtime.py)
+            "key": settings.fal_key_of(settings.fal_account_specs[0].id),
             "queue_url": settings.fal_queue_url,
             "rest_url": settings.fal_rest_url,
             "cdn_url": settings.fal_cdn_url,
