@@ -18,7 +18,7 @@ from config import load_settings
 from tests.unit.test_fal_client import KEY, MODEL, QUEUE, Recorder, js, submit_body, token_reply
 from worker.fal import FalClient, FalPermanentError, FalTransientError
 from worker.fal.client import submit_headers
-from worker.fal.upload import Part, UploadProgress, file_body, plan_parts
+from worker.fal.upload import MAX_PARTS, Part, UploadProgress, file_body, part_size, plan_parts
 
 CDN = "https://v3.fal.test"
 PART = 64 * 1024
@@ -30,6 +30,13 @@ def test_plan_parts_covers_the_file_once_in_order() -> None:
     assert plan_parts(25, 10) == [Part(1, 0, 10), Part(2, 10, 10), Part(3, 20, 5)]
     with pytest.raises(ValueError, match="positive"):
         plan_parts(5, 0)
+
+
+def test_a_file_too_large_for_max_parts_gets_larger_parts() -> None:
+    wanted = 10 * 1024 * 1024
+    assert part_size(300 * 1000 * 1000, wanted) == wanted
+    huge = 200 * 1024**3  # 200 GiB: 20,480 parts of 10 MiB
+    assert len(plan_parts(huge, part_size(huge, wanted))) == MAX_PARTS
 
 
 def test_file_body_streams_its_range_and_restarts_progress(tmp_path: Path) -> None:
@@ -185,7 +192,7 @@ def test_a_large_file_goes_in_parts_each_retried_on_its_own(tmp_path: Path) -> N
         p["etag"] == f'"{hashlib.md5(storage.parts[p["partNumber"]]).hexdigest()}"' for p in complete["parts"]
     )
     assert seen[-1] == (len(data), len(data))
-    put = next(r for r in storage.requests if r.method == "PUT")
+    put = next(r for r in storage.requests if r.method == "PUT" and r.url.path.endswith("/1"))
     assert put.headers["authorization"] == "Bearer cdn-tok-abc" and put.headers["content-length"] == str(PART)
     assert put.url.path == "/files/k/big.mp4/multipart/up-1/1"
 
@@ -217,6 +224,7 @@ def test_a_file_at_the_threshold_goes_in_one_request(tmp_path: Path) -> None:
     ("access_url", "allowed"),
     [
         (f"{CDN}/files/k/big.mp4", True),
+        (f"{CDN}:8443/files/k/big.mp4", False),  # another origin of the same host
         ("https://v3b.fal.test/files/k/big.mp4", True),  # a sibling CDN host of the same site
         ("https://evil.test/files/k/big.mp4", False),
         ("http://v3b.fal.test/files/k/big.mp4", False),  # never downgraded to plain http
@@ -246,3 +254,20 @@ def test_a_part_stored_without_an_etag_fails_the_upload(tmp_path: Path) -> None:
     with pytest.raises(FalPermanentError, match="without an ETag"):
         _upload(_client(storage, Recorder(), transport=httpx.MockTransport(no_etag)), f)
     assert storage.completes == []
+
+
+def test_a_part_refused_for_its_token_is_retried_with_a_fresh_token(tmp_path: Path) -> None:
+    f = tmp_path / "big.mp4"
+    f.write_bytes(os.urandom(PART * 3))
+    storage = Storage(fail={2: [401]})
+    assert _upload(_client(storage, Recorder()), f) == storage.access_url
+    tokens = [r for r in storage.requests if r.url.path == "/storage/auth/token"]
+    assert len(tokens) == 2 and storage.attempts[2] == 2 and len(storage.completes) == 1
+
+
+def test_an_address_cdn_has_no_sibling_hosts(tmp_path: Path) -> None:
+    f = tmp_path / "big.mp4"
+    f.write_bytes(os.urandom(PART * 2))
+    storage = Storage(access_url="http://10.0.0.1/files/k/big.mp4")
+    with pytest.raises(FalPermanentError, match="outside fal storage"):
+        _upload(_client(storage, Recorder(), cdn_url="http://127.0.0.1:9"), f)

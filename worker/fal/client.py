@@ -12,6 +12,7 @@ Use one client per process and from one event loop (its connection pool belongs 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -47,7 +48,7 @@ from worker.fal.policy import (
     should_retry,
     status_class,
 )
-from worker.fal.upload import OnProgress, Part, UploadProgress, file_body, plan_parts
+from worker.fal.upload import OnProgress, Part, UploadProgress, file_body, part_size, plan_parts
 
 if TYPE_CHECKING:
     from config import Settings
@@ -517,12 +518,12 @@ class FalClient:
             async with slots:
                 etag = await self._idempotent(
                     "upload",
-                    lambda: self._put_part(f"{root}/{part.number}", file, part, auth, content_type, progress),
+                    lambda: self._put_part(f"{root}/{part.number}", file, part, content_type, progress),
                     retries=self._upload_part_retries,
                 )
             return {"partNumber": part.number, "etag": etag}
 
-        parts = plan_parts(size, self._multipart_part_bytes)
+        parts = plan_parts(size, part_size(size, self._multipart_part_bytes))
         try:
             async with asyncio.TaskGroup() as group:  # the first part that gives up cancels the others
                 tasks = [group.create_task(send_part(part)) for part in parts]
@@ -531,7 +532,11 @@ class FalClient:
         done = json.dumps({"parts": [task.result() for task in tasks]}).encode()
 
         async def complete() -> str:
-            headers = {**auth, "Accept": "application/json", "Content-Type": "application/json"}
+            headers = {
+                **await self._cdn_auth(),
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            }
             response = await self._send("upload", "POST", f"{root}/complete", headers=headers, content=done)
             self._raise_for("upload", response)
             answer = self._parse("upload", response, _CompletedUpload, FalTransientError)
@@ -544,14 +549,22 @@ class FalClient:
         url: str,
         file: Path,
         part: Part,
-        auth: dict[str, str],
         content_type: str,
         progress: UploadProgress,
     ) -> str:
-        """One attempt at one part; its ETag."""
-        headers = {**auth, "Content-Type": content_type, "Content-Length": str(part.length)}
+        """One attempt at one part; its ETag.
+
+        The CDN token is looked up per attempt: a long upload outlives a token, and the cached one is
+        renewed before it expires; a part refused with 401 drops it, and its retry fetches a new one.
+        """
+        headers = {**await self._cdn_auth(), "Content-Type": content_type, "Content-Length": str(part.length)}
         body = file_body(file, part.offset, part.length, progress=progress, part=part.number)
         response = await self._send("upload", "PUT", url, headers=headers, content=body)
+        if response.status_code == 401:
+            # The token, not the key, was refused (a bad key fails the token call itself): retry the
+            # part with a fresh token, within the part's retries.
+            self._token = None
+            raise self._redacted(FalTransientError("fal storage refused the CDN token", op="upload"))
         self._raise_for("upload", response)
         etag: str | None = response.headers.get("etag")
         if not etag:
@@ -716,12 +729,15 @@ class FalClient:
 
     def _is_storage_site(self, url: str) -> bool:
         """True for our own origins and for hosts of the CDN's parent domain (``v3b.fal.media``
-        next to ``v3.fal.media``), over the same scheme."""
+        next to ``v3.fal.media``), over the same scheme and port."""
         if self._is_own_origin(url):
             return True
         parsed, cdn = httpx.URL(url), httpx.URL(self._cdn_url)
+        if _is_ip(cdn.host):
+            return False  # an address has no parent domain
         site = cdn.host.split(".", 1)[-1]
-        return parsed.scheme == cdn.scheme and "." in site and parsed.host.endswith("." + site)
+        same_origin_but_host = parsed.scheme == cdn.scheme and parsed.port == cdn.port
+        return same_origin_but_host and "." in site and parsed.host.endswith("." + site)
 
     def _is_own_origin(self, url: str) -> bool:
         return _origin(url) in {_origin(self._queue_url), _origin(self._rest_url), _origin(self._cdn_url)}
@@ -780,6 +796,14 @@ def submit_headers(*, store_io: bool, output_expiration_s: int | None) -> dict[s
         preference = {"expiration_duration_seconds": int(output_expiration_s)}
         headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(preference, separators=(",", ":"))
     return headers
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:

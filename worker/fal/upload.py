@@ -18,6 +18,8 @@ from pathlib import Path
 
 #: Bytes read from the file per step of a request body (the most one body holds at once).
 CHUNK_BYTES = 1024 * 1024
+#: Parts one multipart upload may have (S3's limit, which fal's storage follows).
+MAX_PARTS = 10_000
 
 OnProgress = Callable[[int, int], None]
 """Called with ``(bytes_sent, total_bytes)`` as an upload advances (it may go back when a part is retried)."""
@@ -42,6 +44,11 @@ def plan_parts(size_bytes: int, part_bytes: int) -> list[Part]:
         Part(number=index + 1, offset=offset, length=min(part_bytes, size_bytes - offset))
         for index, offset in enumerate(range(0, size_bytes, part_bytes))
     ]
+
+
+def part_size(size_bytes: int, wanted_bytes: int) -> int:
+    """``wanted_bytes``, or larger when the file would need more than :data:`MAX_PARTS` parts of it."""
+    return max(wanted_bytes, -(-size_bytes // MAX_PARTS))
 
 
 class UploadProgress:
