@@ -271,3 +271,26 @@ def test_an_address_cdn_has_no_sibling_hosts(tmp_path: Path) -> None:
     storage = Storage(access_url="http://10.0.0.1/files/k/big.mp4")
     with pytest.raises(FalPermanentError, match="outside fal storage"):
         _upload(_client(storage, Recorder(), cdn_url="http://127.0.0.1:9"), f)
+
+
+def test_a_file_that_shrinks_during_the_upload_fails_it_instead_of_storing_a_short_file(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "clip.mp4"
+    f.write_bytes(os.urandom(5000))
+    stored: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        stored.append(request)
+        return js(200, {"access_url": f"{CDN}/files/x/clip.mp4"})
+
+    def token_then_truncate(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/storage/auth/token":
+            f.write_bytes(b"short")  # the file changes after its size was taken
+            return token_reply()
+        return handler(request)
+
+    client = _client(Storage(), Recorder(), transport=httpx.MockTransport(token_then_truncate))
+    with pytest.raises(FalPermanentError, match=r"cannot read clip\.mp4"):
+        _upload(client, f)
+    assert stored == []
