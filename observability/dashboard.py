@@ -560,7 +560,7 @@ def dedupe(d: Dashboard) -> Dashboard:
             "Dedupe decisions",
             "Jobs with dedupe on, per second: led (made the fal request), attached (followed a job in "
             "flight), served (a recent success, no fal call), alone (no identical work) or no_key "
-            "(no strong validator to key on) (worker/dedupe.py).",
+            "(no strong validator to key on) (worker/contracts/canonical.py).",
             [q(f"sum by (outcome) (rate(reframe_dedup_jobs_total{sel()}[{RATE}]))", "{{outcome}}/s")],
             span=12,
         )

@@ -201,11 +201,11 @@ def check_local_video(settings: Settings, path: Path) -> float:
     """The duration of a local video file, or exit 2 unless it is a readable video within the model's
     limits (worker/contracts/quotes.py ``ModelLimits``: the rule quotes and the submitter use).
 
-    Only the container header is read (PyAV, worker/media.py ``read_local_video``); nothing leaves
+    Only the container header is read (PyAV, worker/contracts/media.py ``read_local_video``); nothing leaves
     the machine.
     """
+    from worker.contracts.media import UnreadableVideo, read_local_video
     from worker.contracts.quotes import ModelLimits
-    from worker.media import UnreadableVideo, read_local_video
 
     shown = repr(str(path))
     if not path.is_file():
