@@ -1,7 +1,7 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants, uploads
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -22,6 +22,7 @@ from bench.clusters import cluster_with_clip, inflight_env
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
+from bench.uploads import bench_uploads
 from bench.webhooks import bench_webhooks
 from producer import JobState, Producer
 from reframe.localproc import start_redis, wait_until
@@ -215,6 +216,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
         "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
         bench_tenants,
     ),
+    "uploads": ("Uploads to fal storage: throughput and peak RSS (bench/uploads.py)", bench_uploads),
 }
 
 

@@ -237,21 +237,46 @@ def check_local_video(settings: Settings, path: Path) -> float:
 
 
 def _upload(settings: Settings, path: Path) -> str:
+    """Stream ``path`` to fal storage with a progress bar on stderr (stdout stays the job id).
+
+    Above REFRAME_FAL_MULTIPART_THRESHOLD_BYTES in parts, several at once, each retried on its own
+    (worker/fal/client.py ``upload_file``); the file is never read whole into memory.
+    """
     import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from worker.fal import FalClient, FalError
 
     settings = settings_or_exit(require_fal_key=True)
+    bar = Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = bar.add_task(escape(path.name), total=path.stat().st_size)
 
     async def upload() -> str:
         client = FalClient.from_settings(settings)
         try:
-            return await client.upload_file(path)
+            return await client.upload_file(
+                path, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+            )
         finally:
             await client.aclose()
 
     try:
-        with console.status(f"uploading {path.name} to fal storage"):
+        with bar:
             return asyncio.run(upload())
     except FalError as exc:
         raise fail(f"upload of {path}: {exc}", code=1) from None
