@@ -260,8 +260,11 @@ def derive(run: dict[str, Any]) -> dict[str, Any]:
     held_per_s = held.scaled(1 / held.seconds)
     inflight = {k: max(0.0, v - per_s_idle.get(k, 0.0)) / run["inflight"] for k, v in held_per_s.items()}
     job60 = {k: net[k] + inflight.get(k, 0.0) * (JOB_S - PROCESSING_S) for k in net}
-    redis_jobs_s = 1000 / job60["redis_cpu_ms"] / SAFETY
     worker_jobs_s = 1000 / job60["worker_cpu_ms"] / SAFETY
+    # Redis also carries every worker process's idle background; at worker_jobs_s per process that
+    # is idle/worker_jobs_s of Redis CPU per job on top of the job's own
+    redis_per_job_ms = job60["redis_cpu_ms"] + per_s_idle["redis_cpu_ms"] / worker_jobs_s
+    redis_jobs_s = 1000 / redis_per_job_ms / SAFETY
     account_jobs_s = ACCOUNT_SLOTS / JOB_S
     return {
         "idle_per_s": per_s_idle,
@@ -283,7 +286,9 @@ def derive(run: dict[str, Any]) -> dict[str, Any]:
             ),
             key=lambda kv: -kv[1],
         )[:TOP_N],
+        "redis_per_job_ms": redis_per_job_ms,
         "redis_jobs_s": redis_jobs_s,
+        "api_jobs_s": 1000 / job60["api_cpu_ms"] / SAFETY if job60.get("api_cpu_ms") else None,
         "worker_jobs_s": worker_jobs_s,
         "accounts": redis_jobs_s / account_jobs_s,
         "workers_per_account": account_jobs_s / worker_jobs_s,
@@ -352,7 +357,12 @@ def rows_for(run: dict[str, Any]) -> list[Row]:
             "",
         ),
         (
-            f"  one Redis primary carries (1 core / Redis CPU per job / {SAFETY:g})",
+            "  Redis CPU per job incl. the workers' idle share (idle per s / worker jobs/s)",
+            f"{d['redis_per_job_ms']:.2f} ms",
+            "",
+        ),
+        (
+            f"  one Redis primary carries (1 core / that / {SAFETY:g})",
             f"{d['redis_jobs_s']:,.0f} jobs/s = {d['accounts']:,.0f} fal accounts "
             f"({ACCOUNT_SLOTS} slots / {JOB_S:.0f} s = {ACCOUNT_SLOTS / JOB_S:.3f} jobs/s each)",
             "",
@@ -364,6 +374,14 @@ def rows_for(run: dict[str, Any]) -> list[Row]:
             "",
         ),
     ]
+    if d["api_jobs_s"] is not None:
+        rows.append(
+            (
+                f"  one reframe serve process receives webhooks for (1 core / its CPU per job / {SAFETY:g})",
+                f"{d['api_jobs_s']:,.1f} jobs/s",
+                "",
+            )
+        )
     return rows
 
 
