@@ -82,10 +82,26 @@ class Ledger:
         if status == 429:
             self.count_429 += 1
 
-    def record_submit(self, request_id: str, fp: str, account: str = "") -> None:
-        """An accepted submit (a request was created) by the key id ``account``."""
+    def record_submit(
+        self,
+        request_id: str,
+        fp: str,
+        account: str = "",
+        *,
+        store_io: bool = True,
+        output_expiration_s: float | None = None,
+    ) -> None:
+        """An accepted submit (a request was created) by the key id ``account``, with what its headers
+        asked fal to keep."""
         self.submits.append(
-            {"t": time.time(), "request_id": request_id, "fingerprint": fp, "account": account}
+            {
+                "t": time.time(),
+                "request_id": request_id,
+                "fingerprint": fp,
+                "account": account,
+                "store_io": store_io,
+                "output_expiration_s": output_expiration_s,
+            }
         )
         self.submissions[fp] += 1
         self.open_by_account[account] += 1

@@ -61,7 +61,8 @@ def test_fingerprints_billing_and_counts(emu: EmulatorServer, http: httpx.Client
     assert ledger["submissions"][fp] == 3
     assert sum(ledger["submissions"].values()) == 4
     assert [s["request_id"] for s in ledger["submits"]] == [s["request_id"] for s in subs]
-    assert all(set(s) == {"t", "request_id", "fingerprint", "account"} for s in ledger["submits"])
+    keys = {"t", "request_id", "fingerprint", "account", "store_io", "output_expiration_s"}
+    assert all(set(s) == keys for s in ledger["submits"])
     assert {s["account"] for s in ledger["submits"]} == {"test-key-id"}
     assert ledger["max_open_by_account"] == {"test-key-id": 4}
     assert ledger["open_by_account"] == {"test-key-id": 0}
