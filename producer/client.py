@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore, Hit
 from worker.contracts.intake import (
     EnqueueCall,
@@ -201,8 +202,8 @@ class Producer:
         self.settings = settings
         self.limits = IntakeLimits.from_settings(settings)
         self._own_client = client is None
-        self.r = client or redis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, health_check_interval=25
+        self.r = client or redis_client(
+            settings, socket_timeout=settings.redis_socket_timeout_s, health_check_interval=25
         )
         self.store = JobStore(
             self.r,

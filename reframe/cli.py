@@ -31,6 +31,7 @@ from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
 from config.settings import redact_url, settings_environment
+from worker.contracts.connect import redis_client
 from worker.contracts.keys import Keys
 from worker.contracts.ledger import (
     GroupBy,
@@ -122,6 +123,8 @@ def settings_or_exit(*, require_fal_key: bool = False, **overrides: Any) -> Sett
     _invocation.settings = settings
     _invocation.secrets = [
         urlsplit(settings.redis_url).password or "",
+        settings.redis_password.get_secret_value() if settings.redis_password else "",
+        settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else "",
         settings.fal_key_value,
         settings.callback_signing_key.get_secret_value() if settings.callback_signing_key else "",
     ]
@@ -135,9 +138,7 @@ def _positive_seconds(value: float) -> float:
 
 
 def _redis_client(settings: Settings, *, decode: bool = False) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, decode_responses=decode
-    )
+    return redis_client(settings, socket_timeout=settings.redis_socket_timeout_s, decode_responses=decode)
 
 
 # --------------------------------------------------------------------------------------------- job ids
@@ -1008,7 +1009,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def check_redis(settings: Settings) -> None:
     """PING Redis once (auth included); errors end the command through :func:`run`."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()
     finally:

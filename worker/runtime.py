@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore
 from worker.contracts.models import Priority
 from worker.contracts.store import JobStore, SlotParams
@@ -100,8 +101,8 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
         """Create clients (no network traffic yet) and start the event-loop thread."""
-        client = redis.Redis.from_url(
-            settings.redis_url,
+        client = redis_client(
+            settings,
             socket_timeout=settings.redis_socket_timeout_s,
             socket_keepalive=True,
             health_check_interval=25,
