@@ -30,6 +30,7 @@ import redis
 from config import Settings
 from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore, Hit
+from worker.contracts.durable import Replication
 from worker.contracts.intake import (
     EnqueueCall,
     EnqueueResult,
@@ -217,6 +218,7 @@ class Producer:
             default_deadline_s=settings.job_deadline_s,
             index_horizon_ms=index_horizon_ms(settings),
             dedupe_default=settings.dedupe_default,
+            replication=Replication(settings.redis_min_replicas, settings.redis_replica_wait_ms),
         )
         self._fetcher: GuardedFetcher | None = None
         self._fetcher_lock = threading.Lock()

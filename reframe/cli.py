@@ -32,6 +32,7 @@ from rich.table import Table
 from config import Settings, SettingsError, load_settings
 from config.settings import redact_url, settings_environment
 from worker.contracts.connect import redis_client
+from worker.contracts.durable import NotReplicated
 from worker.contracts.keys import Keys
 from worker.contracts.ledger import (
     GroupBy,
@@ -42,6 +43,7 @@ from worker.contracts.ledger import (
     read_entries,
     report_csv_rows,
 )
+from worker.contracts.redis_promise import read_promise, risks
 from worker.contracts.tenants import LIMIT_FIELDS, TenantLimits, TenantRegistry, check_tenant
 from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
 from worker.flow import FlowControl
@@ -74,6 +76,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
+#: A write Redis replicas did not acknowledge (REFRAME_REDIS_MIN_REPLICAS): retry (EX_TEMPFAIL).
+EXIT_NOT_REPLICATED = 75
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 JOB_ID_HEX_CHARS = 32
 #: Candidates listed when a prefix is ambiguous.
@@ -1008,12 +1012,21 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    """PING Redis once (auth included); errors end the command through :func:`run`."""
+    """PING Redis once (auth included) and judge what it promises about keeping writes
+    (worker/contracts/redis_promise.py): with ``REFRAME_PRODUCTION`` a risk ends the command with a
+    one-line reason, otherwise each risk is noted once. Errors end the command through :func:`run`."""
     client = redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()
+        found = risks(read_promise(client), min_replicas=settings.redis_min_replicas)
     finally:
         client.close()
+    if found and settings.production:
+        raise fail(
+            "REFRAME_PRODUCTION: this Redis cannot keep the no-double-pay promise: " + "; ".join(found)
+        )
+    for risk in found:
+        note(f"Redis durability risk (refused with REFRAME_PRODUCTION=true): {risk}")
 
 
 @app.command()
@@ -1474,6 +1487,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         format_message = getattr(exc, "format_message", None)
         fail(format_message() if callable(format_message) else str(exc))
         return EXIT_USAGE
+    except NotReplicated as exc:
+        fail(str(exc), code=EXIT_NOT_REPLICATED)
+        return EXIT_NOT_REPLICATED
     except redis.RedisError as exc:
         fail(_redis_error_message(exc))
         return EXIT_USAGE

@@ -25,6 +25,7 @@ import redis
 from config import Settings
 from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore
+from worker.contracts.durable import Replication
 from worker.contracts.models import Priority
 from worker.contracts.store import JobStore, SlotParams
 from worker.fal import FalClient
@@ -135,6 +136,11 @@ class Runtime:
             metrics=m,
             fetcher=GuardedFetcher.from_settings(settings),
         )
+
+    @functools.cached_property
+    def replication(self) -> Replication:
+        """How many replicas must acknowledge the writes that guard against paying twice."""
+        return Replication(self.settings.redis_min_replicas, self.settings.redis_replica_wait_ms)
 
     @functools.cached_property
     def dedupe(self) -> DedupeStore:
