@@ -426,7 +426,7 @@ class Settings(BaseSettings):
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
 
-    # --- outbound fetches (issue #11: SSRF guard, worker/netguard.py) ----------------------------
+    # --- outbound fetches (issue #11: SSRF guard, worker/contracts/netguard.py) ----------------------------
     fetch_allow: str = Field(
         default="",
         description=(

@@ -24,8 +24,8 @@ from reframe.api.keys import Authorizer, KeyStore, Principal, Scope
 from reframe.api.problems import ProblemError
 from reframe.api.tenancy import TenantIndex
 from worker.contracts.connect import async_redis_client, redis_client
+from worker.contracts.netguard import GuardedFetcher
 from worker.flow import FlowControl
-from worker.netguard import GuardedFetcher
 
 
 @dataclass
