@@ -1,7 +1,7 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants, durable
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 
 from bench.clusters import cluster_with_clip, inflight_env
+from bench.durable import bench_durable
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
@@ -214,6 +215,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "tenants": (
         "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
         bench_tenants,
+    ),
+    "durable": (
+        "Redis durability: enqueue with a replica's acknowledgement, Sentinel failover (bench/durable.py)",
+        bench_durable,
     ),
 }
 
