@@ -152,6 +152,16 @@ def test_without_acknowledgement_nothing_is_sent_and_the_caller_is_told(
         book = control.ledger()
         assert sorted(book["submissions"].values()) == [1, 1, 1], book["submissions"]
         assert book["billed_requests"] == 3
+        # and with the replica acknowledging, the same enqueues go through (library and HTTP)
+        with Producer(settings) as p:
+            assert p.enqueue({**request, "prompt": "library again"})
+        answer = httpx.post(
+            f"{api_url}/v1/jobs",
+            json={"video_url": url, "aspect_ratio": "9:16", "prompt": "http again"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert answer.status_code == 201, answer.text
         r.close()
     finally:
         cluster.stop()
