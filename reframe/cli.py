@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import redis
 import typer
+from redis.sentinel import MasterNotFoundError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -1508,12 +1509,19 @@ def _up_summary(cluster: Any, exporter_url: str, root: Path, console_link: str) 
 def _redis_error_message(exc: redis.RedisError) -> str:
     settings = _invocation.settings
     where = redact_url(settings.redis_url) if settings else "Redis"
+    url_var, auth_var = "REFRAME_REDIS_URL", "REFRAME_REDIS_URL"
+    if settings and settings.sentinel_addresses:
+        # with Sentinel the URL's host is not used: name what is
+        where = f"the primary {settings.redis_master_name!r} of the Sentinels {settings.redis_sentinels}"
+        url_var, auth_var = "REFRAME_REDIS_SENTINELS", "REFRAME_REDIS_PASSWORD"
     detail = _scrub(str(exc)) or type(exc).__name__
+    if isinstance(exc, MasterNotFoundError):  # its text is the repr of every Sentinel client tried
+        detail = "no Sentinel answered with a primary of that name"
     text = str(exc).upper()
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
-        return f"REFRAME_REDIS_URL: authentication failed at {where} ({detail})"
+        return f"{auth_var}: authentication failed at {where} ({detail})"
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"REFRAME_REDIS_URL: cannot reach {where} ({detail})"
+        return f"{url_var}: cannot reach {where} ({detail})"
     return f"redis: {type(exc).__name__} at {where} ({detail})"
 
 
