@@ -1,7 +1,8 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants, durable
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants,
+                                #   uploads, headroom, durable
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -20,9 +21,11 @@ import redis
 
 from bench.clusters import cluster_with_clip, inflight_env
 from bench.durable import bench_durable
+from bench.headroom import bench_headroom
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
+from bench.uploads import bench_uploads
 from bench.webhooks import bench_webhooks
 from producer import JobState, Producer
 from reframe.localproc import start_redis, wait_until
@@ -215,6 +218,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "tenants": (
         "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
         bench_tenants,
+    ),
+    "uploads": ("Uploads to fal storage: throughput and peak RSS (bench/uploads.py)", bench_uploads),
+    "headroom": (
+        "Headroom: Redis commands, bytes and CPU per job; jobs/s per Redis and per worker (bench/headroom.py)",
+        bench_headroom,
     ),
     "durable": (
         "Redis durability: enqueue with a replica's acknowledgement, Sentinel failover (bench/durable.py)",

@@ -9,6 +9,7 @@ secret (a Redis URL is shown without its password). Job ids may be given as uniq
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import re
@@ -243,21 +244,46 @@ def check_local_video(settings: Settings, path: Path) -> float:
 
 
 def _upload(settings: Settings, path: Path) -> str:
+    """Stream ``path`` to fal storage with a progress bar on stderr (stdout stays the job id).
+
+    Above REFRAME_FAL_MULTIPART_THRESHOLD_BYTES in parts, several at once, each retried on its own
+    (worker/fal/client.py ``upload_file``); the file is never read whole into memory.
+    """
     import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from worker.fal import FalClient, FalError
 
     settings = settings_or_exit(require_fal_key=True)
+    bar = Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = bar.add_task(escape(path.name), total=path.stat().st_size)
 
     async def upload() -> str:
         client = FalClient.from_settings(settings)
         try:
-            return await client.upload_file(path)
+            return await client.upload_file(
+                path, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+            )
         finally:
             await client.aclose()
 
     try:
-        with console.status(f"uploading {path.name} to fal storage"):
+        with bar:
             return asyncio.run(upload())
     except FalError as exc:
         raise fail(f"upload of {path}: {exc}", code=1) from None
@@ -1364,6 +1390,10 @@ def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 )
 def emulator(ctx: typer.Context) -> None:
     """Run the fal emulator (`reframe emulator --help` lists its options: --host, --port, ...)."""
+    # The production image carries falemu's code (one wheel) but not the extra's dependencies
+    # (Dockerfile, target `emulator`): say so up front, not at the first reframed video.
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise fail("emulator: install the extra: pip install 'reframe-cluster[emulator]'")
     try:
         from falemu import cli_main
     except ImportError:
@@ -1384,14 +1414,18 @@ def demo(
 ) -> None:
     """Start Redis, the fal emulator and a worker; reframe a sample video; download; shut down."""
     from reframe.demo import run_demo
+    from reframe.localproc import NoRedisServerError
 
-    code = run_demo(
-        output_dir=output_dir,
-        aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
-        timeout_s=timeout_s,
-        console=console,
-        keep=keep,
-    )
+    try:
+        code = run_demo(
+            output_dir=output_dir,
+            aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
+            timeout_s=timeout_s,
+            console=console,
+            keep=keep,
+        )
+    except NoRedisServerError as exc:  # the production image has no embedded Redis
+        raise fail(f"demo: {exc}") from None
     raise typer.Exit(code)
 
 
@@ -1430,6 +1464,7 @@ def up(
     REFRAME_MAX_CONCURRENCY) are passed to the workers.
     """
     from reframe.localcluster import LocalCluster, start_cluster
+    from reframe.localproc import NoRedisServerError
 
     settings_or_exit()  # the caller's own settings must be valid before anything starts
     passed = {k: v for k, v in settings_environment().items() if k.upper() not in _UP_OWNED_VARS}
@@ -1463,6 +1498,8 @@ def up(
                         note(f"{proc.name} exited with {proc.popen.returncode}; log: {proc.log_path}")
         except _StopSignal:
             pass
+        except NoRedisServerError as exc:  # the production image has no embedded Redis
+            raise fail(f"up: {exc}") from None
     finally:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
