@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,22 @@ def test_no_replicas_wanted_means_no_wait(redis_url: str) -> None:
         one.set("k", "v")
         wait.confirm(one, "k")
     client.close()
+
+
+def test_every_product_client_comes_from_the_factory() -> None:
+    """A client made elsewhere would not follow Sentinel (nor take REFRAME_REDIS_PASSWORD)."""
+    root = Path(__file__).resolve().parents[2]
+    allowed = {
+        "worker/contracts/connect.py",  # the factory
+        "worker/contracts/durable.py",  # a pinned client on the factory's pool
+        "reframe/localproc.py",  # local test servers on loopback ports
+        "reframe/localcluster.py",  # the local cluster's own plain Redis
+    }
+    found = []
+    for package in ("config", "producer", "worker", "reframe"):
+        for path in (root / package).rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            text = path.read_text()
+            if rel not in allowed and re.search(r"\bfrom_url\(|\bRedis\(|\bStrictRedis\(|\bSentinel\(", text):
+                found.append(rel)
+    assert found == [], f"make Redis clients with worker.contracts.connect: {found}"
