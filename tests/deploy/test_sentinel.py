@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from tests.deploy import test_invariants as inv
 from tests.deploy import test_render
 from tests.deploy.conftest import K8S, ROOT, Rendered, kubectl, run, yaml_module
+from tests.deploy.test_checkov import checkov
 
 
 def _documented_overlay() -> str:
@@ -87,3 +89,11 @@ def test_the_redis_nodes_are_spread_over_machines(sentinel: Rendered) -> None:
     ]
     assert rule[0]["topologyKey"] == "kubernetes.io/hostname"
     assert sentinel.get("PodDisruptionBudget", "reframe-redis-sentinel")["spec"]["maxUnavailable"] == 1
+
+
+def test_checkov_passes_the_documented_sentinel_overlay(sentinel: Rendered, tmp_path: Path) -> None:
+    rendered = tmp_path / "prod-sentinel.yaml"
+    rendered.write_text(sentinel.text)
+    out = checkov("-f", str(rendered), "--framework", "kubernetes")
+    m = re.search(r"Passed checks: (\d+), Failed checks: (\d+)", out)
+    assert m and int(m.group(1)) > 100 and m.group(2) == "0", out
