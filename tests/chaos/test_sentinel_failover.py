@@ -227,7 +227,9 @@ def run_failover(tmp_path: Path, whole_clip: Path, *, jobs: int) -> None:
         requests = distinct_inputs(url, jobs, tag)
         job_of_fp = {fingerprint_of(req): i for i, req in enumerate(requests)}
         with Producer(settings) as p:
-            ids = p.enqueue_many(requests)  # acknowledged by the replica before it returns
+            ids: list[str] = []
+            for i in range(0, jobs, settings.enqueue_max_batch):  # each call acknowledged by the replica
+                ids += p.enqueue_many(requests[i : i + settings.enqueue_max_batch])
             pair.note(f"{jobs} jobs enqueued")
             wait_until(lambda: _terminal(p, ids) >= jobs // 4, timeout_s=120, interval_s=0.2, what="25% done")
             pair.kill_primary()
