@@ -19,7 +19,7 @@ from config.settings import child_environment
 from producer import NotReplicated, Producer
 from reframe.api.keys import KeyStore
 from reframe.localcluster import DEMO_FAL_KEY, start_cluster
-from reframe.localproc import free_port, start_redis, wait_until
+from reframe.localproc import free_port, start_redis, start_sentinel, wait_until
 from tests.chaos.conftest import BASE_ENV, KEYS
 from tests.cluster.conftest import upload
 
@@ -168,3 +168,52 @@ def test_without_acknowledgement_nothing_is_sent_and_the_caller_is_told(
         if replica is not None:
             replica.stop()
         primary.stop()
+
+
+def test_sentinel_with_passwords_end_to_end(tmp_path: Path, whole_clip: Path) -> None:
+    """Password-protected Redis nodes and Sentinels: the worker's clients, its Celery broker
+    (kombu's ``sentinel://`` transport) and the producer take REFRAME_REDIS_PASSWORD and
+    REFRAME_REDIS_SENTINEL_PASSWORD, jobs go through, and no log line holds either password."""
+    node_pw, sentinel_pw = "node-pw-7c1e9f", "sentinel-pw-3b8d2a"
+    primary = start_redis(tmp_path / "primary", appendonly=True, password=node_pw)
+    replica = start_redis(tmp_path / "replica", appendonly=True, replica_of=primary.port, password=node_pw)
+    sentinels = [
+        start_sentinel(
+            tmp_path / f"sentinel-{i}", master_port=primary.port, auth_pass=node_pw, password=sentinel_pw
+        )
+        for i in range(3)
+    ]
+    cluster = None
+    try:
+        env = {
+            **BASE_ENV,
+            "REFRAME_REDIS_SENTINELS": ",".join(f"127.0.0.1:{s.port}" for s in sentinels),
+            "REFRAME_REDIS_PASSWORD": node_pw,
+            "REFRAME_REDIS_SENTINEL_PASSWORD": sentinel_pw,
+            "REFRAME_REDIS_MIN_REPLICAS": "1",
+            "REFRAME_PRODUCTION": "true",
+        }
+        # the URL carries no password and a host that is not used: only the database number
+        cluster = start_cluster(tmp_path / "cluster", workers=1, redis_url="redis://127.0.0.1:1/0", env=env)
+        settings = cluster.settings()
+        url = upload(settings, whole_clip)
+        with Producer(settings) as p:
+            ids = p.enqueue_many(
+                [{"video_url": url, "aspect_ratio": "9:16", "prompt": f"auth {i}"} for i in range(3)]
+            )
+            wait_until(
+                lambda: all(j is not None and j.state.value == "SUCCEEDED" for j in p.get_many(ids)),
+                timeout_s=60,
+                what="3 jobs succeeded through password-protected Sentinels",
+            )
+        logs = cluster.workers[0].process.log_tail(100_000)
+        assert "durability risk" not in logs and "REFRAME_PRODUCTION" not in logs  # nothing to refuse
+        assert node_pw not in logs and sentinel_pw not in logs
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        for s in sentinels:
+            s.stop()
+        for node in (replica, primary):
+            node.process.kill()
+            node.stop()
