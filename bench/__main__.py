@@ -2,7 +2,7 @@
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
     ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants,
-                                #   uploads, headroom, accounts
+                                #   uploads, headroom, durable, accounts
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -21,6 +21,7 @@ import redis
 
 from bench.accounts import bench_accounts
 from bench.clusters import cluster_with_clip, inflight_env
+from bench.durable import bench_durable
 from bench.headroom import bench_headroom
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
@@ -223,6 +224,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "headroom": (
         "Headroom: Redis commands, bytes and CPU per job; jobs/s per Redis and per worker (bench/headroom.py)",
         bench_headroom,
+    ),
+    "durable": (
+        "Redis durability: enqueue with a replica's acknowledgement, Sentinel failover (bench/durable.py)",
+        bench_durable,
     ),
     "accounts": (
         "fal accounts: choosing the account in the slot scripts (bench/accounts.py)",

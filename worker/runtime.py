@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 import redis
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore
+from worker.contracts.durable import Replication
 from worker.contracts.models import Priority
 from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.store import JobStore, SlotParams
@@ -104,8 +106,8 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
         """Create clients (no network traffic yet) and start the event-loop thread."""
-        client = redis.Redis.from_url(
-            settings.redis_url,
+        client = redis_client(
+            settings,
             socket_timeout=settings.redis_socket_timeout_s,
             socket_keepalive=True,
             health_check_interval=25,
@@ -154,6 +156,11 @@ class Runtime:
         if client is None:
             raise FalAuthError(f"fal account {account!r} is not configured", op="account", status_code=None)
         return client
+
+    @functools.cached_property
+    def replication(self) -> Replication:
+        """How many replicas must acknowledge the writes that guard against paying twice."""
+        return Replication(self.settings.redis_min_replicas, self.settings.redis_replica_wait_ms)
 
     @functools.cached_property
     def dedupe(self) -> DedupeStore:

@@ -27,6 +27,7 @@ SECRET_KEYS = {
     "redis-url",
     "redis-address",
     "redis-password",
+    "redis-sentinel-password",
     "fal-key",
     "fal-account-keys",
     "callback-signing-key",
