@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -202,19 +203,66 @@ def mark_submitting(rt: Runtime, job_id: str, attempt: str) -> MoveOutcome:
     it (worker/contracts/durable.py); else :class:`NotReplicated` is raised and the caller sends
     nothing (:func:`unsent`).
     """
-    fields = {"submit_started_at_ms": rt.now_ms(), "submit_process": rt.process_id, "gate_until_ms": 0}
+    # A token only this call writes. A dropped connection can lose the script's reply after the
+    # script ran: the caller then sees a connection error (or, where the client sends the command
+    # again, a fence that refuses the second run against the first run's own write). Without the
+    # token either would read as "not written" or "another actor moved the job", the POST would not
+    # be sent, and the job would sit SUBMITTING until the ambiguous policy dead-letters it and
+    # charges its estimate (tests/chaos/test_lost_replies.py).
+    token = uuid.uuid4().hex
+    at_ms = rt.now_ms()
+    fields = {
+        "submit_started_at_ms": at_ms,
+        "submit_process": rt.process_id,
+        "submit_token": token,
+        "gate_until_ms": 0,
+    }
+    what = f"job {job_id}: the SUBMITTING intent"
     with rt.replication.pinned(rt.redis) as conn:
-        moved = rt.store.on(conn).move(
-            job_id,
-            JobState.SUBMITTING,
-            attempt_fence(attempt, states=PRE_SUBMIT_STATES),
-            fields=fields,
-            incr={"attempts": 1},
-            bind_account=True,
-        )
+        try:
+            moved = rt.store.on(conn).move(
+                job_id,
+                JobState.SUBMITTING,
+                attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+                fields=fields,
+                incr={"attempts": 1},
+                bind_account=True,
+            )
+        except redis.ConnectionError:
+            if not _wrote_intent(rt, job_id, attempt, token):
+                raise  # it did not run: nothing is written, nothing sent; the gate's TTL redispatches
+            moved = MoveOutcome(ok=False, state=JobState.SUBMITTING.value)
+        if (
+            not moved.ok
+            and moved.state == JobState.SUBMITTING.value
+            and _wrote_intent(rt, job_id, attempt, token)
+        ):
+            # Our own intent, whose reply was lost. With replicas to wait for, the connection that
+            # wrote it is gone, so no WAIT can vouch for it: it counts as not acknowledged (not sent).
+            if rt.replication.on:
+                raise NotReplicated(
+                    what,
+                    acked=0,
+                    wanted=rt.replication.min_replicas,
+                    timeout_ms=rt.replication.timeout_ms,
+                    detail="the write's reply was lost with its connection",
+                )
+            log.info("job %s: the SUBMITTING intent's reply was lost; the intent is ours", job_id)
+            return MoveOutcome(ok=True, state=JobState.SUBMITTING.value, at_ms=at_ms)
         if moved.ok:
-            rt.replication.confirm(conn, f"job {job_id}: the SUBMITTING intent")
+            rt.replication.confirm(conn, what)
     return moved
+
+
+def _wrote_intent(rt: Runtime, job_id: str, attempt: str, token: str) -> bool:
+    """Whether the record holds the intent this call wrote (state, attempt and token)."""
+    rec = rt.store.record(job_id)
+    return (
+        rec is not None
+        and rec.state is JobState.SUBMITTING
+        and rec.attempt == attempt
+        and rec.get("submit_token") == token
+    )
 
 
 def unsent(rt: Runtime, job_id: str, attempt: str, *, reason: str) -> MoveOutcome:
