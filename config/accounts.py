@@ -1,16 +1,19 @@
 """The pool of fal accounts: ids, per-account caps and rates, and where each key comes from.
 
-``REFRAME_FAL_ACCOUNTS`` lists the accounts as ``id:cap[:rate_per_s]`` separated by commas
-(``team-a:3,team-b:5:2.5``); ``REFRAME_FAL_ACCOUNT_KEYS`` (a secret) maps ids to fal keys as
-``id=key_id:key_secret; id2=...``. An account missing from the keys uses ``FAL_KEY`` (at most one
-may: two ids on one key would be one fal account counted twice). Unset, the pool is one account,
-``default``, with ``REFRAME_MAX_CONCURRENCY`` slots and ``FAL_KEY``: today's single-account setup.
+``REFRAME_FAL_ACCOUNTS`` lists the accounts as ``id:cap[:rate_per_s[:daily_usd[:monthly_usd]]]``
+separated by commas (``team-a:3,team-b:5:2.5``, ``team-c:2:-:40:900``: an empty or ``-`` field is
+none: the cluster's rate, no budget of its own); ``REFRAME_FAL_ACCOUNT_KEYS`` (a secret) maps ids
+to fal keys as ``id=key_id:key_secret; id2=...``. An account missing from the keys uses
+``FAL_KEY`` (at most one may: two ids on one key would be one fal account counted twice). Unset,
+the pool is one account, ``default``, with ``REFRAME_MAX_CONCURRENCY`` slots and ``FAL_KEY``:
+today's single-account setup.
 
 Parsing only: nothing here reads the environment (config/settings.py does) and no message names a key.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -20,38 +23,71 @@ DEFAULT_ACCOUNT = "default"
 ACCOUNT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 #: More accounts than this is a typo, not a pool (and it bounds the metrics' label values).
 MAX_ACCOUNTS = 32
+#: The largest budget an account may declare (as REFRAME_BUDGET_DAILY_USD's bound).
+MAX_ACCOUNT_BUDGET_USD = 1e9
+_FORMAT = (
+    "must be id:cap[:rate_per_s[:daily_usd[:monthly_usd]]] (id: a-z, 0-9, _ and -, at most 32 characters)"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class AccountSpec:
-    """One fal account as declared: its id, its cap of requests in flight and its own submit rate."""
+    """One fal account as declared: its id, its cap of requests in flight, its own submit rate and
+    its own budget per UTC day and month in dollars (None: none)."""
 
     id: str
     cap: int
     rate_per_s: float | None = None
+    daily_usd: float | None = None
+    monthly_usd: float | None = None
+
+    @property
+    def has_budget(self) -> bool:
+        """True when the account declares a daily or a monthly budget."""
+        return self.daily_usd is not None or self.monthly_usd is not None
+
+
+def _optional_number(text: str) -> float | None:
+    text = text.strip()
+    if text in ("", "-"):
+        return None
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def parse_accounts(text: str) -> list[AccountSpec]:
-    """``id:cap[:rate_per_s],...`` as specs in the given order (ValueError naming the bad entry)."""
+    """``id:cap[:rate_per_s[:daily_usd[:monthly_usd]]],...`` as specs in the given order (ValueError
+    naming the bad entry; an empty or ``-`` optional field is none)."""
     out: list[AccountSpec] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        fields = part.split(":")
-        if len(fields) not in (2, 3) or not ACCOUNT_ID.fullmatch(fields[0]):
-            raise ValueError(
-                f"entry {part!r}: must be id:cap[:rate_per_s] (id: a-z, 0-9, _ and -, at most 32 characters)"
-            )
+        fields = [f.strip() for f in part.split(":")]
+        if not 2 <= len(fields) <= 5 or not ACCOUNT_ID.fullmatch(fields[0]):
+            raise ValueError(f"entry {part!r}: {_FORMAT}")
+        fields += [""] * (5 - len(fields))
         try:
             cap = int(fields[1])
-            rate = float(fields[2]) if len(fields) == 3 else None
+            rate = _optional_number(fields[2])
         except ValueError:
             raise ValueError(f"entry {part!r}: cap must be an integer and rate a number") from None
         if cap < 1 or (rate is not None and not 0 < rate < 1e6):
             raise ValueError(f"entry {part!r}: cap must be >= 1 and rate > 0")
+        try:
+            daily, monthly = _optional_number(fields[3]), _optional_number(fields[4])
+        except ValueError:
+            raise ValueError(
+                f"entry {part!r}: daily_usd and monthly_usd must be numbers (or - for none)"
+            ) from None
+        if any(b is not None and not 0 <= b <= MAX_ACCOUNT_BUDGET_USD for b in (daily, monthly)):
+            raise ValueError(
+                f"entry {part!r}: daily_usd and monthly_usd must be in [0, {MAX_ACCOUNT_BUDGET_USD:g}]"
+            )
         if any(a.id == fields[0] for a in out):
             raise ValueError(f"account {fields[0]!r} is listed twice")
-        out.append(AccountSpec(fields[0], cap, rate))
+        out.append(AccountSpec(fields[0], cap, rate, daily, monthly))
     if len(out) > MAX_ACCOUNTS:
         raise ValueError(f"at most {MAX_ACCOUNTS} accounts")
     return out

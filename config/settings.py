@@ -284,10 +284,11 @@ class Settings(BaseSettings):
     )
     fal_accounts: str = Field(
         default="",
-        description="A pool of fal accounts, `id:cap[:rate_per_s],...` (e.g. `a:3,b:5:2.5`): each its own "
-        "cap of requests in flight, submit rate (default REFRAME_SUBMIT_RATE_PER_S), breaker and key "
-        "(REFRAME_FAL_ACCOUNT_KEYS). Unset: one account, `default`, with REFRAME_MAX_CONCURRENCY and "
-        "FAL_KEY.",
+        description="A pool of fal accounts, `id:cap[:rate_per_s[:daily_usd[:monthly_usd]]],...` (e.g. "
+        "`a:3,b:5:2.5,c:2:-:40:900`; empty or `-` = none): each its own cap of requests in flight, submit "
+        "rate (default REFRAME_SUBMIT_RATE_PER_S), breaker, key (REFRAME_FAL_ACCOUNT_KEYS) and optional "
+        "budget per UTC day and month in dollars (spent + reserved <= cap, as the cluster's). Unset: one "
+        "account, `default`, with REFRAME_MAX_CONCURRENCY and FAL_KEY.",
     )
     fal_account_keys: SecretStr | None = Field(
         default=None,

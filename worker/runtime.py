@@ -31,7 +31,7 @@ from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.store import JobStore, SlotParams
 from worker.fal import FalAuthError, FalClient
 from worker.flow import FlowControl
-from worker.flow.accounts import accounts_arg
+from worker.flow.accounts import pool_arg
 from worker.metrics import Metrics, get_metrics
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Runtime:
                 capacity=settings.slot_capacity,
                 reserved_high=settings.reserved_high_slots,
                 lease_ms=round(settings.slot_lease_ttl_s * 1000),
-                accounts=accounts_arg([(a.id, a.cap, a.rate_per_s) for a in settings.fal_account_specs]),
+                accounts=pool_arg(settings),
             ),
         )
         m = metrics or get_metrics()

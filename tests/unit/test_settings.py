@@ -6,6 +6,7 @@ import pytest
 
 from config import AmbiguousSubmitPolicy, SettingsError, load_settings
 from config.settings import Settings, env_name, redact_url
+from worker.flow.accounts import pool_arg
 
 
 def test_defaults_load_from_an_empty_environment() -> None:
@@ -143,12 +144,35 @@ def test_accounts_their_caps_rates_and_keys() -> None:
     assert "bsecret" not in str(s.redacted())
 
 
+def test_accounts_with_budgets_pass_their_caps_in_micro_dollars_to_the_slot_scripts() -> None:
+    s = load_settings(
+        {
+            "REFRAME_FAL_ACCOUNTS": "a:3:-:40:900,b:5:2.5",
+            "REFRAME_PRICE_PER_S_USD": "0.1",
+            "REFRAME_MAX_VIDEO_DURATION_S": "30",
+            "REFRAME_ESTIMATE_MARGIN_S": "1",
+            "REFRAME_BILLING_UNIT_S": "1",
+        }
+    )
+    a, b = s.fal_account_specs
+    assert (a.rate_per_s, a.daily_usd, a.monthly_usd, a.has_budget) == (None, 40.0, 900.0, True)
+    assert (b.rate_per_s, b.daily_usd, b.has_budget) == (2.5, None, False)
+    # the largest job: 31 s at $0.10/s
+    assert pool_arg(s) == "a:3:40000000:900000000,b:5#3100000"
+    assert pool_arg(load_settings({"REFRAME_FAL_ACCOUNTS": "a:3,b:5:2.5"})) == "a:3,b:5"
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
         ({"REFRAME_FAL_ACCOUNTS": "a:0"}, "REFRAME_FAL_ACCOUNTS: entry 'a:0': cap must be >= 1"),
         ({"REFRAME_FAL_ACCOUNTS": "A:3"}, "REFRAME_FAL_ACCOUNTS: entry 'A:3': must be id:cap"),
         ({"REFRAME_FAL_ACCOUNTS": "a:3,a:4"}, "account 'a' is listed twice"),
+        (
+            {"REFRAME_FAL_ACCOUNTS": "a:3:-:ten"},
+            "REFRAME_FAL_ACCOUNTS: entry 'a:3:-:ten': daily_usd and monthly_usd must be numbers",
+        ),
+        ({"REFRAME_FAL_ACCOUNTS": "a:3::5:-2"}, "REFRAME_FAL_ACCOUNTS: entry 'a:3::5:-2': daily_usd and"),
         (
             {"REFRAME_FAL_ACCOUNTS": "a:3", "REFRAME_FAL_ACCOUNT_KEYS": "zz=id:topsecret"},
             "keys for undeclared accounts: zz",

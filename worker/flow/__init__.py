@@ -14,7 +14,7 @@ import redis
 
 from worker.contracts.keys import Keys
 from worker.contracts.models import Priority
-from worker.flow.accounts import Account, AccountPool, AccountStatus, UnknownAccount, accounts_arg
+from worker.flow.accounts import Account, AccountPool, AccountStatus, UnknownAccount, pool_arg
 from worker.flow.breaker import BreakerDecision, BreakerSnapshot, BreakerState, CircuitBreaker
 from worker.flow.budget import (
     Budget,
@@ -108,7 +108,7 @@ class FlowControl:
             capacity=settings.slot_capacity,
             reserved_high=settings.reserved_high_slots,
             lease_ttl_ms=round(settings.slot_lease_ttl_s * 1000),
-            accounts=accounts_arg(specs),
+            accounts=pool_arg(settings),
         )
         accounts = AccountPool.build(r, prefix=prefix, slots=slots, specs=specs, breaker=breaker, rate=rate)
         return cls(

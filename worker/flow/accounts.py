@@ -22,8 +22,9 @@ upgrade. In a pool of several, account ``a`` keeps them under ``{prefix}:acct:a`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from redis.commands.core import Script
@@ -31,8 +32,12 @@ from redis.commands.core import Script
 from worker.contracts.lua import load_lua, script_path
 from worker.flow._redis import as_int, run, text
 from worker.flow.breaker import CircuitBreaker
+from worker.flow.budget import max_job_micro, usd_to_micro
 from worker.flow.rate import SubmitRateLimiter
 from worker.flow.slots import SlotPool
+
+if TYPE_CHECKING:
+    from config import Settings
 
 #: Why an account was drained for good: fal rejected its key.
 KEY_REJECTED = "key_rejected"
@@ -58,6 +63,15 @@ class AccountStatus:
     usable: bool
     drain_reason: str
     drained_until_ms: int
+    #: Its budget (micro-dollars; None: no cap), spent today / this month, and reserved by the jobs
+    #: bound to it (worker/contracts/lua/accounts_lib.lua).
+    day_cap_micro: int | None = None
+    month_cap_micro: int | None = None
+    day_spent_micro: int = 0
+    month_spent_micro: int = 0
+    reserved_micro: int = 0
+    #: True while its budget has no room for one more job (it is then not ``usable``).
+    budget_full: bool = False
 
 
 class UnknownAccount(KeyError):
@@ -144,7 +158,8 @@ class AccountPool:
         return as_int(run(self._undrain, self._slots_keys, [*self._slots_args, account_id])) == 1
 
     def status(self) -> list[AccountStatus]:
-        """Every configured account: cap, slots held, usable, and why/until when it is drained."""
+        """Every configured account: cap, slots held, usable, why/until when it is drained, and its
+        budget: caps, spent today and this month, reserved."""
         rows = run(self._snapshot, self._slots_keys, self._slots_args)
         return [
             AccountStatus(
@@ -154,6 +169,12 @@ class AccountPool:
                 usable=as_int(row[3]) == 1,
                 drain_reason=text(row[4]),
                 drained_until_ms=as_int(row[5]),
+                day_cap_micro=_cap(row[6]),
+                month_cap_micro=_cap(row[7]),
+                day_spent_micro=as_int(row[8]),
+                month_spent_micro=as_int(row[9]),
+                reserved_micro=as_int(row[10]),
+                budget_full=as_int(row[11]) == 1,
             )
             for row in rows
         ]
@@ -169,9 +190,50 @@ class AccountPool:
         return [s.accounts, s.reserved_high, s.lease_ttl_ms]
 
 
-def accounts_arg(specs: list[tuple[str, int, float | None]]) -> str:
-    """The slot scripts' form of the pool: ``id:cap,id:cap`` in order."""
-    return ",".join(f"{account_id}:{cap}" for account_id, cap, _ in specs)
+def accounts_arg(
+    specs: list[tuple[str, int, float | None]],
+    budgets: Mapping[str, tuple[float | None, float | None]] | None = None,
+    max_job_micro: int = 0,
+) -> str:
+    """The slot scripts' form of the pool (worker/contracts/lua/accounts_lib.lua): ``id:cap`` in
+    order, ``id:cap:day_micro:month_micro`` for an account in ``budgets`` ({id: (daily_usd,
+    monthly_usd)}, None = no cap; caps round down, so rounding never lets spend past one), and
+    ``#max_job_micro`` after the list when any account has a budget."""
+    budgets = {k: v for k, v in (budgets or {}).items() if v != (None, None)}
+
+    def cap_of(usd: float | None) -> str:
+        return "-" if usd is None else str(usd_to_micro(usd))
+
+    entries = []
+    for account_id, cap, _ in specs:
+        entry = f"{account_id}:{cap}"
+        if account_id in budgets:
+            day, month = budgets[account_id]
+            entry += f":{cap_of(day)}:{cap_of(month)}"
+        entries.append(entry)
+    text = ",".join(entries)
+    return f"{text}#{max(0, int(max_job_micro))}" if budgets else text
+
+
+def pool_arg(settings: Settings) -> str:
+    """:func:`accounts_arg` of the configured pool, with the accounts' budgets and the largest
+    reservation a job can hold (:func:`~worker.flow.budget.max_job_micro`)."""
+    specs = settings.fal_account_specs
+    budgets = {a.id: (a.daily_usd, a.monthly_usd) for a in specs if a.has_budget}
+    ceiling = 0
+    if budgets:
+        ceiling = max_job_micro(
+            max_duration_s=settings.max_video_duration_s,
+            margin_s=settings.estimate_margin_s,
+            price_per_s_usd=settings.price_per_s_usd,
+            billing_unit_s=settings.billing_unit_s,
+        )
+    return accounts_arg([(a.id, a.cap, a.rate_per_s) for a in specs], budgets, ceiling)
+
+
+def _cap(raw: object) -> int | None:
+    value = as_int(raw)
+    return None if value < 0 else value
 
 
 def _script(r: redis.Redis, name: str) -> Script:

@@ -9,9 +9,13 @@ Money is integer micro-dollars (``_micro``). Keys:
 * ``{prefix}:fc:budget:day:{YYYY-MM-DD}`` and ``{prefix}:fc:budget:month:{YYYY-MM}``: HASH with
   ``spent`` and ``reserved`` (UTC periods of Redis time). Kept ``PERIOD_RETENTION_S`` after the
   last write, for reports.
-* ``{prefix}:fc:budget:res``: HASH job id -> ``"{micro}|{day}|{month}|{reserved_at_ms}"``. The
-  reservation remembers its periods, so a job reserved at 23:59:59 settles into that day. It has no
-  TTL: a stale reservation is resolved by the reconciler, never expired silently.
+* ``{prefix}:fc:budget:res``: HASH job id -> ``"{micro}|{day}|{month}|{reserved_at_ms}|{tenant}"``,
+  then ``|{account}`` once a slot bound it to a fal account (worker/contracts/lua/accounts_lib.lua:
+  an account's optional budget). The reservation remembers its periods, so a job reserved at
+  23:59:59 settles into that day. It has no TTL: a stale reservation is resolved by the reconciler,
+  never expired silently.
+* The fal accounts' money lives in the slot pool's HASH ``{prefix}:fc:fair`` (accounts_lib): a
+  settlement of a bound reservation moves it there in the same script.
 
 The scripts (``lua/budget_*.lua``) compute the periods from Redis time but touch only period keys
 passed in ``KEYS`` (valid on Redis Cluster and Dragonfly): the caller passes its guess (its own UTC
@@ -61,6 +65,30 @@ def billable_s(duration_s: float, unit_s: float) -> float:
     return math.ceil(duration_s / unit_s - 1e-6) * unit_s
 
 
+def estimate_micro(duration_s: float, *, price_per_s_micro: int, billing_unit_s: float) -> int:
+    """Cost of ``duration_s`` seconds of video as billed: whole billing units, rounded up."""
+    if duration_s < 0 or math.isnan(duration_s):
+        raise ValueError("duration_s must be >= 0")
+    return math.ceil(billable_s(duration_s, billing_unit_s) * price_per_s_micro)
+
+
+def max_job_micro(
+    *, max_duration_s: float, margin_s: float, price_per_s_usd: float, billing_unit_s: float
+) -> int:
+    """The largest reservation a job can hold: the model's longest input plus the estimate margin.
+
+    The gate refuses a longer input (worker/contracts/quotes.py) and estimates at most
+    ``duration + margin`` (or ``max_duration`` when the duration is unknown), with the same rule as
+    :meth:`Budget.estimate_micro`, so no reservation exceeds this. The fal accounts' budgets use it
+    (worker/contracts/lua/accounts_lib.lua): an account is usable only while this much still fits.
+    """
+    return estimate_micro(
+        max_duration_s + margin_s,
+        price_per_s_micro=usd_to_micro(price_per_s_usd, round_up=True),
+        billing_unit_s=billing_unit_s,
+    )
+
+
 #: A script that was passed the wrong period keys names the right ones; this many tries suffice
 #: (the date can change once between the caller's clock and Redis TIME).
 PERIOD_RETRIES = 3
@@ -108,6 +136,8 @@ class Reservation:
     month: str
     reserved_at_ms: int
     tenant: str = ""
+    #: The fal account a slot bound it to ('' = none yet).
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +201,8 @@ class Budget:
         self.price_per_s_micro = usd_to_micro(price_per_s_usd, round_up=True)
         self.billing_unit_s = billing_unit_s
         self.reservations_key = f"{prefix}:fc:budget:res"
+        #: The slot pool's HASH (worker/flow/slots.py), where the fal accounts' money lives.
+        self.fair_key = f"{prefix}:fc:fair"
         self.ledger_key = f"{prefix}:ledger"
         self._r = r
         self._reserve = r.register_script(load_lua(script_path(__file__, "budget_reserve")))
@@ -183,9 +215,9 @@ class Budget:
         The same rule settles a success (from the output's duration), so an estimate made from the
         input's duration is an upper bound whenever the output is no longer than the input.
         """
-        if duration_s < 0 or math.isnan(duration_s):
-            raise ValueError("duration_s must be >= 0")
-        return math.ceil(billable_s(duration_s, self.billing_unit_s) * self.price_per_s_micro)
+        return estimate_micro(
+            duration_s, price_per_s_micro=self.price_per_s_micro, billing_unit_s=self.billing_unit_s
+        )
 
     def reserve(
         self,
@@ -272,6 +304,7 @@ class Budget:
                 self.reservations_key,
                 *self.period_keys(day, month, tenant, padded=True),
                 self.ledger_key,
+                self.fair_key,
             ]
             reply = run(self._settle, keys, [self.prefix, job_id, actual_micro, json.dumps(entry)])
             if not text(reply).startswith("BUDGET_KEYS:"):
@@ -353,4 +386,7 @@ class Budget:
 def _parse_reservation(raw: str) -> Reservation:
     micro, day, month, at_ms, *rest = raw.split("|")
     tenant = rest[0] if rest else ""
-    return Reservation(micro=int(micro), day=day, month=month, reserved_at_ms=int(at_ms), tenant=tenant)
+    account = rest[1] if len(rest) > 1 else ""
+    return Reservation(
+        micro=int(micro), day=day, month=month, reserved_at_ms=int(at_ms), tenant=tenant, account=account
+    )

@@ -1,6 +1,8 @@
 -- budget_lib: spend periods, reservations and the cost ledger (included, not run alone).
 -- The including script declares first: now_ms (include now), bprefix (the key prefix),
--- reservations (the HASH key job -> "micro|day|month|reserved_at_ms|tenant"), bdeclared (a set of
+-- reservations (the HASH key job -> "micro|day|month|reserved_at_ms|tenant[|account]": the fal
+-- account is appended when a slot binds the reservation, accounts_lib), fair (the slot pool's HASH,
+-- where the fal accounts' money lives: accounts_lib), bdeclared (a set of
 -- the period keys it was given in KEYS) and ledger (the ledger STREAM key, or false when the
 -- script writes no ledger entries). A script touches only declared keys: it first checks with
 -- check_today_keys(tenant) / check_reservation_keys(job) and, when a period key it needs was not
@@ -27,10 +29,23 @@ local function period_keys(day, month, tenant)
   end
   return keys
 end
+-- micro, day, month, tenant ('' = none) and fal account ('' = none bound) of a reservation (5 or 6 fields)
 local function parse_reservation(rec)
   local f = {}
   for part in (rec .. '|'):gmatch('([^|]*)|') do f[#f + 1] = part end
-  return tonumber(f[1]), f[2], f[3], f[5] or ''
+  return tonumber(f[1]), f[2], f[3], f[5] or '', f[6] or ''
+end
+-- add `micro` to fal account `acct`'s spent of `period` ('d' | 'm') `which`; the account keeps only
+-- its latest period's field (accounts_lib): an older period's settlement changes nothing it checks
+local function account_spend(acct, period, which, micro)
+  local ptr = 'ab' .. period .. ':' .. acct
+  local cur = redis.call('HGET', fair, ptr)
+  if cur and which < cur then return end
+  if cur ~= which then
+    if cur then redis.call('HDEL', fair, 'abs:' .. acct .. ':' .. period .. ':' .. cur) end
+    redis.call('HSET', fair, ptr, which)
+  end
+  redis.call('HINCRBY', fair, 'abs:' .. acct .. ':' .. period .. ':' .. which, micro)
 end
 -- take a reservation back out of a period; never below zero (a period key may have expired)
 local function unreserve(k, est)
@@ -64,15 +79,25 @@ local function append_ledger(job, tenant, micro, entry)
     'micro', string.format('%d', micro), 'kind', entry.kind or 'settled', 'at_ms', now_ms)
 end
 -- drop `job`'s reservation, charging `actual` micro-dollars (actual < 0: charge nothing) to the
--- cluster's and the tenant's periods, and append the charge to the ledger (`entry` as above).
+-- cluster's and the tenant's periods and to its fal account (if bound), and append the charge to the ledger (`entry` as above).
 -- Returns {1, est} when there was a reservation, {0, 0} otherwise (a second settle is a no-op).
 local function settle_reservation(job, actual, entry)
   local rec = redis.call('HGET', reservations, job)
   if not rec then return {0, 0} end
-  local est, day, month, tenant = parse_reservation(rec)
+  local est, day, month, tenant, acct = parse_reservation(rec)
   for _, k in ipairs(period_keys(day, month, tenant)) do
     unreserve(k, est)
     if actual > 0 then redis.call('HINCRBY', k, 'spent', actual) end
+  end
+  if acct ~= '' then
+    -- the fal account the reservation is bound to moves its money with the cluster's
+    if est > 0 and redis.call('HINCRBY', fair, 'abr:' .. acct, -est) <= 0 then
+      redis.call('HDEL', fair, 'abr:' .. acct)
+    end
+    if actual > 0 then
+      account_spend(acct, 'd', day, actual)
+      account_spend(acct, 'm', month, actual)
+    end
   end
   redis.call('HDEL', reservations, job)
   if actual > 0 then append_ledger(job, tenant, actual, entry or {}) end

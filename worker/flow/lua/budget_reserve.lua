@@ -13,7 +13,7 @@
 --         another attempt owns it, {-2, 'BUDGET_KEYS:<day>|<month>|<tenant>'}: the period keys
 --         passed are not today's (retry with these).
 -- @include now
-local bprefix, reservations, ledger = ARGV[1], KEYS[1], false
+local bprefix, reservations, ledger, fair = ARGV[1], KEYS[1], false, false  -- settles nothing
 local bdeclared = {[KEYS[3]] = true, [KEYS[4]] = true, [KEYS[5]] = true, [KEYS[6]] = true}
 -- @include budget_lib
 local tenant = ARGV[10] or ''

@@ -3,7 +3,7 @@
 -- Returns {day spent, day reserved, month spent, month reserved} in micro-dollars, or
 -- {'BUDGET_KEYS:<day>|<month>|'} when KEYS 2 and 3 are not today's (retry with these).
 -- @include now
-local bprefix, reservations, ledger = ARGV[1], KEYS[1], false
+local bprefix, reservations, ledger, fair = ARGV[1], KEYS[1], false, false  -- settles nothing
 local bdeclared = {[KEYS[2]] = true, [KEYS[3]] = true}
 -- @include budget_lib
 local wrong_period = check_today_keys()

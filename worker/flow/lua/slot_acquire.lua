@@ -17,9 +17,14 @@ if ARGV[7] == '1' then
   if not pre or (ARGV[6] ~= '' and owner ~= ARGV[6]) then return {-1, state} end
   tenant = redis.call('HGET', KEYS[6], 'tenant') or ''
 end
+-- idempotent: same slot, fresh lease; unless a new reservation does not fit its account's budget
+-- (accounts_lib account_bind_held): then the slot goes back and the job queues for one that fits
 if redis.call('ZSCORE', slots, job) then
-  redis.call('ZADD', slots, now_ms + lease_ms, job)  -- idempotent: same slot, fresh lease
-  return {1, 0, account_of(job)}
+  if account_bind_held(job) then
+    redis.call('ZADD', slots, now_ms + lease_ms, job)
+    return {1, 0, account_of(job)}
+  end
+  drop_slot(job)
 end
 -- queue it (once), then take the slot only if the rule picks this very job (nobody is passed over)
 enqueue_wait(job, tenant, p)
