@@ -48,7 +48,7 @@ from worker.contracts.ledger import (
 from worker.contracts.redis_promise import read_promise, risks
 from worker.contracts.tenants import LIMIT_FIELDS, TenantLimits, TenantRegistry, check_tenant
 from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
-from worker.flow import FlowControl, UnknownAccount
+from worker.flow import FlowControl, UnknownAccount, micro_to_usd
 
 app = typer.Typer(
     name="reframe",
@@ -1404,7 +1404,8 @@ def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 
 @accounts_app.command("list")
 def accounts_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False) -> None:
-    """Every fal account: its cap, slots held now, and whether it takes new work (never its key)."""
+    """Every fal account: its cap, slots held now, whether it takes new work, and its budget (spent
+    today / this month, reserved, caps; dollars); never its key."""
     settings = settings_or_exit()
     rows = [
         {
@@ -1414,6 +1415,12 @@ def accounts_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
             "up": a.usable,
             "drain_reason": a.drain_reason or None,
             "drained_until_ms": a.drained_until_ms or None,
+            "budget_full": a.budget_full,
+            "day_spent_usd": micro_to_usd(a.day_spent_micro),
+            "month_spent_usd": micro_to_usd(a.month_spent_micro),
+            "reserved_usd": micro_to_usd(a.reserved_micro),
+            "daily_cap_usd": None if a.day_cap_micro is None else micro_to_usd(a.day_cap_micro),
+            "monthly_cap_usd": None if a.month_cap_micro is None else micro_to_usd(a.month_cap_micro),
         }
         for a in FlowControl.from_settings(_redis_client(settings), settings).accounts.status()
     ]
@@ -1421,11 +1428,27 @@ def accounts_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
         for row in rows:
             print(json.dumps(row))
         return
-    table = Table("account", "cap", "in use", "up", "drained")
+
+    def spent(row: dict[str, Any], period: str, cap: str) -> str:
+        limit = row[cap]
+        return f"{row[period]:.2f}" + ("" if limit is None else f" / {limit:.2f}")
+
+    table = Table("account", "cap", "in use", "up", "drained", "day $ / cap", "month $ / cap", "reserved $")
     for row in rows:
-        drained = str(row["drain_reason"] or ("breaker" if not row["up"] else "-"))
+        why = [str(row["drain_reason"])] if row["drain_reason"] else []
+        if row["budget_full"]:
+            why.append("budget")
+        if not row["up"] and not why:
+            why.append("breaker")
         table.add_row(
-            str(row["account"]), str(row["cap"]), str(row["in_use"]), "yes" if row["up"] else "no", drained
+            str(row["account"]),
+            str(row["cap"]),
+            str(row["in_use"]),
+            "yes" if row["up"] else "no",
+            ",".join(why) or "-",
+            spent(row, "day_spent_usd", "daily_cap_usd"),
+            spent(row, "month_spent_usd", "monthly_cap_usd"),
+            f"{row['reserved_usd']:.2f}",
         )
     console.print(table)
 

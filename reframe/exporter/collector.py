@@ -109,6 +109,23 @@ _SPECS: Final = (
         "Slots held on one fal account (its requests in flight, expired leases included).",
         ("account",),
     ),
+    _Spec(
+        "reframe_fal_account_budget_spent_usd",
+        "Dollars settled on one fal account in the current UTC day/month (its optional budget, "
+        "REFRAME_FAL_ACCOUNTS); kept for every account.",
+        ("account", "period"),
+    ),
+    _Spec(
+        "reframe_fal_account_budget_reserved_usd",
+        "Dollars reserved by the jobs whose slot is on one fal account (estimates, not yet settled).",
+        ("account",),
+    ),
+    _Spec(
+        "reframe_fal_account_budget_cap_usd",
+        "The daily/monthly budget of one fal account; only accounts that declare one. The account "
+        "takes no new job while spent + reserved + one largest job would pass it.",
+        ("account", "period"),
+    ),
     _Spec("reframe_slots_reserved_high", "Slots only high-priority jobs may take (reserved_high_slots)."),
     _Spec(
         "reframe_slot_leases_expired",
@@ -374,6 +391,12 @@ class ClusterCollector(Collector):
         return [
             ("reframe_slots_capacity", (), float(s.slot_capacity)),
             *[("reframe_fal_account_capacity", (a.id,), float(a.cap)) for a in s.fal_account_specs],
+            *[
+                ("reframe_fal_account_budget_cap_usd", (a.id, period), float(cap))
+                for a in s.fal_account_specs
+                for period, cap in (("day", a.daily_usd), ("month", a.monthly_usd))
+                if cap is not None
+            ],
             ("reframe_slots_reserved_high", (), float(s.reserved_high_slots)),
             ("reframe_celery_visibility_timeout_seconds", (), float(s.visibility_timeout_s)),
             ("reframe_budget_cap_usd", ("day",), float(s.budget_daily_usd)),
@@ -526,6 +549,23 @@ class ClusterCollector(Collector):
         for account in flow.accounts.status():
             out.append(("reframe_fal_account_up", (account.id,), 1.0 if account.usable else 0.0))
             out.append(("reframe_fal_account_slots_in_use", (account.id,), float(account.in_use)))
+            out += [
+                (
+                    "reframe_fal_account_budget_spent_usd",
+                    (account.id, "day"),
+                    micro_to_usd(account.day_spent_micro),
+                ),
+                (
+                    "reframe_fal_account_budget_spent_usd",
+                    (account.id, "month"),
+                    micro_to_usd(account.month_spent_micro),
+                ),
+                (
+                    "reframe_fal_account_budget_reserved_usd",
+                    (account.id,),
+                    micro_to_usd(account.reserved_micro),
+                ),
+            ]
         remaining = (breaker.open_until_ms - now_ms) / 1000.0 if breaker.state is BreakerState.OPEN else 0.0
         out += [
             ("reframe_breaker_open_remaining_seconds", (), max(0.0, remaining)),

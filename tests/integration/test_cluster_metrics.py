@@ -289,3 +289,31 @@ def test_fal_accounts_are_exported_one_series_each(
     used = {a: val(reg, "reframe_fal_account_slots_in_use", account=a) for a in ("a", "b")}
     assert sum(used.values()) == 4 and used["a"] <= 3
     assert b"seca" not in generate_latest(reg) and b"ida" not in generate_latest(reg)
+
+
+def test_fal_account_budgets_are_exported_per_account_and_period(
+    make_settings: Callable[..., Settings], rclient: redis.Redis
+) -> None:
+    settings = make_settings(
+        fal_accounts="a:3:-:40:900,b:3",
+        fal_account_keys="a=ida:seca; b=idb:secb",
+        price_per_s_usd=0.1,
+        max_video_duration_s=10,
+        estimate_margin_s=0,
+    )
+    flow = FlowControl.from_settings(rclient, settings)
+    assert flow.budget.reserve("j1", 700_000, tenant="t").ok
+    assert flow.slots.acquire("j1", "normal", tenant="t").account == "a"
+    assert flow.budget.reserve("j2", 400_000, tenant="t").ok
+    assert flow.slots.acquire("j2", "normal", tenant="t").account == "b"
+    assert flow.budget.settle("j2", 250_000)
+    reg = scrape(ClusterCollector(rclient, settings))
+    assert val(reg, "reframe_fal_account_budget_cap_usd", account="a", period="day") == 40
+    assert val(reg, "reframe_fal_account_budget_cap_usd", account="a", period="month") == 900
+    assert (
+        reg.get_sample_value("reframe_fal_account_budget_cap_usd", {"account": "b", "period": "day"}) is None
+    )
+    assert val(reg, "reframe_fal_account_budget_reserved_usd", account="a") == 0.7
+    assert val(reg, "reframe_fal_account_budget_reserved_usd", account="b") == 0
+    assert val(reg, "reframe_fal_account_budget_spent_usd", account="b", period="day") == 0.25
+    assert val(reg, "reframe_fal_account_budget_spent_usd", account="b", period="month") == 0.25

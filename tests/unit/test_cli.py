@@ -120,3 +120,37 @@ def test_accounts_list_and_undrain_name_accounts_never_keys(redis_url: str) -> N
     unknown = reframe("accounts", "undrain", "zz", env=env)
     assert unknown.returncode != 0 and "not in REFRAME_FAL_ACCOUNTS" in unknown.stderr
     client.close()
+
+
+def test_accounts_list_shows_each_accounts_budget(redis_url: str) -> None:
+    env = {
+        "REFRAME_REDIS_URL": redis_url,
+        "REFRAME_FAL_ACCOUNTS": "a:5:-:1.5:20,b:3",
+        "REFRAME_PRICE_PER_S_USD": "0.1",
+        "REFRAME_MAX_VIDEO_DURATION_S": "10",
+        "REFRAME_ESTIMATE_MARGIN_S": "0",
+    }
+    client = redis.Redis.from_url(redis_url)
+    flow = FlowControl.from_settings(client, load_settings(env))
+    for job in ("j1", "j2"):
+        assert flow.budget.reserve(job, 600_000, tenant="t").ok
+    assert flow.slots.acquire("j1", "normal", tenant="t").account == "a"  # the most free slots
+    # a: 0.60 reserved + one largest job (1.00) would pass its 1.50: j2 goes to b
+    assert flow.slots.acquire("j2", "normal", tenant="t").account == "b"
+    assert flow.budget.settle("j1", 600_000)
+    rows = {
+        r["account"]: r
+        for r in map(json.loads, reframe("accounts", "list", "--json", env=env).stdout.splitlines())
+    }
+    a, b = rows["a"], rows["b"]
+    assert (a["daily_cap_usd"], a["monthly_cap_usd"], a["day_spent_usd"], a["reserved_usd"]) == (
+        1.5,
+        20.0,
+        0.6,
+        0,
+    )
+    assert a["budget_full"] and not a["up"]  # 0.60 spent + 1.00 would still pass 1.50
+    assert (b["daily_cap_usd"], b["reserved_usd"], b["budget_full"], b["up"]) == (None, 0.6, False, True)
+    table = reframe("accounts", "list", env=env).stdout
+    assert "budget" in table and "0.60 / 1.50" in table
+    client.close()
