@@ -11,6 +11,7 @@ input accepted (and billed) exactly once, and no call made with the wrong accoun
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -167,3 +168,75 @@ def test_jobs_at_a_revoked_account_are_resolved_there_never_resubmitted(
     assert r.hget(f"{KEYS.root}:fc:fair", "adrain:a") == "key_rejected"
     charged = Counter(f["job_id"] for _i, f in r.xrange(KEYS.ledger) if f.get("kind") == "estimate")
     assert charged == Counter(at_a), charged
+
+
+def test_an_account_budget_for_two_jobs_runs_exactly_two_there_and_the_rest_at_the_other(
+    chaos_cluster: Callable[..., LocalCluster], whole_clip: Path
+) -> None:
+    """Account a may spend $0.48 a day: with 3 s clips at $0.06/s (estimate $0.18, the largest job
+    $0.24 with REFRAME_MAX_VIDEO_DURATION_S=3.5) it takes a job only while spent + reserved + $0.24
+    fits, so exactly two run there whatever the order; b (no budget) runs the other six. Judged by
+    the emulator's ledger (what fal accepted and billed at each account) and by samples of a's
+    counters in Redis taken all along (never spent + reserved over its cap)."""
+    tag = new_tag("accounts-budget")
+    cluster = chaos_cluster(
+        workers=1,
+        emulator_concurrency=8,
+        emulator_processing_time_s=1.0,
+        env={
+            "REFRAME_FAL_ACCOUNTS": "a:3:-:0.48,b:5",
+            "REFRAME_FAL_ACCOUNT_KEYS": f"a={A_KEY}; b={B_KEY}",
+            "REFRAME_MAX_VIDEO_DURATION_S": "3.5",
+            "REFRAME_ESTIMATE_MARGIN_S": "0",
+            "REFRAME_PRICE_PER_S_USD": "0.06",
+            "REFRAME_BILLING_UNIT_S": "1",
+        },
+    )
+    control = cluster.emulator_control
+    assert control is not None
+    settings = cluster.settings()
+    url = upload_file(settings, whole_clip)
+    control.configure(valid_keys=[A_KEY, B_KEY], isolate_accounts=True)
+    requests = distinct_inputs(url, 8, tag)
+    r = redis_of(cluster)
+    fair_key = f"{KEYS.root}:fc:fair"
+    samples: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:  # spent today + reserved of account a, each an atomic read of the HASH
+        while not stop.is_set():
+            fair = r.hgetall(fair_key)
+            day = fair.get("abd:a")
+            spent = int(fair.get(f"abs:a:d:{day}", 0)) if day else 0
+            samples.append((spent, int(fair.get("abr:a", 0))))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with Producer(settings) as producer:
+            ids = producer.enqueue_many(requests)
+            with explained(cluster, ids):
+                wait_terminal(producer, ids, timeout_s=90)
+            jobs = producer.get_many(ids)
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
+    assert all(j is not None and j.state.value == "SUCCEEDED" for j in jobs), [
+        (j.id, j.state.value, j.error) for j in jobs if j is not None
+    ]
+    book = ledger(cluster)
+    accepted = book["submits"]
+    by_account = Counter(s["account"] for s in accepted)
+    assert by_account == {"acct-a": 2, "acct-b": 6}, by_account
+    billed_s = {b["request_id"]: b["billed_s"] for b in book["billed"]}
+    at_a = [billed_s[s["request_id"]] for s in accepted if s["account"] == "acct-a"]
+    assert sum(at_a) * 0.06 <= 0.48 + 1e-9, at_a
+    fps = Counter(s["fingerprint"] for s in accepted)
+    assert sorted(fps[fingerprint_of(req)] for req in requests) == [1] * 8, fps
+    # a's counters: never over its cap; at the end its spend is what fal billed there, nothing reserved
+    assert samples and all(spent + reserved <= 480_000 for spent, reserved in samples), max(samples, key=sum)
+    assert any(reserved > 0 for _, reserved in samples)
+    fair = r.hgetall(fair_key)
+    assert int(fair[f"abs:a:d:{fair['abd:a']}"]) == round(sum(at_a) * 60_000), fair
+    assert int(fair.get("abr:a", 0)) == 0 and r.hlen(f"{KEYS.root}:fc:budget:res") == 0
