@@ -144,6 +144,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         return _json({"detail": "Invalid JSON body"}, 400)
     start_timeout_s = _float_or_none(request.headers.get("x-fal-request-timeout"))
     runner_fault = state.faults.take("submit", frozenset({"runner_error"}))
+    output_fault = None if runner_fault else state.faults.take("submit", frozenset({"bad_output"}))
     req = state.submit(
         app_prefix=app_prefix,
         endpoint=endpoint,
@@ -151,6 +152,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         base_url=_base_url(request),
         webhook_url=request.query_params.get("fal_webhook"),
         runner_fault=runner_fault,
+        output_fault=output_fault,
         start_timeout_s=start_timeout_s,
     )
     body = {"status": "IN_QUEUE", "request_id": req.id, **req.urls(), "queue_position": _position(state, req)}

@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ class QueueRequest:
     webhook_url: str | None
     generation: int
     runner_fault: Fault | None = None
+    output_fault: Fault | None = None
     status: str = IN_QUEUE
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -199,6 +200,7 @@ class EmulatorState:
         webhook_url: str | None,
         runner_fault: Fault | None,
         start_timeout_s: float | None = None,
+        output_fault: Fault | None = None,
     ) -> QueueRequest:
         """Create a request IN_QUEUE (no validation: fal validates in the runner) and schedule.
 
@@ -214,6 +216,7 @@ class EmulatorState:
             webhook_url=webhook_url,
             generation=self._generation,
             runner_fault=runner_fault,
+            output_fault=output_fault,
         )
         self.requests[req.id] = req
         self._queue.append(req.id)
@@ -363,8 +366,19 @@ class EmulatorState:
             errors = fetch_error(f"video is longer than {cfg.max_input_duration_s:g} s", params.video_url)
             return Outcome(422, {"detail": errors}, _first_msg(errors), "validation_error")
         req.log(f"Reframing {info.width}x{info.height} {info.duration_s:.2f}s to {params.aspect_ratio}")
+        bad = req.output_fault.output if req.output_fault is not None else None
+        claimed_s: float | None = None
         try:
-            rendered = await self.cache.render(fetched.path, fetched.sha256, params)
+            if bad == "ratio":  # a scripted wrong output: another aspect ratio than asked for
+                wrong = "16:9" if params.aspect_ratio in {"1:1", "9:16", "3:4", "9:21"} else "9:16"
+                rendered = await self.cache.render(
+                    fetched.path, fetched.sha256, replace(params, aspect_ratio=wrong)
+                )
+            else:
+                rendered = await self.cache.render(fetched.path, fetched.sha256, params)
+            if bad == "truncate" and req.output_fault is not None:
+                claimed_s = rendered.duration_s  # the File still claims the whole length
+                rendered = await self.cache.truncated(rendered, rendered.duration_s * req.output_fault.keep)
         except RenderError as exc:
             return request_error(500, str(exc), "runner_server_error")
         stored = self.storage.alias(rendered.path, f"{req.id}.mp4", "video/mp4")
@@ -375,9 +389,10 @@ class EmulatorState:
             "file_size": rendered.size_bytes,
             "width": rendered.width,
             "height": rendered.height,
-            "duration": round(rendered.duration_s, 3),
+            "duration": round(claimed_s if claimed_s is not None else rendered.duration_s, 3),
         }
         req.log("Done")
+        # fal bills the output it returned
         return Outcome(
             200, {"video": video}, billed_s=billable_s(rendered.duration_s, self.config.billing_unit_s)
         )
