@@ -377,6 +377,7 @@ class OutputCopier:
                 k.outbox_entry(event_id),
                 *periods[:4],
                 k.ledger,
+                k.outputs_since,
             ],
             # None values are left out (cjson would make them userdata), as worker/contracts/store.py does
             args=[

@@ -156,6 +156,12 @@ class Keys:
         """ZSET event id -> when its output copy is due (ms); a copier leases it by moving the time ahead."""
         return f"{self.root}:outputs:pending"
 
+    @property
+    def outputs_since(self) -> str:
+        """ZSET event id -> when its job finished (ms) of every pending copy (given-up ones are in
+        ``outputs_failed``): the oldest pending copy's age, against fal's media retention."""
+        return f"{self.root}:outputs:since"
+
     def output_entry(self, event_id: str) -> str:
         """HASH of one output copy: fal's URL, the held event and callback, claims, tries, last error."""
         return f"{self.root}:output:{event_id}"

@@ -442,6 +442,7 @@ class JobStore:
             k.idem(idempotency_key),
             k.outputs_pending,
             k.output_entry(event_id),
+            k.outputs_since,
         ]
         raw = self.run_job_script(self._finish, job_id, extra, [job_id, _options(opt)])
         if int(raw[0]) == 0:

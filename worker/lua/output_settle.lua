@@ -8,7 +8,7 @@
 -- KEYS: 1 outputs pending ZSET, 2 the entry HASH, 3 outputs failed ZSET, 4 the job's record,
 --       5 events STREAM, 6 callback outbox ZSET, 7 the callback's outbox entry HASH,
 --       8, 9 the day and month budget keys the settlement charged, 10, 11 the same of the job's
---       tenant (any keys when it has none), 12 the cost ledger STREAM.
+--       tenant (any keys when it has none), 12 the cost ledger STREAM, 13 outputs since ZSET.
 -- ARGV: 1 event id, 2 options (JSON):
 --   claim         the claim number output_take gave (else refused: 'LOST')
 --   outcome       'copied' | 'retry' | 'failed'
@@ -76,11 +76,13 @@ if opt.outcome == 'copied' then
   end
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[3], id)
+  redis.call('ZREM', KEYS[13], id)
   redis.call('DEL', entry)
 else
   redis.call('HINCRBY', entry, 'attempts', 1)
   redis.call('HSET', entry, 'last_error', opt.error or '', 'last_try_ms', now_ms, 'failed_at_ms', now_ms)
   redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[13], id)
   redis.call('ZADD', KEYS[3], now_ms, id)
   redis.call('PEXPIRE', entry, tonumber(opt.failed_ttl_ms))
 end

@@ -2,7 +2,8 @@
 -- work in the outbox and the record's expiry, all in one atomic step (the outbox pattern).
 -- KEYS: 1..16 as job_head; 17 events STREAM, 18 dlq ZSET, 19 outbox ZSET, 20 outbox entry HASH,
 --       21 the job's idempotency claim (any key when it has none): it expires with the record,
---       22 outputs pending ZSET, 23 the output copy entry HASH (any keys when no copy is asked for).
+--       22 outputs pending ZSET, 23 the output copy entry HASH, 24 outputs since ZSET (any keys when
+--       no copy is asked for).
 -- ARGV: 1 job id, 2 options (JSON): the fence and slot/budget options of job_head, and
 --   to            SUCCEEDED | FAILED | CANCELLED
 --   event_id      "<job id>.<life>": must match the record's life (else refused as 'STALE')
@@ -73,6 +74,7 @@ if type(opt.copy) == 'table' and opt.to == 'SUCCEEDED' then
   redis.call('DEL', KEYS[23])
   redis.call('HSET', KEYS[23], unpack(entry))
   redis.call('ZADD', KEYS[22], now_ms, opt.event_id)
+  redis.call('ZADD', KEYS[24], now_ms, opt.event_id)
   redis.call('HSET', job_key, 'output_copy', 'pending')
 else
   -- no MAXLEN here: the housekeeper trims below the slowest consumer group (events_trim.lua)
