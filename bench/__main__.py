@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 
 from bench.clusters import cluster_with_clip, inflight_env
+from bench.outputs import bench_outputs
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
@@ -214,6 +215,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "tenants": (
         "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
         bench_tenants,
+    ),
+    "outputs": (
+        "Output store: obstore vs boto3 into S3, what the copy adds before publishing (bench/outputs.py)",
+        bench_outputs,
     ),
 }
 

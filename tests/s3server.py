@@ -1,90 +1,28 @@
-"""A real S3-compatible HTTP server for tests: moto's ``moto_server`` in a child process on a port.
-
-Not an in-process mock: the code under test talks HTTP to it as to any S3 endpoint. Its state is
-in memory, so a restart (an outage and a recovery) starts empty: :meth:`S3Server.start` creates the
-bucket again.
-"""
+"""The tests' S3-compatible server (reframe/locals3.py: moto_server over real HTTP) and an
+independent reader of its bucket (boto3, not the code under test)."""
 
 from __future__ import annotations
 
-import shutil
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import boto3
-import httpx
 
-from reframe.localproc import ManagedProcess, free_port, spawn, wait_until
+from reframe.locals3 import ACCESS_KEY_ID, BUCKET, SECRET_ACCESS_KEY, S3Server
 
-BUCKET = "reframe-outputs"
-ACCESS_KEY_ID = "test-access-key"
-SECRET_ACCESS_KEY = "test-secret-key"  # moto accepts any credentials
+__all__ = ["BUCKET", "S3Server", "bucket_objects"]
 
 
-def _moto_argv(port: int) -> list[str]:
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    return [exe, "-H", "127.0.0.1", "-p", str(port)]
-
-
-@dataclass
-class S3Server:
-    """One moto S3 server; ``port`` stays the same across :meth:`stop` and :meth:`start`."""
-
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    proc: ManagedProcess | None = None
-
-    @property
-    def endpoint(self) -> str:
-        """The S3 endpoint URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def env(self, prefix: str = "") -> dict[str, str]:
-        """The REFRAME_OUTPUT_* settings that point the output store at this server."""
-        return {
-            "REFRAME_OUTPUT_STORE_URL": f"s3://{BUCKET}/{prefix}".rstrip("/"),
-            "REFRAME_OUTPUT_S3_ENDPOINT": self.endpoint,
-            "REFRAME_OUTPUT_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
-            "REFRAME_OUTPUT_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-            "REFRAME_OUTPUT_S3_ALLOW_HTTP": "true",
-        }
-
-    def client(self) -> object:
-        """A boto3 S3 client of this server (bucket setup and independent reads)."""
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
-            region_name="us-east-1",
-        )
-
-    def start(self) -> S3Server:
-        """Start the server, wait until it answers, create the bucket."""
-        self.proc = spawn(f"moto-{self.port}", _moto_argv(self.port), log_dir=self.workdir)
-
-        def up() -> bool:
-            try:
-                return httpx.get(self.endpoint, timeout=1).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout_s=30, interval_s=0.1, what="moto_server answers")
-        self.client().create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (an outage: the port refuses connections)."""
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def objects(self) -> dict[str, bytes]:
-        """Every object in the bucket: key -> bytes (read with boto3, not with the code under test)."""
-        s3 = self.client()
-        listing = s3.list_objects_v2(Bucket=BUCKET)  # type: ignore[attr-defined]
-        return {
-            o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()  # type: ignore[attr-defined]
-            for o in listing.get("Contents", [])
-        }
+def bucket_objects(server: S3Server) -> dict[str, bytes]:
+    """Every object in the bucket: key -> bytes, read with boto3."""
+    s3: Any = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=ACCESS_KEY_ID,
+        aws_secret_access_key=SECRET_ACCESS_KEY,
+        region_name="us-east-1",
+    )
+    listing = s3.list_objects_v2(Bucket=BUCKET)
+    return {
+        o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+        for o in listing.get("Contents", [])
+    }

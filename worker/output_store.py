@@ -25,6 +25,9 @@ from obstore.store import LocalStore, S3Store
 
 from config import Settings
 
+#: Multipart upload part size (S3's minimum) and parts uploaded at once per output.
+PART_BYTES = 5 * 1024 * 1024
+PARTS_IN_FLIGHT = 2
 #: The tenant prefix of a job without a tenant.
 NO_TENANT = "_"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -67,7 +70,15 @@ class OutputStore:
         """Upload ``path`` under ``key`` (multipart, streamed from the file; atomic for readers)."""
         try:
             if self.kind == "s3":
-                obstore.put(self._store, key, path, attributes={"Content-Type": content_type})
+                # S3's smallest part, two in flight: at most ~10 MiB of one output in memory per copy
+                obstore.put(
+                    self._store,
+                    key,
+                    path,
+                    attributes={"Content-Type": content_type},
+                    chunk_size=PART_BYTES,
+                    max_concurrency=PARTS_IN_FLIGHT,
+                )
             else:
                 obstore.put(self._store, key, path)
         except Exception as exc:

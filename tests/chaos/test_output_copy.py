@@ -30,7 +30,7 @@ from producer import Producer
 from reframe.localcluster import LocalCluster, upload_file
 from reframe.localproc import wait_until
 from tests.chaos.conftest import KEYS, distinct_inputs, new_tag, scrape_counter
-from tests.s3server import S3Server
+from tests.s3server import S3Server, bucket_objects
 from worker.contracts.usage import parse_usage
 
 pytestmark = pytest.mark.integration
@@ -107,7 +107,7 @@ def test_s3_outage_and_sigkill_between_success_and_copy_lose_and_repay_nothing(
             what="every output copied once the store is back",
         )
         recs = records(r, ids)
-        bucket = s3.objects()
+        bucket = bucket_objects(s3)
         for job_id, rec in recs.items():
             key = rec["output_key"]
             assert key == f"t/acme/{rec['output_sha256']}.mp4"
