@@ -124,6 +124,8 @@ class Job:
     output_copy: str | None = None
     """The copy of a success's output into the output store: ``pending``, ``retrying``, ``copied``,
     ``failed`` (given up: fal's URL only; ``reframe outputs retry``), None when no store is set."""
+    output_copy_error: str | None = None
+    """Why the last copy try failed (``retrying`` or ``failed``)."""
     output_key: str | None = None
     """The stored output's content-addressed key (``reframe outputs url JOB`` signs a URL for it)."""
     output_verify: str | None = None
@@ -172,6 +174,7 @@ class Job:
             dead_letter_reason=rec.get("dead_letter_reason") or None,
             deduped_from=rec.get("deduped_from") or None,
             output_copy=rec.get("output_copy") or None,
+            output_copy_error=rec.get("output_copy_error") or None,
             output_key=rec.get("output_key") or None,
             output_verify=rec.get("output_verify") or None,
             output_verification=_json_object(rec.get("output_verification")),

@@ -530,6 +530,17 @@ def _job_json(job: Any) -> dict[str, Any]:
         "error": job.error,
         "dead_letter_reason": job.dead_letter_reason,
         "timestamps_ms": job.timestamps_ms,
+        **(
+            {
+                "output_copy": job.output_copy,
+                "output_copy_error": job.output_copy_error,
+                "output_key": job.output_key,
+                "output_verify": job.output_verify,
+                "output_verification": job.output_verification,
+            }
+            if job.output_copy
+            else {}
+        ),
     }
 
 
