@@ -525,6 +525,18 @@ class Settings(BaseSettings):
         description="Link to the Grafana dashboard shown by the operator console (/console); unset: no link.",
     )
 
+    @field_validator("output_store_url")
+    @classmethod
+    def _check_output_store_url(cls, value: str) -> str:
+        text = value.strip()
+        if text.lower() in {"off", "none", ""}:
+            return "off"
+        if text.startswith("file://") and len(text) > len("file://"):
+            return text
+        if text.startswith("s3://") and text.removeprefix("s3://").split("/", 1)[0]:
+            return text
+        raise ValueError("must be file://DIR, s3://BUCKET[/PREFIX] or off")
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:

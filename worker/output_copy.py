@@ -103,11 +103,12 @@ class OutputCopier:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop claiming; copies under way finish (their leases cover a crash)."""
+        """Stop claiming; copies under way are not waited for (a download may take minutes): one
+        that cannot settle before the process ends is handed back by its lease."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from falemu.faults import Fault
+from reframe import cli
 from worker.contracts.keys import Keys
 from worker.contracts.lua import load_lua
 from worker.media import ContainerInfo
@@ -164,3 +168,59 @@ def test_a_given_up_copy_publishes_once_and_a_later_copy_only_updates_the_record
     }
     assert _settle(settle, event_id, job_id, copied) == [1, ""]  # no second event
     assert r.xlen(K.events) == 1 and r.hget(K.job(job_id), "output_copy") == "copied"
+
+
+def test_outputs_cli_lists_retries_signs_and_cleans_up(
+    redis_url: str,
+    rclient: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("REFRAME_") or key == "FAL_KEY":
+            monkeypatch.delenv(key)
+    store_dir = tmp_path / "outputs"
+    monkeypatch.setenv("REFRAME_REDIS_URL", redis_url)
+    monkeypatch.setenv("REFRAME_OUTPUT_STORE_URL", f"file://{store_dir}")
+    r = rclient
+    job_id = "ab" * 16
+    event_id = f"{job_id}.1"
+    r.hset(
+        K.job(job_id),
+        mapping={"id": job_id, "state": "SUCCEEDED", "event_id": event_id, "output_copy": "failed"},
+    )
+    r.hset(
+        K.output_entry(event_id),
+        mapping={"event_id": event_id, "job_id": job_id, "last_error": "store: down"},
+    )
+    r.zadd(K.outputs_failed, {event_id: 1_700_000_000_000})
+    assert cli.run(["outputs", "failed"]) == 0
+    out = capsys.readouterr().out
+    assert job_id[:12] in out and "store: down" in out  # (rich wraps long cells)
+    assert cli.run(["outputs", "retry", job_id[:8]]) == 0  # a unique prefix
+    assert r.zscore(K.outputs_pending, event_id) is not None and r.zcard(K.outputs_failed) == 0
+    assert r.hget(K.job(job_id), "output_copy") == "retrying"
+    assert cli.run(["outputs", "retry", "--failed"]) == 0  # nothing left to retry
+    assert cli.run(["outputs", "retry", job_id]) == 1  # not a given-up copy any more
+    capsys.readouterr()
+    # a stored output: a URL that reads it; cleanup past the retention removes exactly it
+    sha = hashlib.sha256(b"video").hexdigest()
+    key = output_key("acme", sha)
+    (store_dir / "t" / "acme").mkdir(parents=True)
+    (store_dir / key).write_bytes(b"video")
+    r.hset(K.job(job_id), "output_key", key)
+    assert cli.run(["outputs", "url", job_id]) == 0
+    url = capsys.readouterr().out.strip()
+    assert url.startswith("file://") and Path(url.removeprefix("file://")).read_bytes() == b"video"
+    assert cli.run(["outputs", "cleanup", "--dry-run"]) == 0  # 30 days: nothing is that old
+    assert "0 output(s)" in capsys.readouterr().out and (store_dir / key).exists()
+    old = time.time() - 31 * 86400
+    os.utime(store_dir / key, (old, old))
+    assert cli.run(["outputs", "cleanup", "--dry-run"]) == 0
+    assert f"would delete {key}" in capsys.readouterr().out and (store_dir / key).exists()
+    assert cli.run(["outputs", "cleanup"]) == 0
+    assert f"deleted {key}" in capsys.readouterr().out and not (store_dir / key).exists()
+    r.hdel(K.job(job_id), "output_key")
+    assert cli.run(["outputs", "url", job_id]) == 2
+    assert "is not in the store" in capsys.readouterr().err
