@@ -1,7 +1,8 @@
 """Benchmarks of Reframe Cluster against the fal emulator, with real processes. Prints tables.
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
-    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants
+    ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants,
+                                #   uploads, headroom
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -19,10 +20,12 @@ from pathlib import Path
 import redis
 
 from bench.clusters import cluster_with_clip, inflight_env
+from bench.headroom import bench_headroom
 from bench.outputs import bench_outputs
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
+from bench.uploads import bench_uploads
 from bench.webhooks import bench_webhooks
 from producer import JobState, Producer
 from reframe.localproc import start_redis, wait_until
@@ -215,6 +218,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "tenants": (
         "Tenants: admission with 1,000 tenants waiting, share error under skew (bench/tenants.py)",
         bench_tenants,
+    ),
+    "uploads": ("Uploads to fal storage: throughput and peak RSS (bench/uploads.py)", bench_uploads),
+    "headroom": (
+        "Headroom: Redis commands, bytes and CPU per job; jobs/s per Redis and per worker (bench/headroom.py)",
+        bench_headroom,
     ),
     "outputs": (
         "Output store: obstore vs boto3 into S3, what the copy adds before publishing (bench/outputs.py)",

@@ -143,6 +143,30 @@ class Settings(BaseSettings):
     )
     fal_http_backoff_base_s: PosFloat = Field(default=0.5, description="Backoff base of in-call retries.")
     fal_http_backoff_cap_s: PosFloat = Field(default=10.0, description="Backoff cap of in-call retries.")
+    fal_store_io: bool = Field(
+        default=True,
+        description="Let fal store each request's input and output payloads (its default, 30 days); false "
+        "sends X-Fal-Store-IO: 0 on every submit, so fal keeps them only as long as the result needs.",
+    )
+    fal_output_expiration_s: PosInt | None = Field(
+        default=None,
+        description="Ask fal to delete each request's output media this many seconds after it is made "
+        "(X-Fal-Object-Lifecycle-Preference on submit); unset: fal's default retention. Must cover "
+        "REFRAME_DEDUPE_RETENTION_S, which hands the same output URL to identical jobs.",
+    )
+    fal_multipart_threshold_bytes: Annotated[int, Field(ge=1024 * 1024)] = Field(
+        default=100 * 1024 * 1024,
+        description="Files larger than this are uploaded to fal storage in parts (fal-client's threshold).",
+    )
+    fal_multipart_part_bytes: Annotated[int, Field(ge=1024 * 1024, le=1024 * 1024 * 1024)] = Field(
+        default=10 * 1024 * 1024, description="Size of one part of a multipart upload (fal-client's)."
+    )
+    fal_multipart_concurrency: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=4, description="Parts of one multipart upload sent at once."
+    )
+    fal_upload_part_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=4, description="Retries of one failed part (with backoff) before the upload fails."
+    )
 
     # --- Celery / worker ---------------------------------------------------------------------
     queue_name: str = Field(default="reframe", min_length=1, description="Celery queue (a Redis list).")
@@ -440,7 +464,7 @@ class Settings(BaseSettings):
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
 
-    # --- outbound fetches (issue #11: SSRF guard, worker/netguard.py) ----------------------------
+    # --- outbound fetches (issue #11: SSRF guard, worker/contracts/netguard.py) ----------------------------
     fetch_allow: str = Field(
         default="",
         description=(
@@ -627,6 +651,12 @@ class Settings(BaseSettings):
         if self.public_url and self.webhook_secret is None:
             raise ValueError(
                 "REFRAME_WEBHOOK_SECRET is required with REFRAME_PUBLIC_URL (webhook URL tokens)"
+            )
+        expiration_s = self.fal_output_expiration_s
+        if expiration_s is not None and expiration_s < self.dedupe_retention_s:
+            raise ValueError(
+                "REFRAME_FAL_OUTPUT_EXPIRATION_S must be >= REFRAME_DEDUPE_RETENTION_S (a deduplicated job "
+                "is handed the same fal output URL for that long)"
             )
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("REFRAME_HEARTBEAT_TTL_MS must be at least 2 x REFRAME_HEARTBEAT_INTERVAL_MS")

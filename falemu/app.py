@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +27,7 @@ from falemu.config import EmulatorConfig
 from falemu.faults import Fault
 from falemu.gateway import RAW_SEND_KEY, GatewayMiddleware, split_app_path
 from falemu.state import COMPLETED, IN_QUEUE, EmulatorState, QueueRequest
-from falemu.storage import file_url
+from falemu.storage import MultipartError, Storage, assemble, file_url
 from falemu.usage import parse_time, usage_csv
 
 NO_USER = "No user found for Key ID and Secret"
@@ -143,6 +146,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
     except ValueError:
         return _json({"detail": "Invalid JSON body"}, 400)
     start_timeout_s = _float_or_none(request.headers.get("x-fal-request-timeout"))
+    store_io = request.headers.get("x-fal-store-io", "1").strip().lower() not in {"0", "false", "no"}
     runner_fault = state.faults.take("submit", frozenset({"runner_error"}))
     output_fault = None if runner_fault else state.faults.take("submit", frozenset({"bad_output"}))
     req = state.submit(
@@ -154,6 +158,8 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         runner_fault=runner_fault,
         output_fault=output_fault,
         start_timeout_s=start_timeout_s,
+        store_io=store_io,
+        output_expiration_s=_lifecycle_expiration_s(request),
     )
     body = {"status": "IN_QUEUE", "request_id": req.id, **req.urls(), "queue_position": _position(state, req)}
     return _json(body, 200, req.id)
@@ -240,14 +246,72 @@ async def storage_token(request: Request) -> Response:
     )
 
 
+def _lifecycle_expiration_s(request: Request) -> float | None:
+    """``expiration_duration_seconds`` of ``X-Fal-Object-Lifecycle-Preference`` (or, as fal-client sends
+    on uploads, ``X-Fal-Object-Lifecycle``); ``None`` (fal's default retention) when absent, null or
+    unreadable."""
+    raw = request.headers.get("x-fal-object-lifecycle-preference") or request.headers.get(
+        "x-fal-object-lifecycle"
+    )
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw).get("expiration_duration_seconds")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    return float(value)
+
+
+def _expires_at(request: Request) -> float | None:
+    seconds = _lifecycle_expiration_s(request)
+    return None if seconds is None else time.time() + seconds
+
+
+async def _receive_to(request: Request, path: Path) -> tuple[int, str]:
+    """Stream the request body into ``path`` (a temporary name, renamed when complete): (size, MD5 hex).
+
+    Written in 1 MiB batches off the event loop; a 300 MB upload never sits in memory.
+    """
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    out = await asyncio.to_thread(tmp.open, "wb")
+    try:
+        batch = bytearray()
+        async for chunk in request.stream():
+            digest.update(chunk)
+            size += len(chunk)
+            batch += chunk
+            if len(batch) >= 1024 * 1024:
+                await asyncio.to_thread(out.write, bytes(batch))
+                batch.clear()
+        if batch:
+            await asyncio.to_thread(out.write, bytes(batch))
+        await asyncio.to_thread(out.close)
+        await asyncio.to_thread(tmp.replace, path)
+    except BaseException:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return size, digest.hexdigest()
+
+
 async def files_upload(request: Request) -> Response:
     """``POST /files/upload``: raw bytes in, ``{"access_url"}`` out (CDN token or Key auth)."""
     denied = _auth_error(request, allow_cdn_token=True)
     if denied is not None:
         return denied
-    data = await request.body()
-    stored = _state(request).storage.put_bytes(
-        data, request.headers.get("x-fal-file-name"), request.headers.get("content-type")
+    storage = _state(request).storage
+    key, path = storage.new_path()
+    await _receive_to(request, path)
+    stored = storage.register(
+        key,
+        path,
+        request.headers.get("x-fal-file-name"),
+        request.headers.get("content-type"),
+        _expires_at(request),
     )
     return _json({"access_url": file_url(_base_url(request), stored)})
 
@@ -271,19 +335,85 @@ async def upload_initiate(request: Request) -> Response:
 
 async def files_put(request: Request) -> Response:
     """``PUT upload_url``: the signed-URL upload (the signature in the query is the credential)."""
-    stored = _state(request).storage.complete(
-        request.path_params["key"],
-        request.query_params.get("signature"),
-        await request.body(),
-        request.headers.get("content-type"),
-    )
-    if stored is None:
+    storage = _state(request).storage
+    key = request.path_params["key"]
+    claimed = storage.claim_pending(key, request.query_params.get("signature"))
+    if claimed is None:
         return _json({"detail": "Invalid or expired upload URL"}, 403)
+    name, reserved_type = claimed
+    path = storage.path_for(key)
+    await _receive_to(request, path)
+    storage.register(key, path, name, request.headers.get("content-type") or reserved_type, None)
     return Response(status_code=200)
 
 
+async def multipart_initiate(request: Request) -> Response:
+    """``POST /files/upload/multipart``: ``{"access_url", "uploadId"}``.
+
+    The parts go to ``PUT {access_url}/multipart/{uploadId}/{n}``, then
+    ``POST {access_url}/multipart/{uploadId}/complete`` makes the file.
+    """
+    denied = _auth_error(request, allow_cdn_token=True)
+    if denied is not None:
+        return denied
+    upload = _state(request).storage.start_multipart(
+        request.headers.get("x-fal-file-name"), request.headers.get("content-type"), _expires_at(request)
+    )
+    access_url = f"{_base_url(request)}/files/{upload.key}/{upload.file_name}"
+    return _json({"access_url": access_url, "uploadId": upload.upload_id})
+
+
+async def multipart_part(request: Request) -> Response:
+    """``PUT .../multipart/{uploadId}/{n}``: one part, streamed to its own file; its ETag (MD5) in the answer.
+
+    Sending a part again replaces it (the ETag follows the new bytes), so a retried part is safe.
+    """
+    denied = _auth_error(request, allow_cdn_token=True)
+    if denied is not None:
+        return denied
+    storage = _state(request).storage
+    upload = storage.multipart(request.path_params["key"], request.path_params["upload_id"])
+    number = _int_or_none(request.path_params["part"])
+    if upload is None or upload.completed is not None:
+        return _json({"detail": "Upload not found"}, 404)
+    if number is None or not 1 <= number <= 10_000:
+        return _json({"detail": "Part number must be between 1 and 10000"}, 400)
+    _, md5 = await _receive_to(request, Storage.part_path(upload, number))
+    etag = f'"{md5}"'
+    upload.etags[number] = etag
+    return Response(status_code=200, headers={"ETag": etag})
+
+
+async def multipart_complete(request: Request) -> Response:
+    """``POST .../multipart/{uploadId}/complete`` with ``{"parts": [{"partNumber", "etag"}]}``: the parts,
+    in number order, become the file. Completing a completed upload again answers the same URL."""
+    denied = _auth_error(request, allow_cdn_token=True)
+    if denied is not None:
+        return denied
+    storage = _state(request).storage
+    upload = storage.multipart(request.path_params["key"], request.path_params["upload_id"])
+    if upload is None:
+        return _json({"detail": "Upload not found"}, 404)
+    try:
+        body = await request.json()
+        parts = [(int(p["partNumber"]), str(p["etag"])) for p in body["parts"]]
+    except (ValueError, KeyError, TypeError):
+        return _json({"detail": 'Expected {"parts": [{"partNumber": int, "etag": str}, ...]}'}, 400)
+    async with upload.lock:
+        if upload.completed is None:
+            path = storage.path_for(upload.key)
+            try:
+                await asyncio.to_thread(assemble, upload, parts, path)
+            except MultipartError as exc:
+                return _json({"detail": str(exc)}, 400)
+            upload.completed = storage.register(
+                upload.key, path, upload.file_name, upload.content_type, upload.expires_at
+            )
+    return _json({"access_url": file_url(_base_url(request), upload.completed)})
+
+
 async def files_get(request: Request) -> Response:
-    """``GET /files/{key}/{name}``: public, like fal's CDN (range requests supported)."""
+    """``GET /files/{key}/{name}``: public, like fal's CDN (range requests supported); 404 once expired."""
     stored = _state(request).storage.get(request.path_params["key"])
     if stored is None or not stored.path.exists():
         return _json({"detail": "File not found"}, 404)
@@ -345,6 +475,21 @@ async def control_config(request: Request) -> Response:
     return _json(state.config.as_dict())
 
 
+async def control_payloads(request: Request) -> Response:
+    """``GET /_emulator/requests/{id}/payloads``: what fal stored of a request's input and output.
+
+    404 for a request submitted with ``X-Fal-Store-IO: 0``: fal keeps no payloads then, and neither do we
+    (the input is dropped once the request ends; the result stays readable for its retention only).
+    """
+    req = _state(request).requests.get(request.path_params["request_id"])
+    if req is None:
+        return _json({"detail": "Request not found"}, 404)
+    if not req.store_io:
+        return _json({"detail": "Payloads not stored (X-Fal-Store-IO: 0)", "store_io": False}, 404)
+    output = req.outcome.body if req.outcome is not None else None
+    return _json({"request_id": req.id, "store_io": True, "input": req.payload, "output": output})
+
+
 async def control_reset(request: Request) -> Response:
     """``POST /_emulator/reset``: clear ledger, requests and faults."""
     _state(request).reset()
@@ -389,10 +534,14 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         Route("/_emulator/faults", control_faults, methods=["GET", "POST", "DELETE"]),
         Route("/_emulator/config", control_config, methods=["GET", "POST"]),
         Route("/_emulator/reset", control_reset, methods=["POST"]),
+        Route("/_emulator/requests/{request_id}/payloads", control_payloads, methods=["GET"]),
         Route("/.well-known/jwks.json", jwks, methods=["GET"]),
         Route("/storage/auth/token", storage_token, methods=["POST"]),
         Route("/storage/upload/initiate", upload_initiate, methods=["POST"]),
         Route("/files/upload", files_upload, methods=["POST"]),
+        Route("/files/upload/multipart", multipart_initiate, methods=["POST"]),
+        Route("/files/{key}/{name}/multipart/{upload_id}/complete", multipart_complete, methods=["POST"]),
+        Route("/files/{key}/{name}/multipart/{upload_id}/{part}", multipart_part, methods=["PUT"]),
         Route("/files/{key}/{name:path}", files_put, methods=["PUT"]),
         Route("/files/{key}/{name:path}", files_get, methods=["GET", "HEAD"]),
         Route("/{path:path}", queue_dispatch, methods=["GET", "POST", "PUT"]),

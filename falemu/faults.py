@@ -25,8 +25,8 @@ with a ``fal_webhook`` URL:
 * ``slow``: the first delivery attempt waits ``delay_s``;
 * ``duplicate``: the delivery is made twice, the second (freshly signed) ``delay_s`` after the first.
 
-``op`` is one of submit, status, stream, result, cancel, upload (token, upload and file calls), webhook
-or any.
+``op`` is one of submit, status, stream, result, cancel, upload (token, upload and file calls),
+upload_part (only the part PUTs of multipart uploads), webhook or any.
 ``times`` is how many matches consume the spec; -1 keeps it until cleared.
 """
 
@@ -38,11 +38,11 @@ from typing import Any
 KINDS = frozenset({"http", "drop", "slow", "runner_error", "bad_output", "expire_result", "duplicate"})
 #: What a ``bad_output`` fault does to the output.
 BAD_OUTPUTS = frozenset({"ratio", "truncate"})
-OPS = frozenset({"submit", "status", "stream", "result", "cancel", "upload", "webhook", "any"})
+OPS = frozenset({"submit", "status", "stream", "result", "cancel", "upload", "upload_part", "webhook", "any"})
 #: Fault kinds applied to webhook deliveries.
 WEBHOOK_KINDS = frozenset({"drop", "slow", "duplicate"})
 #: Ledger ops that the fault op ``upload`` covers (all of storage).
-_UPLOAD_OPS = frozenset({"upload", "token", "file"})
+_UPLOAD_OPS = frozenset({"upload", "upload_part", "token", "file"})
 #: Fault kinds applied around an HTTP call by the fault middleware.
 HTTP_KINDS = frozenset({"http", "drop", "slow"})
 

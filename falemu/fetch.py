@@ -6,6 +6,8 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,9 @@ async def fetch_input(
     """Resolve ``url`` to a local file (content-addressed, so identical inputs share one file)."""
     own = storage.lookup_url(url) if url.lower().startswith(("http://", "https://")) else None
     if own is not None:
-        data = await asyncio.to_thread(own.path.read_bytes)  # inputs may be 100 MB: keep the loop free
-    elif url.lower().startswith("data:"):
+        # Uploads may be hundreds of MB: hash and link the stored file, never read it whole into memory.
+        return await asyncio.to_thread(_store_own, own.path, inputs_dir, max_bytes)
+    if url.lower().startswith("data:"):
         data = _decode_data_uri(url)
     else:
         data = await _download(url, client=client, max_bytes=max_bytes, timeout_s=timeout_s)
@@ -51,6 +54,32 @@ async def fetch_input(
     if not data:
         raise FetchError("the downloaded file is empty")
     return await asyncio.to_thread(_store, data, inputs_dir)
+
+
+def _store_own(source: Path, inputs_dir: Path, max_bytes: int) -> Fetched:
+    """One of our stored files as an input: size checked, hashed in chunks, hard-linked (blocking)."""
+    try:
+        size = source.stat().st_size
+    except FileNotFoundError:
+        raise FetchError("Failed to download file from URL: HTTP 404") from None
+    if size > max_bytes:
+        raise FetchError(f"file is larger than the {max_bytes} byte limit")
+    if size == 0:
+        raise FetchError("the downloaded file is empty")
+    digest = hashlib.sha256()
+    with source.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    path = inputs_dir / sha
+    if not path.exists():
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        tmp.replace(path)
+    return Fetched(path=path, sha256=sha, size_bytes=size)
 
 
 def _store(data: bytes, inputs_dir: Path) -> Fetched:

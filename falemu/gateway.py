@@ -42,6 +42,8 @@ def classify(method: str, path: str) -> tuple[str, str | None]:
         return "jwks", None
     if path.startswith("/storage/auth/token"):
         return "token", None
+    if path.startswith("/files/") and method == "PUT" and "/multipart/" in path:
+        return "upload_part", None
     if path.startswith("/storage/upload/") or (path.startswith("/files/") and method in {"POST", "PUT"}):
         return "upload", None
     if path.startswith("/files/"):

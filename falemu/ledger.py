@@ -62,9 +62,19 @@ class Ledger:
         if status == 429:
             self.count_429 += 1
 
-    def record_submit(self, request_id: str, fp: str) -> None:
-        """An accepted submit (a request was created)."""
-        self.submits.append({"t": time.time(), "request_id": request_id, "fingerprint": fp})
+    def record_submit(
+        self, request_id: str, fp: str, *, store_io: bool = True, output_expiration_s: float | None = None
+    ) -> None:
+        """An accepted submit (a request was created), with what its headers asked fal to keep."""
+        self.submits.append(
+            {
+                "t": time.time(),
+                "request_id": request_id,
+                "fingerprint": fp,
+                "store_io": store_io,
+                "output_expiration_s": output_expiration_s,
+            }
+        )
         self.submissions[fp] += 1
 
     def record_cancel(self, request_id: str, outcome: str, code: int) -> None:

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None, help="uploads and render cache (default: temp dir)")
     parser.add_argument("--render-workers", type=int, default=2)
     parser.add_argument(
+        "--max-input-bytes", type=int, default=100 * 1024 * 1024, help="largest input video (422 beyond)"
+    )
+    parser.add_argument(
         "--unit-price-usd", type=float, default=0.06, help="dollars per billed second (usage export)"
     )
     parser.add_argument("--access-log", action="store_true")
@@ -186,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         public_url=args.public_url,
         data_dir=Path(args.data_dir) if args.data_dir else None,
         render_workers=args.render_workers,
+        max_input_bytes=args.max_input_bytes,
         unit_price_usd=args.unit_price_usd,
     )
 

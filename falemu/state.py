@@ -90,6 +90,10 @@ class QueueRequest:
     generation: int
     runner_fault: Fault | None = None
     output_fault: Fault | None = None
+    #: ``X-Fal-Store-IO``: False drops the input payload once the request ends (and hides both payloads).
+    store_io: bool = True
+    #: ``X-Fal-Object-Lifecycle-Preference``'s expiration: the output media is gone this long after it is made
+    output_expiration_s: float | None = None
     status: str = IN_QUEUE
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -201,11 +205,15 @@ class EmulatorState:
         runner_fault: Fault | None,
         start_timeout_s: float | None = None,
         output_fault: Fault | None = None,
+        store_io: bool = True,
+        output_expiration_s: float | None = None,
     ) -> QueueRequest:
         """Create a request IN_QUEUE (no validation: fal validates in the runner) and schedule.
 
         ``start_timeout_s`` (from ``X-Fal-Request-Timeout``) bounds the time spent IN_QUEUE: a request not
         started by then ends COMPLETED with a 504 ``request_timeout`` (``X-Fal-Request-Timeout-Type: user``).
+        ``store_io`` and ``output_expiration_s`` are what the submit's headers asked fal to keep; the ledger
+        records both with the submit.
         """
         req = QueueRequest(
             id=str(uuid.uuid4()),
@@ -217,10 +225,14 @@ class EmulatorState:
             generation=self._generation,
             runner_fault=runner_fault,
             output_fault=output_fault,
+            store_io=store_io,
+            output_expiration_s=output_expiration_s,
         )
         self.requests[req.id] = req
         self._queue.append(req.id)
-        self.ledger.record_submit(req.id, fingerprint(payload))
+        self.ledger.record_submit(
+            req.id, fingerprint(payload), store_io=store_io, output_expiration_s=output_expiration_s
+        )
         self._update_counts()
         self._schedule()
         if start_timeout_s is not None and req.status == IN_QUEUE:
@@ -381,7 +393,8 @@ class EmulatorState:
                 rendered = await self.cache.truncated(rendered, rendered.duration_s * req.output_fault.keep)
         except RenderError as exc:
             return request_error(500, str(exc), "runner_server_error")
-        stored = self.storage.alias(rendered.path, f"{req.id}.mp4", "video/mp4")
+        expires_at = None if req.output_expiration_s is None else time.time() + req.output_expiration_s
+        stored = self.storage.alias(rendered.path, f"{req.id}.mp4", "video/mp4", expires_at)
         video = {
             "url": file_url(req.base_url, stored),
             "content_type": "video/mp4",
@@ -403,6 +416,8 @@ class EmulatorState:
         req.status = COMPLETED
         req.outcome = outcome
         req.completed_at = time.time()
+        if not req.store_io:
+            req.payload = None  # X-Fal-Store-IO: 0: fal keeps no input payload once the request is done
         self._running.discard(req.id)
         req.notify()
         if req.generation != self._generation:

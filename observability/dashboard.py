@@ -552,6 +552,34 @@ def spend_by_tenant(d: Dashboard) -> Dashboard:
     )
 
 
+def dedupe(d: Dashboard) -> Dashboard:
+    """Paying once for identical work: how jobs with dedupe on were decided, and the money kept."""
+    d = d.with_row(Row("Paying once (dedupe)"))
+    d = d.with_panel(
+        ts(
+            "Dedupe decisions",
+            "Jobs with dedupe on, per second: led (made the fal request), attached (followed a job in "
+            "flight), served (a recent success, no fal call), alone (no identical work) or no_key "
+            "(no strong validator to key on) (worker/contracts/canonical.py).",
+            [q(f"sum by (outcome) (rate(reframe_dedup_jobs_total{sel()}[{RATE}]))", "{{outcome}}/s")],
+            span=12,
+        )
+    )
+    return d.with_panel(
+        ts(
+            "Saved by dedupe",
+            "Dollars not paid to fal because a job reused identical work: per hour, and over the last "
+            "day (the price its leader was charged, counted when the follower finishes).",
+            [
+                q(f"sum(rate(reframe_dedup_saved_usd_total{sel()}[{RATE}])) * 3600", "$/hour"),
+                q(f"sum(increase(reframe_dedup_saved_usd_total{sel()}[1d]))", "last 24 h"),
+            ],
+            unit="currencyUSD",
+            span=12,
+        )
+    )
+
+
 def failures(d: Dashboard) -> Dashboard:
     """Outcomes and dead letters."""
     d = d.with_row(Row("Failures and dead letters"))
@@ -843,6 +871,7 @@ def build() -> dict[str, Any]:
         capacity,
         spend,
         spend_by_tenant,
+        dedupe,
         failures,
         results,
         tracker,

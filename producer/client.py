@@ -60,7 +60,7 @@ from worker.contracts.tenants import DEFAULT_TENANT, check_tenant
 from worker.contracts.wire import CANCEL_TASK, task_message
 
 if TYPE_CHECKING:
-    from worker.netguard import GuardedFetcher
+    from worker.contracts.netguard import GuardedFetcher
 
 __all__ = [
     "CancelOutcome",
@@ -432,8 +432,8 @@ class Producer:
 
     def _identical(self, request: ReframeInput) -> Hit | None:
         """The job an identical request reuses now (canonical key as the submitter computes it,
-        worker/dedupe.py, through the guarded fetcher), or None."""
-        from worker.dedupe import canonical_key
+        worker/contracts/canonical.py, through the guarded fetcher), or None."""
+        from worker.contracts.canonical import canonical_key  # loads httpx: on first use (see below)
 
         key = canonical_key(request.to_fal(), fetcher=self._guarded_fetcher(), settings=self.settings)
         if key.value is None:
@@ -450,8 +450,9 @@ class Producer:
         raise InvalidRequest([("input", "must be a request, a video URL or a local file (pathlib.Path)")])
 
     def _guarded_fetcher(self) -> GuardedFetcher:
-        # Loaded on first use: importing the producer never loads httpx (tests/unit/test_packaging.py).
-        from worker.netguard import GuardedFetcher
+        # Loaded on first use, not to dodge a cycle but for weight: importing the producer never loads
+        # httpx or PyAV (tests/unit/test_packaging.py); only quotes and dedupe lookups need them.
+        from worker.contracts.netguard import GuardedFetcher
 
         with self._fetcher_lock:
             if self._fetcher is None:
@@ -460,7 +461,7 @@ class Producer:
 
     def _probe(self, url: str) -> MediaInfo:
         """Size, duration and resolution of ``url`` through the guarded fetcher (None where unknown)."""
-        from worker.media import probe_media
+        from worker.contracts.media import probe_media  # loads PyAV: on first use (see above)
 
         s = self.settings
         return probe_media(
@@ -470,7 +471,7 @@ class Producer:
     @staticmethod
     def _read_file(path: Path) -> MediaInfo:
         """A local video's facts, read here; :class:`InvalidRequest` naming ``video_url`` otherwise."""
-        from worker.media import UnreadableVideo, read_local_video
+        from worker.contracts.media import UnreadableVideo, read_local_video  # PyAV: on first use
 
         shown = repr(str(path))
         if not path.is_file():

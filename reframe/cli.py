@@ -9,6 +9,7 @@ secret (a Redis URL is shown without its password). Job ids may be given as uniq
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import re
@@ -208,11 +209,11 @@ def check_local_video(settings: Settings, path: Path) -> float:
     """The duration of a local video file, or exit 2 unless it is a readable video within the model's
     limits (worker/contracts/quotes.py ``ModelLimits``: the rule quotes and the submitter use).
 
-    Only the container header is read (PyAV, worker/media.py ``read_local_video``); nothing leaves
+    Only the container header is read (PyAV, worker/contracts/media.py ``read_local_video``); nothing leaves
     the machine.
     """
+    from worker.contracts.media import UnreadableVideo, read_local_video
     from worker.contracts.quotes import ModelLimits
-    from worker.media import UnreadableVideo, read_local_video
 
     shown = repr(str(path))
     if not path.is_file():
@@ -244,24 +245,73 @@ def check_local_video(settings: Settings, path: Path) -> float:
 
 
 def _upload(settings: Settings, path: Path) -> str:
+    """Stream ``path`` to fal storage with a progress bar on stderr (stdout stays the job id).
+
+    Above REFRAME_FAL_MULTIPART_THRESHOLD_BYTES in parts, several at once, each retried on its own
+    (worker/fal/client.py ``upload_file``); the file is never read whole into memory.
+    """
     import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from worker.fal import FalClient, FalError
 
     settings = settings_or_exit(require_fal_key=True)
+    bar = Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = bar.add_task(escape(path.name), total=path.stat().st_size)
 
     async def upload() -> str:
         client = FalClient.from_settings(settings)
         try:
-            return await client.upload_file(path)
+            return await client.upload_file(
+                path, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+            )
         finally:
             await client.aclose()
 
     try:
-        with console.status(f"uploading {path.name} to fal storage"):
+        with bar:
             return asyncio.run(upload())
     except FalError as exc:
         raise fail(f"upload of {path}: {exc}", code=1) from None
+
+
+# The request's optional fields, shared by `enqueue` and `quote` (a quote of the whole request can
+# say whether dedupe would reuse a job).
+ImageUrlOpt = Annotated[str | None, typer.Option(help="Optional first-frame image URL.")]
+PromptOpt = Annotated[str | None, typer.Option(help="Optional text guidance.")]
+GridXOpt = Annotated[int | None, typer.Option(help="Source x position in the output (px).")]
+GridYOpt = Annotated[int | None, typer.Option(help="Source y position in the output (px).")]
+XStartOpt = Annotated[int | None, typer.Option(help="Left edge of the source (output px).")]
+XEndOpt = Annotated[int | None, typer.Option(help="Right edge of the source (output px).")]
+YStartOpt = Annotated[int | None, typer.Option(help="Top edge of the source (output px).")]
+YEndOpt = Annotated[int | None, typer.Option(help="Bottom edge of the source (output px).")]
+DedupeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--dedupe/--no-dedupe",
+        help="Pay once for identical work (default: the tenant's, else REFRAME_DEDUPE_DEFAULT).",
+    ),
+]
+
+
+def _request_fields(**fields: Any) -> dict[str, Any]:
+    """The request from the command's options, without the ones left out."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 @app.command()
@@ -272,14 +322,14 @@ def enqueue(
     aspect_ratio: Annotated[
         str, typer.Option("--aspect-ratio", "-a", help="1:1 16:9 9:16 4:3 3:4 21:9 9:21")
     ],
-    image_url: Annotated[str | None, typer.Option(help="Optional first-frame image URL.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Optional text guidance.")] = None,
-    grid_position_x: Annotated[int | None, typer.Option(help="Source x position in the output (px).")] = None,
-    grid_position_y: Annotated[int | None, typer.Option(help="Source y position in the output (px).")] = None,
-    x_start: Annotated[int | None, typer.Option(help="Left edge of the source (output px).")] = None,
-    x_end: Annotated[int | None, typer.Option(help="Right edge of the source (output px).")] = None,
-    y_start: Annotated[int | None, typer.Option(help="Top edge of the source (output px).")] = None,
-    y_end: Annotated[int | None, typer.Option(help="Bottom edge of the source (output px).")] = None,
+    image_url: ImageUrlOpt = None,
+    prompt: PromptOpt = None,
+    grid_position_x: GridXOpt = None,
+    grid_position_y: GridYOpt = None,
+    x_start: XStartOpt = None,
+    x_end: XEndOpt = None,
+    y_start: YStartOpt = None,
+    y_end: YEndOpt = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     idempotency_key: Annotated[str | None, typer.Option(help="Same key + same input = same job.")] = None,
     metadata: Annotated[
@@ -289,13 +339,7 @@ def enqueue(
     tenant: Annotated[
         str | None, typer.Option(help="Who the job belongs to (default: the `default` tenant).")
     ] = None,
-    dedupe: Annotated[
-        bool | None,
-        typer.Option(
-            "--dedupe/--no-dedupe",
-            help="Pay once for identical work (default: the tenant's, else REFRAME_DEDUPE_DEFAULT).",
-        ),
-    ] = None,
+    dedupe: DedupeOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show live progress until the job ends.")] = False,
     timeout_s: Annotated[
         float, typer.Option(help="With --wait: give up after this many seconds.", callback=_positive_seconds)
@@ -309,19 +353,18 @@ def enqueue(
     from producer import IdempotencyConflict, InvalidRequest, Producer
 
     settings = settings_or_exit()
-    request: dict[str, Any] = {
-        "video_url": source,
-        "aspect_ratio": aspect_ratio,
-        "image_url": image_url,
-        "prompt": prompt,
-        "grid_position_x": grid_position_x,
-        "grid_position_y": grid_position_y,
-        "x_start": x_start,
-        "x_end": x_end,
-        "y_start": y_start,
-        "y_end": y_end,
-    }
-    request = {k: v for k, v in request.items() if v is not None}
+    request = _request_fields(
+        video_url=source,
+        aspect_ratio=aspect_ratio,
+        image_url=image_url,
+        prompt=prompt,
+        grid_position_x=grid_position_x,
+        grid_position_y=grid_position_y,
+        x_start=x_start,
+        x_end=x_end,
+        y_start=y_start,
+        y_end=y_end,
+    )
     meta = _metadata(metadata)
     if tenant is not None:
         try:
@@ -377,6 +420,24 @@ def quote(
     tenant: Annotated[
         str | None, typer.Option(help="Whose budget to check (default: the `default` tenant).")
     ] = None,
+    aspect_ratio: Annotated[
+        str | None,
+        typer.Option(
+            "--aspect-ratio",
+            "-a",
+            help="With a URL: quote the whole request (as `enqueue` takes it), so the quote also says "
+            "whether dedupe would reuse a job.",
+        ),
+    ] = None,
+    image_url: ImageUrlOpt = None,
+    prompt: PromptOpt = None,
+    grid_position_x: GridXOpt = None,
+    grid_position_y: GridYOpt = None,
+    x_start: XStartOpt = None,
+    x_end: XEndOpt = None,
+    y_start: YStartOpt = None,
+    y_end: YEndOpt = None,
+    dedupe: DedupeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the quote as one JSON object.")] = False,
 ) -> None:
     """What a job would cost and whether it would be accepted now; nothing is enqueued or uploaded.
@@ -384,8 +445,10 @@ def quote(
     Reads the input's duration, size and resolution (a URL through the guarded fetcher with bounded
     Range requests, a local file here), prices it as fal bills it (whole REFRAME_BILLING_UNIT_S at
     REFRAME_PRICE_PER_S_USD) and checks the model's limits (REFRAME_MAX_VIDEO_DURATION_S,
-    REFRAME_MAX_UPLOAD_BYTES) and the cluster's and the tenant's budgets now. Exit 0 when the job
-    would be accepted, 1 when not (the reasons say why), 2 on errors.
+    REFRAME_MAX_UPLOAD_BYTES) and the cluster's and the tenant's budgets now. With --aspect-ratio
+    (and the request's other options, as `enqueue` takes them) a URL is quoted as a whole request,
+    which also says whether dedupe would reuse a job in flight or a recent success (price 0). Exit 0
+    when the job would be accepted, 1 when not (the reasons say why), 2 on errors.
     """
     from producer import InvalidRequest, Producer
 
@@ -395,9 +458,28 @@ def quote(
             check_tenant(tenant)
         except ValueError as exc:
             raise fail(str(exc)) from None
+    target: Any = source if _is_url(source) else Path(source)
+    others = (image_url, prompt, grid_position_x, grid_position_y, x_start, x_end, y_start, y_end)
+    if aspect_ratio is None and any(v is not None for v in others):
+        raise fail("--aspect-ratio: the request's other options quote a whole request, which needs it")
+    if aspect_ratio is not None:
+        if not _is_url(source):
+            raise fail("--aspect-ratio: a whole request needs a video URL (a local file is quoted alone)")
+        target = _request_fields(
+            video_url=source,
+            aspect_ratio=aspect_ratio,
+            image_url=image_url,
+            prompt=prompt,
+            grid_position_x=grid_position_x,
+            grid_position_y=grid_position_y,
+            x_start=x_start,
+            x_end=x_end,
+            y_start=y_start,
+            y_end=y_end,
+        )
     with Producer(settings) as producer:
         try:
-            found = producer.quote(source if _is_url(source) else Path(source), tenant=tenant)
+            found = producer.quote(target, tenant=tenant, dedupe=dedupe)
         except InvalidRequest as exc:
             raise fail(str(exc)) from None
     if as_json:
@@ -1425,6 +1507,10 @@ def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 )
 def emulator(ctx: typer.Context) -> None:
     """Run the fal emulator (`reframe emulator --help` lists its options: --host, --port, ...)."""
+    # The production image carries falemu's code (one wheel) but not the extra's dependencies
+    # (Dockerfile, target `emulator`): say so up front, not at the first reframed video.
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise fail("emulator: install the extra: pip install 'reframe-cluster[emulator]'")
     try:
         from falemu import cli_main
     except ImportError:
@@ -1445,14 +1531,18 @@ def demo(
 ) -> None:
     """Start Redis, the fal emulator and a worker; reframe a sample video; download; shut down."""
     from reframe.demo import run_demo
+    from reframe.localproc import NoRedisServerError
 
-    code = run_demo(
-        output_dir=output_dir,
-        aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
-        timeout_s=timeout_s,
-        console=console,
-        keep=keep,
-    )
+    try:
+        code = run_demo(
+            output_dir=output_dir,
+            aspect_ratios=[a.strip() for a in aspect_ratios.split(",") if a.strip()],
+            timeout_s=timeout_s,
+            console=console,
+            keep=keep,
+        )
+    except NoRedisServerError as exc:  # the production image has no embedded Redis
+        raise fail(f"demo: {exc}") from None
     raise typer.Exit(code)
 
 
@@ -1491,6 +1581,7 @@ def up(
     REFRAME_MAX_CONCURRENCY) are passed to the workers.
     """
     from reframe.localcluster import LocalCluster, start_cluster
+    from reframe.localproc import NoRedisServerError
 
     settings_or_exit()  # the caller's own settings must be valid before anything starts
     passed = {k: v for k, v in settings_environment().items() if k.upper() not in _UP_OWNED_VARS}
@@ -1524,6 +1615,8 @@ def up(
                         note(f"{proc.name} exited with {proc.popen.returncode}; log: {proc.log_path}")
         except _StopSignal:
             pass
+        except NoRedisServerError as exc:  # the production image has no embedded Redis
+            raise fail(f"up: {exc}") from None
     finally:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up

@@ -316,7 +316,7 @@ def start_cluster(
             "REFRAME_FAL_CDN_URL": fal_url if cluster.emulator else "https://v3.fal.media",
             "FAL_KEY": fal_key or DEMO_FAL_KEY,
             # The emulator serves the media it stores on loopback: allow exactly that for fetches
-            # (the guarded fetcher refuses loopback by default, worker/netguard.py).
+            # (the guarded fetcher refuses loopback by default, worker/contracts/netguard.py).
             **({"REFRAME_FETCH_ALLOW": "127.0.0.1/32"} if cluster.emulator else {}),
             # finished outputs are copied into the cluster's own directory (worker/output_store.py)
             "REFRAME_OUTPUT_STORE_URL": f"file://{(workdir / 'outputs').resolve()}",

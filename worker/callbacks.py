@@ -18,7 +18,7 @@ An endpoint that answers 410 Gone is disabled: its URL joins the Redis set
 ``P:callbacks:disabled``, checked before every delivery (:func:`is_disabled`); its callbacks are
 given up at once and listed by ``reframe callbacks list``; :func:`enable` takes it out again.
 
-Deliveries go through the guarded fetcher (``worker/netguard.py``): a ``callback_url`` that points
+Deliveries go through the guarded fetcher (``worker/contracts/netguard.py``): a ``callback_url`` that points
 at loopback, a private network or cloud metadata (directly, by DNS, in any IP spelling) is refused
 with :class:`BlockedURL` before any connection is made, and redirects are never followed.
 """
@@ -36,7 +36,7 @@ import redis
 
 from config import Settings
 from worker.contracts.keys import Keys
-from worker.netguard import BlockedURL, GuardedFetcher
+from worker.contracts.netguard import BlockedURL, GuardedFetcher
 
 __all__ = [
     "BlockedURL",
@@ -148,7 +148,7 @@ def deliver(
 
     No redirect is followed (a 3xx is returned as the status), the answer is read up to
     ``REFRAME_CALLBACK_MAX_RESPONSE_BYTES`` and the whole call is bounded by
-    ``REFRAME_CALLBACK_TIMEOUT_S``. Raises :class:`worker.netguard.BlockedURL` when the target is
+    ``REFRAME_CALLBACK_TIMEOUT_S``. Raises :class:`worker.contracts.netguard.BlockedURL` when the target is
     not allowed (a permanent failure: do not retry) and ``httpx.HTTPError`` on transport errors
     (transient). ``fetcher`` defaults to one built from ``settings`` for this call. The Standard
     Webhooks signatures use ``tenant``'s own secrets when it has some

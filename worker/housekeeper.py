@@ -188,7 +188,7 @@ class Housekeeper:
         silent_ms = max(3 * self.rt.settings.heartbeat_ttl_ms, 10_000)
         now_ms = self.rt.now_ms()
         gates_released = False
-        for job_id in (text(x) for x in self.rt.redis.zrange(self.keys.slots, 0, -1)):
+        for job_id in self._holders_left_by(alive, now_ms):
             rec = self.rt.store.record(job_id)
             if (
                 rec is not None
@@ -212,6 +212,27 @@ class Housekeeper:
         if gates_released:
             self.dispatch_due()
         return released
+
+    def _holders_left_by(self, alive: set[str], now_ms: int) -> list[str]:
+        """Slot holders whose gate run or submit may belong to a dead process: the few fields that
+        say so, for every holder in one round trip (this runs every second over every job in flight,
+        so it must not read whole records); :meth:`take_over_dead` reads the full record of these."""
+        holders = [text(x) for x in self.rt.redis.zrange(self.keys.slots, 0, -1)]
+        if not holders:
+            return []
+        fields = ("state", "gate_until_ms", "gate_process", "submit_process")
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job_id in holders:
+            pipe.hmget(self.keys.job(job_id), fields)
+        out = []
+        for job_id, raw in zip(holders, pipe.execute(), strict=True):
+            state, gate_until, gate_process, submit_process = (text(v) if v is not None else "" for v in raw)
+            gated = state in PRE_SUBMIT_STATES and int(gate_until or 0) > now_ms and gate_process
+            if (gated and gate_process not in alive) or (
+                state == "SUBMITTING" and submit_process and submit_process not in alive
+            ):
+                out.append(job_id)
+        return out
 
     def dispatch_due(self) -> list[str]:
         """Send deferred jobs whose time has come back through the submit task."""

@@ -21,9 +21,9 @@ import httpx
 
 from worker.callbacks import deliver, disable, is_disabled
 from worker.contracts.lua import load_lua, script_path
+from worker.contracts.netguard import BlockedURL
 from worker.contracts.record import text
 from worker.fal import backoff_s
-from worker.netguard import BlockedURL
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)

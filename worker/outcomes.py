@@ -20,13 +20,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from worker import lifecycle
+from worker.contracts.media import video_duration_s
 from worker.contracts.models import JobState
 from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, SlotAction
 from worker.fal import FalError, FalModelError, QueueStatus, ReframeOutput, SubmitReceipt
 from worker.flow.budget import billable_s
 from worker.lifecycle import AT_FAL, Failure, attempt_fence, record_breaker
-from worker.media import video_duration_s
 from worker.runtime import Runtime
 
 #: The path that learned the end of a fal request: fal's webhook, or the tracker's status reads.

@@ -8,7 +8,7 @@ thread: it claims due entries with a lease (``output_claim.lua``), takes each wi
 
 1. streams the output from fal's URL through the guarded fetcher to a temporary file (bounded by
    ``output_max_bytes`` and ``output_copy_timeout_s``; never whole in memory), hashing it;
-2. reads the file's container (:func:`worker.media.read_container`) and checks it against the
+2. reads the file's container (:func:`worker.contracts.media.read_container`) and checks it against the
    request (:mod:`worker.output_verify`);
 3. uploads it under its content-addressed key (:mod:`worker.output_store`), unless that key
    already holds it (a copy retried after a crash);
@@ -40,11 +40,11 @@ from typing import Any
 import httpx
 
 from worker.contracts.lua import load_lua, script_path
+from worker.contracts.media import UnreadableVideo, read_container
+from worker.contracts.netguard import BlockedURL, ResponseTooLarge
 from worker.contracts.record import text
 from worker.fal import backoff_s
 from worker.flow.budget import billable_s
-from worker.media import UnreadableVideo, read_container
-from worker.netguard import BlockedURL, ResponseTooLarge
 from worker.output_store import OutputStore, OutputStoreError, output_key
 from worker.output_verify import Verdict, verify
 from worker.runtime import Runtime

@@ -1,6 +1,6 @@
 """Is the returned video what was asked for? A pure check of a copied output against its request.
 
-The container of the stored copy (:func:`worker.media.read_container`) is compared with the
+The container of the stored copy (:func:`worker.contracts.media.read_container`) is compared with the
 request: its width/height with the requested aspect ratio, within a relative tolerance, and its
 duration with the input's measured duration, within an absolute tolerance. A mismatch is recorded
 on the job with the measured numbers (the evidence for a refund request at fal), counted in
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.media import ContainerInfo
+from worker.contracts.media import ContainerInfo
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from config import Settings
 from worker import output_store
 from worker.contracts.dedupe import DedupeStore
 from worker.contracts.models import Priority
+from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.store import JobStore, SlotParams
 from worker.fal import FalClient
 from worker.flow import FlowControl
 from worker.metrics import Metrics, get_metrics
-from worker.netguard import GuardedFetcher
 from worker.output_store import OutputStore
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Runtime:
     portal: Portal
     fal: FalClient
     metrics: Metrics
-    #: Every URL a job names (video, image, callback) is fetched through this (worker/netguard.py).
+    #: Every URL a job names (video, image, callback) is fetched through this (worker/contracts/netguard.py).
     fetcher: GuardedFetcher
     rng: random.Random = field(default_factory=random.Random)
     #: This process's identity in Redis (claims, heartbeats): unique per process start.

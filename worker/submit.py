@@ -30,13 +30,14 @@ from enum import StrEnum
 
 from config import UnknownDurationPolicy
 from worker import lifecycle
+from worker.contracts.canonical import canonical_key, result_served
 from worker.contracts.dedupe import ClaimKind, is_canonical
+from worker.contracts.media import probe_media
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.quotes import ModelLimits
 from worker.contracts.record import JobRecord
 from worker.contracts.store import Fence, SlotAction
 from worker.contracts.tenants import TenantRegistry
-from worker.dedupe import canonical_key, result_served
 from worker.fal import (
     FalAmbiguousError,
     FalError,
@@ -49,7 +50,6 @@ from worker.flow import BreakerState, RateDecision
 from worker.flow.budget import BudgetRefused
 from worker.flow.slots import SlotRefused
 from worker.lifecycle import Failure, attempt_fence, record_breaker
-from worker.media import probe_media
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from producer import Producer
 from reframe.api.keys import Authorizer, KeyStore, Principal, Scope
 from reframe.api.problems import ProblemError
 from reframe.api.tenancy import TenantIndex
+from worker.contracts.netguard import GuardedFetcher
 from worker.flow import FlowControl
-from worker.netguard import GuardedFetcher
 
 
 @dataclass

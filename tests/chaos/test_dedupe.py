@@ -4,10 +4,14 @@ judge of how many fal requests were made."""
 from __future__ import annotations
 
 import collections
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from config.settings import child_environment
 from producer import JobState, Producer
 from reframe.localcluster import LocalCluster
 from reframe.localproc import wait_until
@@ -81,6 +85,20 @@ def test_identical_requests_pay_once(chaos_cluster: ClusterFactory, whole_clip: 
         quote = p.quote(request, tenant="globex", dedupe=True)
         assert quote.dedupe_hit == first and quote.price_micro == 0 and quote.would_accept
         assert p.quote(request, tenant="globex").dedupe_hit is None  # globex's default is off
+        # the CLI quotes the whole request the same way
+        args = [url, "-a", "9:16", "--prompt", tag, "--tenant", "globex", "--json"]
+        for extra, hit in ((["--dedupe"], first), ([], None)):
+            cli = subprocess.run(
+                [sys.executable, "-m", "reframe", "quote", *args, *extra],
+                check=False,
+                env=child_environment(cluster.env),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert cli.returncode == 0, cli.stderr
+            answer = json.loads(cli.stdout)
+            assert answer["dedupe_hit"] == hit and (answer["price_micro"] == 0) == (hit is not None)
         later = p.enqueue(request, tenant="globex", dedupe=True)
         ids.append(later)
         job = p.wait(later, timeout_s=30)

@@ -103,6 +103,11 @@ def observed(
                     what=f"wave {wave}",
                 )
             wait_terminal(p, ids, timeout_s=60)
+            # the dedupe row: a job with dedupe on leads, then an identical one is served its result
+            same = {"video_url": url, "aspect_ratio": "21:9", "prompt": "observed dedupe"}
+            for _ in range(2):
+                ids.append(p.enqueue(same, dedupe=True))
+                wait_terminal(p, ids[-1:], timeout_s=60)
         yield cluster, server, ids
     finally:
         server.stop()
@@ -151,13 +156,16 @@ def test_every_dashboard_query_evaluates_and_key_panels_have_data(
     )
     assert total(f'sum(reframe_jobs_finished_total{{outcome="succeeded", {ns}}})') == succeeded
     assert total(f'sum(reframe_jobs_finished_total{{outcome="dead_lettered", {ns}}})') == 1
-    assert total(f'sum(reframe_fal_requests_total{{op="submit", status_class="2xx", {ns}}})') == succeeded
+    # the served job made no fal request and cost nothing; the dedupe counters say what it saved
+    assert total(f'sum(reframe_fal_requests_total{{op="submit", status_class="2xx", {ns}}})') == succeeded - 1
+    assert total(f'sum(reframe_dedup_jobs_total{{outcome="served", {ns}}})') == 1
+    assert total(f"sum(reframe_dedup_saved_usd_total{{{ns}}})") == pytest.approx(3 * 0.06)
     assert total(f"count(reframe_worker_info{{{ns}}})") == 2
     assert total(f"sum(reframe_slots_capacity{{{ns}}})") == 3
     assert total(f"sum(reframe_dead_letter_jobs{{{ns}}})") == 1
     assert total(f'max(reframe_breaker_state{{state="closed", {ns}}})') == 1
     # The exporter is its own scrape target: wait for a scrape of it after the last settlement too.
-    expected_usd = succeeded * 3 * 0.06  # 2.5 s clips, billed in whole seconds
+    expected_usd = (succeeded - 1) * 3 * 0.06  # 2.5 s clips, billed in whole seconds; one served
     wait_until(
         lambda: (
             total(f'sum(reframe_budget_spent_usd{{period="day", {ns}}})')

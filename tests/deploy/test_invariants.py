@@ -46,7 +46,9 @@ def reframe_image(r: Rendered) -> str:
 
 
 def is_reframe(r: Rendered, container: dict[str, Any]) -> bool:
-    return container["image"].rsplit(":", 1)[0] == reframe_image(r).rsplit(":", 1)[0]
+    """A container of one of our images: production's, or the emulator target's (`<name>-emulator`)."""
+    name = reframe_image(r).rsplit(":", 1)[0]
+    return container["image"].rsplit(":", 1)[0] in {name, f"{name}-emulator"}
 
 
 def settings_value(r: Rendered, env_name: str) -> float:
@@ -178,8 +180,17 @@ def test_one_image_and_tag_throughout(overlay: Rendered) -> None:
     assert name and tag and tag != "latest" and "/" not in tag, (
         f"{overlay.overlay}: image {image!r} not pinned"
     )
-    ours = {c["image"] for _w, _p, c in containers(overlay) if not c["image"].startswith("redis:")}
+    emulators = {c["image"] for _w, _p, c in containers(overlay) if c["name"] == "emulator"}
+    ours = {
+        c["image"]
+        for _w, _p, c in containers(overlay)
+        if not c["image"].startswith("redis:") and c["name"] != "emulator"
+    }
     assert ours == {image}, f"{overlay.overlay}: more than one Reframe image/tag: {sorted(ours)}"
+    # the emulator is the Dockerfile's `emulator` target: its own image, the same release tag
+    assert emulators <= {f"{name}-emulator:{tag}"}, f"{overlay.overlay}: emulator image {sorted(emulators)}"
+    if overlay.overlay == "dev":
+        assert emulators, "dev runs the emulator"
     for where, _p, c in containers(overlay):
         assert ":" in c["image"].rsplit("/", 1)[-1] and not c["image"].endswith(":latest"), (
             f"{where}: unpinned"

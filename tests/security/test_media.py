@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from reframe.demo import make_sample_video
+from worker.contracts.media import RangeFile, _duration_of, video_duration_s
+from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.urlpolicy import Allowlist
-from worker.media import RangeFile, _duration_of, video_duration_s
-from worker.netguard import GuardedFetcher
 
 from .conftest import RecordingServer
 

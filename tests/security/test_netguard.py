@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from worker.contracts.urlpolicy import Allowlist
-from worker.netguard import (
+from worker.contracts.netguard import (
     BlockedURL,
     FetchLimits,
     FetchTimeout,
@@ -18,6 +17,7 @@ from worker.netguard import (
     ResponseTooLarge,
     system_resolver,
 )
+from worker.contracts.urlpolicy import Allowlist
 
 from .conftest import RecordingServer
 

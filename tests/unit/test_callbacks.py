@@ -8,7 +8,7 @@ import httpx
 
 from config import load_settings
 from worker.callbacks import callback_body, deliver, sign, verify
-from worker.netguard import GuardedFetcher
+from worker.contracts.netguard import GuardedFetcher
 
 
 def test_signature_round_trip_and_tamper_detection() -> None:

@@ -16,14 +16,14 @@ from config import Settings
 from producer import EnqueueRequest, JobState, Producer
 from reframe.localproc import wait_until
 from worker import lifecycle
+from worker.contracts.canonical import canonical_key, is_fal_storage, result_served, strong_etag
 from worker.contracts.dedupe import ClaimKind, DedupeStore, canonical_params, is_canonical
 from worker.contracts.keys import Keys, celery_queue_keys
+from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.record import JobRecord
 from worker.contracts.store import Fence
 from worker.contracts.tenants import TenantLimits, TenantRegistry
-from worker.dedupe import canonical_key, is_fal_storage, result_served, strong_etag
 from worker.metrics import Metrics
-from worker.netguard import GuardedFetcher
 from worker.runtime import Runtime
 from worker.submit import Outcome, Submitter
 

@@ -15,7 +15,7 @@ from falemu.faults import Fault
 from reframe import cli
 from worker.contracts.keys import Keys
 from worker.contracts.lua import load_lua
-from worker.media import ContainerInfo
+from worker.contracts.media import ContainerInfo
 from worker.output_store import output_key
 from worker.output_verify import ratio_of, verify
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_the_wheel_declares_our_packages_explicitly() -> None:
@@ -40,6 +42,31 @@ def test_producer_never_loads_the_worker_runtime() -> None:
         "falemu",
     }
     assert not (loaded & forbidden), loaded & forbidden
+
+
+def test_the_enqueue_side_imports_only_the_contracts_of_the_worker() -> None:
+    """Every import in producer/ of a worker module, at any depth of the code (a function-level
+    import counts too), is of worker.contracts."""
+    root = Path(__file__).resolve().parents[2]
+    bad = []
+    for path in sorted((root / "producer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [
+                    f"{node.module}.{a.name}" for a in node.names if node.module == "worker"
+                ]
+            for name in names:
+                if name.split(".")[0] == "worker" and not name.startswith("worker.contracts"):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert bad == []
+
+
+def test_producer_loads_no_httpx_or_pyav_until_it_fetches() -> None:
+    loaded = _modules_after_import("producer")
+    assert not (loaded & {"httpx", "av", "worker.contracts.netguard", "worker.contracts.media"})
 
 
 def test_config_imports_nothing_of_ours() -> None:

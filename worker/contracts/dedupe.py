@@ -2,7 +2,7 @@
 
 A job whose ``dedupe`` field is ``1`` (the request's option, else its tenant's ``dedupe`` limit,
 else ``REFRAME_DEDUPE_DEFAULT``; resolved by ``lua/enqueue.lua``) gets a canonical key from the
-submitter (worker/dedupe.py: the normalised fal input plus the video's content hash, or its URL
+submitter (worker/contracts/canonical.py: the normalised fal input plus the video's content hash, or its URL
 plus a strong ETag). Three keys per canonical input (docs/design.md, key table):
 
 * ``P:dedupe:{c}`` names the *leader*, the one job in flight that does the work (its lease is the

@@ -78,6 +78,17 @@ class Keys:
         return f"{self.root}:wait:q"
 
     @property
+    def ready_index(self) -> str:
+        """ZSET (all scores 0) with one member per tenant that may take a slot, in the fair-share
+        rule's order; derived inside the slot scripts from :attr:`wait_queue` (slots_lib.lua)."""
+        return f"{self.wait_queue}:ready"
+
+    @property
+    def ready_high_index(self) -> str:
+        """The members of :attr:`ready_index` whose best entry is high priority (reserved-high slots)."""
+        return f"{self.wait_queue}:ready:high"
+
+    @property
     def fair(self) -> str:
         """HASH of the slot pool's fair-share bookkeeping (slots per tenant, queue positions)."""
         return f"{self.root}:fc:fair"

@@ -2,7 +2,7 @@
 
 The one place the quote is computed: :meth:`producer.Producer.quote` (and through it ``reframe
 quote`` and ``POST /v1/quotes``) reads the input's facts (:class:`MediaInfo`: duration, size,
-resolution; read by ``worker/media.py`` through the guarded fetcher, or from a local file) and the
+resolution; read by ``worker/contracts/media.py`` through the guarded fetcher, or from a local file) and the
 budgets (:func:`read_budgets`), then :func:`build_quote` prices them. The model's limits
 (:class:`ModelLimits`) are also what the submitter and the producer refuse inputs with
 (``worker/submit.py``, ``producer/client.py``), so a quote's reasons and a refusal read the same.

@@ -140,6 +140,9 @@ class TenantRegistry:
             pipe.hdel(self.keys.tenant_params, f"max:{tenant}")
         else:
             pipe.hset(self.keys.tenant_params, f"max:{tenant}", str(int(limits.max_concurrent)))
+        # the slot scripts' ready index orders tenants by slots/weight and leaves out those at their
+        # cap: dropping its marker makes the next decision rebuild it (worker/contracts/lua/slots_lib.lua)
+        pipe.hdel(self.keys.fair, "ix")
         pipe.execute()
 
     def get(self, tenant: str) -> TenantLimits:
@@ -156,6 +159,7 @@ class TenantRegistry:
         pipe.delete(self.keys.tenant_limits(check_tenant(tenant)))
         pipe.srem(self.keys.tenants, tenant)
         pipe.hdel(self.keys.tenant_params, f"w:{tenant}", f"max:{tenant}")
+        pipe.hdel(self.keys.fair, "ix")  # the ready index is rebuilt (see set)
         return bool(pipe.execute()[1])
 
 

@@ -2,7 +2,7 @@
 
 Pure functions, importable by the producer (no I/O, no httpx): :func:`check_url` validates a URL's
 text at enqueue time, :func:`address_block_reason` judges one IP address (the guarded fetcher in
-``worker/netguard.py`` applies it to every address a host name resolves to).
+``worker/contracts/netguard.py`` applies it to every address a host name resolves to).
 
 Rules: ``http``/``https`` only (``data:`` only where the caller allows it); bounded length; no
 control characters, whitespace or userinfo; a host is required. A host that is an IP literal in
@@ -406,7 +406,7 @@ def check_url(
     whose message is ``"<field>: <reason>"`` (never the URL itself).
 
     A host *name* that passes is checked again at fetch time, address by address, by the guarded
-    fetcher (``worker/netguard.py``).
+    fetcher (``worker/contracts/netguard.py``).
     """
     try:
         return validate_url(url, allow=allow, max_length=max_length, allow_data=allow_data)

@@ -12,13 +12,14 @@ Use one client per process and from one event loop (its connection pool belongs 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import mimetypes
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,7 @@ from worker.fal.policy import (
     should_retry,
     status_class,
 )
+from worker.fal.upload import OnProgress, Part, UploadProgress, file_body, part_size, plan_parts
 
 if TYPE_CHECKING:
     from config import Settings
@@ -102,6 +104,15 @@ class _UploadTarget(BaseModel):
 
 class _Uploaded(BaseModel):
     access_url: str
+
+
+class _MultipartTarget(BaseModel):
+    access_url: str
+    uploadId: str  # fal's field name
+
+
+class _CompletedUpload(BaseModel):
+    access_url: str | None = None
 
 
 class SseDecoder:
@@ -175,6 +186,12 @@ class FalClient:
         sleep: Sleep = asyncio.sleep,
         on_request: OnRequest | None = None,
         clock: Callable[[], float] = time.time,
+        store_io: bool = True,
+        output_expiration_s: int | None = None,
+        multipart_threshold_bytes: int = 100 * 1024 * 1024,
+        multipart_part_bytes: int = 10 * 1024 * 1024,
+        multipart_concurrency: int = 4,
+        upload_part_retries: int = 4,
     ) -> None:
         self._key = key
         self._queue_url = queue_url.rstrip("/")
@@ -189,6 +206,11 @@ class FalClient:
         self._on_request = on_request
         self._clock = clock
         self._token: _CdnToken | None = None
+        self._submit_headers = submit_headers(store_io=store_io, output_expiration_s=output_expiration_s)
+        self._multipart_threshold_bytes = multipart_threshold_bytes
+        self._multipart_part_bytes = multipart_part_bytes
+        self._multipart_concurrency = max(1, multipart_concurrency)
+        self._upload_part_retries = max(0, upload_part_retries)
         self.timeout = httpx.Timeout(
             connect=connect_timeout_s, read=read_timeout_s, write=write_timeout_s, pool=pool_timeout_s
         )
@@ -229,6 +251,12 @@ class FalClient:
             "http_retries": settings.fal_http_retries,
             "backoff_base_s": settings.fal_http_backoff_base_s,
             "backoff_cap_s": settings.fal_http_backoff_cap_s,
+            "store_io": settings.fal_store_io,
+            "output_expiration_s": settings.fal_output_expiration_s,
+            "multipart_threshold_bytes": settings.fal_multipart_threshold_bytes,
+            "multipart_part_bytes": settings.fal_multipart_part_bytes,
+            "multipart_concurrency": settings.fal_multipart_concurrency,
+            "upload_part_retries": settings.fal_upload_part_retries,
         }
         params.update(kw)
         return cls(**params)
@@ -258,14 +286,15 @@ class FalClient:
         Never retried here. A failure before the body left is a
         :class:`~worker.fal.errors.FalTransientError` (safe to submit again); once fal may have
         read the body, a lost reply is a :class:`~worker.fal.errors.FalAmbiguousError`.
-        ``priority`` is fal's ``X-Fal-Queue-Priority``: ``normal`` or ``low``.
+        ``priority`` is fal's ``X-Fal-Queue-Priority``: ``normal`` or ``low``. What fal keeps of the
+        request follows the client's ``store_io`` and ``output_expiration_s`` (:func:`submit_headers`).
 
         A caller that cancels this coroutine (task time limit, shutdown) gets ``CancelledError``,
         not a classified error: treat a submit cancelled mid-flight as ambiguous too.
         """
         if priority is not None and priority not in FAL_PRIORITIES:
             raise ValueError(f"fal queue priority must be one of {sorted(FAL_PRIORITIES)}, not {priority!r}")
-        headers = self._headers({"Content-Type": "application/json"})
+        headers = self._headers({"Content-Type": "application/json", **self._submit_headers})
         if priority is not None:
             headers["X-Fal-Queue-Priority"] = priority
         params = {"fal_webhook": webhook_url} if webhook_url else None
@@ -339,23 +368,37 @@ class FalClient:
         """Ask fal to cancel the request; report what that achieved."""
         return await self._idempotent("cancel", lambda: self._cancel_once(receipt))
 
-    async def upload_file(self, path: str | os.PathLike[str]) -> str:
+    async def upload_file(
+        self, path: str | os.PathLike[str], *, on_progress: OnProgress | None = None
+    ) -> str:
         """Upload a local file to fal's CDN; return its public URL.
 
-        Uses the CDN token flow (docs/fal-wire-protocol.md §5) and, when any step of it fails, the
-        initiate + PUT flow, as fal-client does.
+        The file is streamed from disk, never read whole into memory (worker/fal/upload.py).
+        Up to ``multipart_threshold_bytes`` it goes in one request: the CDN token flow
+        (docs/fal-wire-protocol.md §5) and, when any step of it fails, the initiate + PUT flow, as
+        fal-client does. Above it, fal's multipart upload: parts of ``multipart_part_bytes``,
+        ``multipart_concurrency`` at a time, each retried on its own (``upload_part_retries``,
+        with backoff) before the upload fails. ``on_progress(sent, total)`` follows the bytes.
+        Storage calls cost nothing at fal and repeat safely: a part PUT again replaces itself.
         """
         file = Path(path)
-        data = await asyncio.to_thread(file.read_bytes)
         content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         try:
-            return await self._upload_v3(data, file.name, content_type)
-        except FalError as primary:
-            log.warning("fal CDN upload failed (%s); falling back to initiate + PUT", primary)
+            size = (await asyncio.to_thread(file.stat)).st_size
+            progress = UploadProgress(size, on_progress)
+            if size > self._multipart_threshold_bytes:
+                return await self._upload_multipart(file, size, content_type, progress)
             try:
-                return await self._upload_initiate(data, file.name, content_type)
-            except FalError as fallback:
-                raise fallback from primary
+                return await self._upload_v3(file, size, content_type, progress)
+            except FalError as primary:
+                log.warning("fal CDN upload failed (%s); falling back to initiate + PUT", primary)
+                try:
+                    return await self._upload_initiate(file, size, content_type, progress)
+                except FalError as fallback:
+                    raise fallback from primary
+        except OSError as exc:
+            # The local file, not fal: unreadable, or changed while it was being sent.
+            raise FalPermanentError(f"cannot read {file.name}: {exc.strerror or exc}", op="upload") from None
 
     # --- one attempt of each operation ---------------------------------------------------------
 
@@ -382,18 +425,23 @@ class FalClient:
             receipt.request_id,
         )
 
-    async def _upload_v3(self, data: bytes, name: str, content_type: str) -> str:
+    async def _cdn_auth(self) -> dict[str, str]:
         token = await self._cdn_token()
+        return {"Authorization": f"{token.token_type} {token.token}"}
+
+    async def _upload_v3(self, file: Path, size: int, content_type: str, progress: UploadProgress) -> str:
         headers = {
-            "Authorization": f"{token.token_type} {token.token}",
+            **await self._cdn_auth(),
             "Accept": "application/json",
             "Content-Type": content_type,
-            "X-Fal-File-Name": _header_safe(name),
+            "Content-Length": str(size),
+            "X-Fal-File-Name": _header_safe(file.name),
         }
 
         async def once() -> str:
+            body = file_body(file, 0, size, progress=progress)
             response = await self._send(
-                "upload", "POST", f"{self._cdn_url}/files/upload", headers=headers, content=data
+                "upload", "POST", f"{self._cdn_url}/files/upload", headers=headers, content=body
             )
             self._raise_for("upload", response)
             return self._parse("upload", response, _Uploaded, FalTransientError).access_url
@@ -404,9 +452,11 @@ class FalClient:
             self._token = None  # the CDN refused the token: never reuse it
             raise
 
-    async def _upload_initiate(self, data: bytes, name: str, content_type: str) -> str:
+    async def _upload_initiate(
+        self, file: Path, size: int, content_type: str, progress: UploadProgress
+    ) -> str:
         url = httpx.URL(f"{self._rest_url}/storage/upload/initiate", params={"storage_type": "gcs"})
-        body = json.dumps({"file_name": name, "content_type": content_type}).encode()
+        body = json.dumps({"file_name": file.name, "content_type": content_type}).encode()
 
         async def initiate() -> _UploadTarget:
             headers = self._headers({"Content-Type": "application/json"})
@@ -416,16 +466,112 @@ class FalClient:
 
         target = await self._idempotent("upload", initiate)
         # The upload URL is pre-signed; our key goes along only to hosts we were configured with.
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
         if self._is_own_origin(target.upload_url):
             headers.update(self._headers())
 
         async def put() -> None:
-            response = await self._send("upload", "PUT", target.upload_url, headers=headers, content=data)
+            content = file_body(file, 0, size, progress=progress)
+            response = await self._send("upload", "PUT", target.upload_url, headers=headers, content=content)
             self._raise_for("upload", response)
 
         await self._idempotent("upload", put)
         return target.file_url
+
+    async def _upload_multipart(
+        self, file: Path, size: int, content_type: str, progress: UploadProgress
+    ) -> str:
+        """fal's multipart upload: initiate, the parts (bounded in parallel), complete.
+
+        No fallback to one request: above the threshold a single request is what fal's storage
+        does not take, so a part that keeps failing fails the upload (the caller may try again).
+        """
+        auth = await self._cdn_auth()
+        init_headers = {
+            **auth,
+            "Accept": "application/json",
+            "Content-Type": content_type,
+            "X-Fal-File-Name": _header_safe(file.name),
+        }
+
+        async def initiate() -> _MultipartTarget:
+            response = await self._send(
+                "upload", "POST", f"{self._cdn_url}/files/upload/multipart", headers=init_headers, content=b""
+            )
+            self._raise_for("upload", response)
+            return self._parse("upload", response, _MultipartTarget, FalTransientError)
+
+        try:
+            target = await self._idempotent("upload", initiate)
+        except FalAuthError:
+            self._token = None
+            raise
+        if not self._is_storage_site(target.access_url):
+            # The CDN token goes to every part URL; it must not leave fal's storage hosts.
+            raise self._redacted(
+                FalPermanentError("multipart upload answered with a URL outside fal storage", op="upload")
+            )
+        root = f"{target.access_url}/multipart/{quote(target.uploadId, safe='')}"
+        slots = asyncio.Semaphore(self._multipart_concurrency)
+
+        async def send_part(part: Part) -> dict[str, Any]:
+            async with slots:
+                etag = await self._idempotent(
+                    "upload",
+                    lambda: self._put_part(f"{root}/{part.number}", file, part, content_type, progress),
+                    retries=self._upload_part_retries,
+                )
+            return {"partNumber": part.number, "etag": etag}
+
+        parts = plan_parts(size, part_size(size, self._multipart_part_bytes))
+        try:
+            async with asyncio.TaskGroup() as group:  # the first part that gives up cancels the others
+                tasks = [group.create_task(send_part(part)) for part in parts]
+        except ExceptionGroup as failed:
+            raise _first_error(failed) from None
+        done = json.dumps({"parts": [task.result() for task in tasks]}).encode()
+
+        async def complete() -> str:
+            headers = {
+                **await self._cdn_auth(),
+                "Accept": "application/json",
+                "Content-Type": "application/json",
+            }
+            response = await self._send("upload", "POST", f"{root}/complete", headers=headers, content=done)
+            self._raise_for("upload", response)
+            answer = self._parse("upload", response, _CompletedUpload, FalTransientError)
+            return answer.access_url or target.access_url
+
+        return await self._idempotent("upload", complete)
+
+    async def _put_part(
+        self,
+        url: str,
+        file: Path,
+        part: Part,
+        content_type: str,
+        progress: UploadProgress,
+    ) -> str:
+        """One attempt at one part; its ETag.
+
+        The CDN token is looked up per attempt: a long upload outlives a token, and the cached one is
+        renewed before it expires; a part refused with 401 drops it, and its retry fetches a new one.
+        """
+        headers = {**await self._cdn_auth(), "Content-Type": content_type, "Content-Length": str(part.length)}
+        body = file_body(file, part.offset, part.length, progress=progress, part=part.number)
+        response = await self._send("upload", "PUT", url, headers=headers, content=body)
+        if response.status_code == 401:
+            # The token, not the key, was refused (a bad key fails the token call itself): retry the
+            # part with a fresh token, within the part's retries.
+            self._token = None
+            raise self._redacted(FalTransientError("fal storage refused the CDN token", op="upload"))
+        self._raise_for("upload", response)
+        etag: str | None = response.headers.get("etag")
+        if not etag:
+            raise self._redacted(
+                FalPermanentError(f"part {part.number} was stored without an ETag", op="upload")
+            )
+        return etag
 
     async def _cdn_token(self) -> _CdnToken:
         # Two coroutines may both refresh an expiring token; that costs one extra cheap call and
@@ -450,9 +596,14 @@ class FalClient:
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    async def _idempotent(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call`` and retry it on transient errors while the policy allows."""
-        max_attempts = 1 + self._http_retries
+    async def _idempotent(
+        self, op: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None
+    ) -> T:
+        """Run ``call`` and retry it on transient errors while the policy allows.
+
+        ``retries`` overrides ``http_retries`` (multipart parts have their own count).
+        """
+        max_attempts = 1 + (self._http_retries if retries is None else retries)
         attempt = 1
         while True:
             try:
@@ -488,7 +639,7 @@ class FalClient:
         url: str | httpx.URL,
         *,
         headers: dict[str, str],
-        content: bytes | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One HTTP attempt with explicit timeouts; any httpx error comes out classified."""
@@ -576,6 +727,18 @@ class FalClient:
             log.warning("fal returned a URL outside %s; using the owner/app rule", self._queue_url)
         return fallback
 
+    def _is_storage_site(self, url: str) -> bool:
+        """True for our own origins and for hosts of the CDN's parent domain (``v3b.fal.media``
+        next to ``v3.fal.media``), over the same scheme and port."""
+        if self._is_own_origin(url):
+            return True
+        parsed, cdn = httpx.URL(url), httpx.URL(self._cdn_url)
+        if _is_ip(cdn.host):
+            return False  # an address has no parent domain
+        site = cdn.host.split(".", 1)[-1]
+        same_origin_but_host = parsed.scheme == cdn.scheme and parsed.port == cdn.port
+        return same_origin_but_host and "." in site and parsed.host.endswith("." + site)
+
     def _is_own_origin(self, url: str) -> bool:
         return _origin(url) in {_origin(self._queue_url), _origin(self._rest_url), _origin(self._cdn_url)}
 
@@ -617,6 +780,43 @@ class FalClient:
         data = decoder.flush()
         if data is not None and (status := parse_status_event(data)) is not None:
             yield status
+
+
+def submit_headers(*, store_io: bool, output_expiration_s: int | None) -> dict[str, str]:
+    """The headers that tell fal what to keep of a request (docs/fal-wire-protocol.md §2.1).
+
+    ``X-Fal-Store-IO: 0`` when its input and output payloads must not be stored; an
+    ``X-Fal-Object-Lifecycle-Preference`` with ``expiration_duration_seconds`` when its output media
+    must be deleted after that long. Nothing when fal's defaults apply.
+    """
+    headers: dict[str, str] = {}
+    if not store_io:
+        headers["X-Fal-Store-IO"] = "0"
+    if output_expiration_s is not None:
+        preference = {"expiration_duration_seconds": int(output_expiration_s)}
+        headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(preference, separators=(",", ":"))
+    return headers
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_error(failed: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that stopped a group of parts: a classified one first, else whatever came."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failed]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, FalError)), leaves[0])
 
 
 def _logs_param(logs: bool) -> dict[str, str]:

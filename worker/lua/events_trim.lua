@@ -6,7 +6,11 @@
 -- Returns {entries trimmed below the groups, entries trimmed past the ceiling that a group had not
 -- read yet}.
 local stream = KEYS[1]
-if redis.call('EXISTS', stream) == 0 then return {0, 0} end
+local ceiling, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local len0 = redis.call('XLEN', stream)
+-- nothing may go while the stream holds no more than `keep` (the newest stay whatever the groups
+-- need) and is under its ceiling: return before reading the groups
+if len0 == 0 or (len0 <= keep and len0 <= ceiling) then return {0, 0} end
 local function less(a, b)
   local a1, a2 = string.match(a, '^(%d+)-(%d+)$')
   local b1, b2 = string.match(b, '^(%d+)-(%d+)$')
@@ -27,12 +31,13 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   end
   if cut ~= nil and (min_needed == nil or less(cut, min_needed)) then min_needed = cut end
 end
-local keep = tonumber(ARGV[2])
 -- MINID keeps ids >= the threshold: the lower of what a group needs and the newest `keep` entries
 local threshold = min_needed
 if keep > 0 then
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', keep)
-  local floor = newest[#newest][1]
+  -- the oldest of the newest `keep` entries, read from the old end: O(entries past `keep`), which
+  -- the periodic trim keeps small, instead of O(keep) from the new end
+  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.max(1, len0 - keep + 1))
+  local floor = oldest[#oldest][1]
   if threshold == nil or less(floor, threshold) then threshold = floor end
 end
 local trimmed
@@ -45,7 +50,6 @@ end
 -- had not read yet (at or after min_needed), which is what the alert is about
 local over = 0
 local len = redis.call('XLEN', stream)
-local ceiling = tonumber(ARGV[1])
 if len > ceiling then
   local cut = len - ceiling
   if min_needed ~= nil then

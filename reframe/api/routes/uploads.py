@@ -52,7 +52,9 @@ async def upload(
     ] = "upload.mp4",
 ) -> Upload:
     """The raw body is streamed to a temporary file (413 past ``REFRAME_MAX_UPLOAD_BYTES``), then
-    uploaded to fal storage with the cluster's fal client; the answer is the file's URL."""
+    streamed to fal storage with the cluster's fal client (in parts, several at once, above
+    ``REFRAME_FAL_MULTIPART_THRESHOLD_BYTES``; neither step holds the file in memory); the answer
+    is the file's URL."""
     svc = services(request)
     limit = svc.settings.max_upload_bytes
     name = _SAFE_NAME.sub("_", filename)[:200] or "upload.mp4"

@@ -19,6 +19,18 @@
 -- slot's worth (1/w of the one just served) after a decision, so each tenant's share of the slots
 -- stays within one slot of its weighted share; a tenant with nothing waiting takes no slot, and
 -- its share is used by the others (work-conserving).
+--
+-- The decision is O(log tenants), not a scan: every tenant that may take a slot has one member
+-- in the index ZSET `<wait_q>:ready` (all scores 0), '<use/weight>|<vt>|<priority>|<seq>|<its
+-- best entry>' with the numbers fixed-width, so the first member in lex order is the rule's
+-- choice; `<wait_q>:ready:high` holds the members whose best entry is high (what a reserved-high
+-- slot may serve). Both keys are derived from wait_q (same hash tag). fair `rk:<tenant>` names a
+-- tenant's member; refresh() rewrites it whenever the tenant's slots, virtual time or best entry
+-- change, and leaves out a tenant at its max_concurrent. Changing a weight or a cap
+-- (worker/contracts/tenants.py) deletes fair `ix`, so the next decision rebuilds the index once
+-- from wait_q (also how a queue written before the index existed gets indexed).
+
+local ready_ix, ready_high_ix = wait_q .. ':ready', wait_q .. ':ready:high'
 
 local function hnum(field) return tonumber(redis.call('HGET', fair, field)) or 0 end
 local function weight_of(t) return tonumber(redis.call('HGET', params, 'w:' .. t) or '') or 1 end
@@ -36,6 +48,41 @@ local function parse_entry(entry)
   return t, tonumber(p), seq, job
 end
 
+-- tenant t's best entry whose job is still waiting; entries whose job left the waiting set some
+-- other way are dropped on the way
+local function live_head_of(t)
+  while true do
+    local entry = redis.call('ZRANGEBYLEX', wait_q, '[' .. t .. '|', '[' .. t .. '|\255', 'LIMIT', 0, 1)[1]
+    if not entry then return nil end
+    local _, p, _, job = parse_entry(entry)
+    if redis.call('SISMEMBER', waiting, job) == 1 then return entry end
+    redis.call('ZREM', wait_q, entry)
+    redis.call('HDEL', fair, 'pos:' .. job)
+    if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
+  end
+end
+
+-- rewrite tenant t's member of the ready indexes from its state now (see the header)
+local function refresh(t)
+  local old = redis.call('HGET', fair, 'rk:' .. t)
+  if old then
+    redis.call('ZREM', ready_ix, old)
+    redis.call('ZREM', ready_high_ix, old)
+  end
+  local head = live_head_of(t)
+  local cap = tonumber(redis.call('HGET', params, 'max:' .. t) or '')
+  local use = hnum('use:' .. t)
+  if not head or (cap and use >= cap) then
+    if old then redis.call('HDEL', fair, 'rk:' .. t) end
+    return
+  end
+  local _, p, seq = parse_entry(head)
+  local member = string.format('%025.9f|%025.9f|%d|%s|', use / weight_of(t), hnum('vt:' .. t), p, seq) .. head
+  redis.call('ZADD', ready_ix, 0, member)
+  if p == 1 then redis.call('ZADD', ready_high_ix, 0, member) end
+  redis.call('HSET', fair, 'rk:' .. t, member)
+end
+
 local function unqueue(job)
   if redis.call('SREM', waiting, job) == 0 then return 0 end
   local entry = redis.call('HGET', fair, 'pos:' .. job)
@@ -45,6 +92,7 @@ local function unqueue(job)
     redis.call('HDEL', fair, 'pos:' .. job)
     if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
     forget_if_idle(t)
+    refresh(t)
   end
   return 1
 end
@@ -64,6 +112,7 @@ local function enqueue_wait(job, tenant, p)
   redis.call('HSET', fair, 'pos:' .. job, entry)
   redis.call('HINCRBY', fair, 'depth:' .. p, 1)
   redis.call('SADD', waiting, job)
+  refresh(tenant)
 end
 
 local function take_slot(job, tenant)
@@ -73,6 +122,7 @@ local function take_slot(job, tenant)
   local vt = hnum('vt:' .. tenant)
   if vt > hnum('vnow') then redis.call('HSET', fair, 'vnow', vt) end  -- never backwards
   redis.call('HINCRBYFLOAT', fair, 'vt:' .. tenant, 1 / weight_of(tenant))
+  refresh(tenant)
 end
 
 local function drop_slot(job)
@@ -82,52 +132,40 @@ local function drop_slot(job)
     redis.call('HDEL', fair, 'own:' .. job)
     if redis.call('HINCRBY', fair, 'use:' .. tenant, -1) <= 0 then redis.call('HDEL', fair, 'use:' .. tenant) end
     forget_if_idle(tenant)
+    refresh(tenant)
   end
 end
 
--- tenant t's best entry whose job is still waiting; entries whose job left the waiting set some
--- other way are dropped on the way
-local function live_head_of(t)
-  while true do
-    local entry = redis.call('ZRANGEBYLEX', wait_q, '[' .. t .. '|', '[' .. t .. '|\255', 'LIMIT', 0, 1)[1]
-    if not entry then return nil end
-    local _, p, _, job = parse_entry(entry)
-    if redis.call('SISMEMBER', waiting, job) == 1 then return entry end
-    redis.call('ZREM', wait_q, entry)
-    redis.call('HDEL', fair, 'pos:' .. job)
-    if redis.call('HINCRBY', fair, 'depth:' .. p, -1) < 0 then redis.call('HSET', fair, 'depth:' .. p, 0) end
+-- index every tenant of wait_q afresh when fair `ix` is missing (see the header)
+local function ensure_index()
+  if redis.call('HEXISTS', fair, 'ix') == 1 then return end
+  redis.call('DEL', ready_ix, ready_high_ix)
+  local probe = redis.call('ZRANGEBYLEX', wait_q, '-', '+', 'LIMIT', 0, 1)[1]
+  while probe do
+    local t = parse_entry(probe)
+    redis.call('HDEL', fair, 'rk:' .. t)
+    refresh(t)
+    probe = redis.call('ZRANGEBYLEX', wait_q, '(' .. t .. '|\255', '+', 'LIMIT', 0, 1)[1]
   end
+  redis.call('HSET', fair, 'ix', 1)
 end
 
 -- the entry that should take the next free slot (nil: none may), by the rule above
 local function choose()
   local used = redis.call('ZCARD', slots)
   if used >= capacity then return nil end
-  local only_high = used >= capacity - reserved
-  local best, best_key = nil, nil
-  local probe = redis.call('ZRANGEBYLEX', wait_q, '-', '+', 'LIMIT', 0, 1)[1]
-  while probe do
-    local t = parse_entry(probe)
-    local head = live_head_of(t)
-    if head then
-      local _, p, seq = parse_entry(head)
-      local cap = tonumber(redis.call('HGET', params, 'max:' .. t) or '')
-      local use = hnum('use:' .. t)
-      if not (cap and use >= cap) and not (only_high and p ~= 1) then
-        local key = {use / weight_of(t), hnum('vt:' .. t), p, seq}
-        local better = not best_key
-        if not better then
-          for i = 1, 4 do
-            if key[i] ~= best_key[i] then better = key[i] < best_key[i] break end
-          end
-        end
-        if better then best, best_key = head, key end
-      end
-    end
-    -- the next tenant: the first entry past every entry of t
-    probe = redis.call('ZRANGEBYLEX', wait_q, '(' .. t .. '|\255', '+', 'LIMIT', 0, 1)[1]
+  ensure_index()
+  local ix = ready_ix
+  if used >= capacity - reserved then ix = ready_high_ix end
+  while true do
+    local member = redis.call('ZRANGEBYLEX', ix, '-', '+', 'LIMIT', 0, 1)[1]
+    if not member then return nil end
+    local entry = string.match(member, '^[^|]*|[^|]*|[^|]*|[^|]*|(.*)$')
+    local t, _, _, job = parse_entry(entry)
+    if redis.call('SISMEMBER', waiting, job) == 1 then return entry end
+    redis.call('ZREM', ix, member)
+    refresh(t)  -- its job left the line some other way: the tenant's next entry stands in
   end
-  return best
 end
 
 -- admit waiting jobs into free slots, one fair decision per slot

@@ -1,7 +1,7 @@
 """Read a video's duration cheaply (container header only) through the guarded fetcher.
 
 PyAV never opens a URL itself: it gets a seekable, read-only file object whose reads are HTTP
-Range requests made by :class:`worker.netguard.GuardedFetcher` (checked, pinned, bounded), with a
+Range requests made by :class:`worker.contracts.netguard.GuardedFetcher` (checked, pinned, bounded), with a
 cap on the total bytes read and one deadline for the whole probe. ``data:`` URIs are decoded
 locally. Demuxers that open further resources (HLS, DASH, concat, image sequences, ...) cannot:
 only plain container formats are allowed and every nested open is refused.
@@ -23,8 +23,8 @@ from urllib.parse import unquote_to_bytes
 
 import av
 
+from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.quotes import MediaInfo
-from worker.netguard import GuardedFetcher
 
 log = logging.getLogger(__name__)
 

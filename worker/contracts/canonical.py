@@ -30,8 +30,8 @@ import httpx
 
 from config import Settings
 from worker.contracts.dedupe import NO_KEY_PREFIX, canonical_params
-from worker.media import decode_data_uri
-from worker.netguard import BlockedURL, GuardedFetcher, ResponseTooLarge
+from worker.contracts.media import decode_data_uri
+from worker.contracts.netguard import BlockedURL, GuardedFetcher, ResponseTooLarge
 
 log = logging.getLogger(__name__)
 
