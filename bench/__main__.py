@@ -2,7 +2,7 @@
 
     ./dev bench                 # everything (~4 minutes on 2 cores)
     ./dev bench enqueue e2e     # a subset: enqueue, e2e, inflight, flow, recovery, webhooks, tenants,
-                                #   uploads, headroom
+                                #   uploads, headroom, durable
 
 Nothing here is asserted: the floors from the issues are printed next to each figure.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 
 from bench.clusters import cluster_with_clip, inflight_env
+from bench.durable import bench_durable
 from bench.headroom import bench_headroom
 from bench.outputs import bench_outputs
 from bench.recovery import bench_recovery
@@ -227,6 +228,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "outputs": (
         "Output store: obstore vs boto3 into S3, what the copy adds before publishing (bench/outputs.py)",
         bench_outputs,
+    ),
+    "durable": (
+        "Redis durability: enqueue with a replica's acknowledgement, Sentinel failover (bench/durable.py)",
+        bench_durable,
     ),
 }
 

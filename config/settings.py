@@ -121,6 +121,46 @@ class Settings(BaseSettings):
     )
     key_prefix: str = Field(default="reframe", min_length=1, description="Prefix of every Redis key we own.")
     redis_socket_timeout_s: PosFloat = Field(default=10.0, description="Socket timeout of Redis calls.")
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description="Password of the Redis data nodes (wins over one in REFRAME_REDIS_URL); a Secret in k8s.",
+    )
+    redis_sentinels: str = Field(
+        default="",
+        description=(
+            "Redis Sentinel addresses, `host:port` separated by commas; set: every client and the broker "
+            "follow the primary named REFRAME_REDIS_MASTER_NAME through failovers (REFRAME_REDIS_URL "
+            "then only gives the database number, user and TLS)."
+        ),
+    )
+    redis_master_name: str = Field(
+        default="mymaster",
+        min_length=1,
+        description="The primary's name in Sentinel (`sentinel monitor <name>`).",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the Sentinels themselves (`requirepass` in sentinel.conf)."
+    )
+    redis_min_replicas: NonNegInt = Field(
+        default=0,
+        description=(
+            "Replicas that must acknowledge (WAIT, or WAITAOF on Redis >= 7.2) the SUBMITTING intent "
+            "before the POST to fal, the receipt before the job counts as submitted, and an enqueue "
+            "before the caller hears of it. 0: no wait (a single Redis)."
+        ),
+    )
+    redis_replica_wait_ms: PosInt = Field(
+        default=2000, description="Longest wait for REFRAME_REDIS_MIN_REPLICAS acknowledgements of one write."
+    )
+    production: bool = Field(
+        default=False,
+        description=(
+            "Production mode: a worker or API refuses to start on a Redis that cannot keep the "
+            "no-double-pay promise (AOF off, appendfsync no, fewer replicas than "
+            "REFRAME_REDIS_MIN_REPLICAS); "
+            "off: it starts and logs the risk."
+        ),
+    )
 
     # --- fal ---------------------------------------------------------------------------------
     fal_key: SecretStr | None = Field(
@@ -571,6 +611,12 @@ class Settings(BaseSettings):
             raise ValueError("has no host")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_redis_sentinels(cls, value: str) -> str:
+        parse_sentinels(value)
+        return value.strip()
+
     @field_validator("fal_queue_url", "fal_rest_url", "fal_cdn_url")
     @classmethod
     def _check_http_url(cls, value: str) -> str:
@@ -690,6 +736,18 @@ class Settings(BaseSettings):
         return self.callback_secret_list
 
     @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels as ``(host, port)`` pairs; empty: a plain Redis at ``redis_url``."""
+        return parse_sentinels(self.redis_sentinels)
+
+    @property
+    def redis_password_value(self) -> str | None:
+        """The data nodes' password: ``REFRAME_REDIS_PASSWORD``, else the URL's (None when neither)."""
+        if self.redis_password is not None and self.redis_password.get_secret_value():
+            return self.redis_password.get_secret_value()
+        return urlsplit(self.redis_url).password
+
+    @property
     def fal_key_value(self) -> str:
         """The fal key as a string ('' when unset). Only the HTTP client should call this."""
         return self.fal_key.get_secret_value() if self.fal_key is not None else ""
@@ -705,6 +763,20 @@ class Settings(BaseSettings):
             else:
                 out[name] = value
         return out
+
+
+def parse_sentinels(text: str) -> list[tuple[str, int]]:
+    """``h1:26379, h2:26379`` as ``[(host, port), ...]`` (ValueError naming the bad entry)."""
+    out: list[tuple[str, int]] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"entry {entry!r} is not host:port")
+        out.append((host, int(port)))
+    return out
 
 
 def redact_url(url: str) -> str:

@@ -14,6 +14,7 @@ from producer.client import (
     ReplayOutcome,
 )
 from producer.results import ResultConsumer, ResultEvent
+from worker.contracts.durable import NotReplicated
 from worker.contracts.intake import Conflict
 from worker.contracts.models import InvalidRequest, JobState, Priority, ReframeInput
 
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidRequest",
     "Job",
     "JobState",
+    "NotReplicated",
     "Priority",
     "Producer",
     "Quote",

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore, Hit
+from worker.contracts.durable import Replication
 from worker.contracts.intake import (
     EnqueueCall,
     EnqueueResult,
@@ -233,8 +235,8 @@ class Producer:
         self.settings = settings
         self.limits = IntakeLimits.from_settings(settings)
         self._own_client = client is None
-        self.r = client or redis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, health_check_interval=25
+        self.r = client or redis_client(
+            settings, socket_timeout=settings.redis_socket_timeout_s, health_check_interval=25
         )
         self.store = JobStore(
             self.r,
@@ -248,6 +250,7 @@ class Producer:
             default_deadline_s=settings.job_deadline_s,
             index_horizon_ms=index_horizon_ms(settings),
             dedupe_default=settings.dedupe_default,
+            replication=Replication(settings.redis_min_replicas, settings.redis_replica_wait_ms),
         )
         self._fetcher: GuardedFetcher | None = None
         self._fetcher_lock = threading.Lock()

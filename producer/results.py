@@ -32,6 +32,7 @@ from typing import Any
 import redis
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.keys import Keys
 
 
@@ -78,7 +79,7 @@ class ResultConsumer:
         start_id: str = "0",
         claim_idle_ms: int = 60_000,
     ) -> None:
-        self.r = client or redis.Redis.from_url(settings.redis_url, socket_timeout=None)
+        self.r = client or redis_client(settings, socket_timeout=None)
         self.stream = Keys(settings.key_prefix).events
         self.group = group
         self.consumer = consumer or socket.gethostname()

@@ -26,12 +26,15 @@ from urllib.parse import urlsplit
 
 import redis
 import typer
+from redis.sentinel import MasterNotFoundError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from config import Settings, SettingsError, load_settings
 from config.settings import redact_url, settings_environment
+from worker.contracts.connect import redis_client
+from worker.contracts.durable import NotReplicated
 from worker.contracts.keys import Keys
 from worker.contracts.ledger import (
     GroupBy,
@@ -42,6 +45,7 @@ from worker.contracts.ledger import (
     read_entries,
     report_csv_rows,
 )
+from worker.contracts.redis_promise import read_promise, risks
 from worker.contracts.tenants import LIMIT_FIELDS, TenantLimits, TenantRegistry, check_tenant
 from worker.contracts.usage import DIFFERENCE_COLUMNS, UsageError, parse_usage, reconcile
 from worker.flow import FlowControl
@@ -78,6 +82,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
+#: A write Redis replicas did not acknowledge (REFRAME_REDIS_MIN_REPLICAS): retry (EX_TEMPFAIL).
+EXIT_NOT_REPLICATED = 75
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 JOB_ID_HEX_CHARS = 32
 #: Candidates listed when a prefix is ambiguous.
@@ -127,6 +133,8 @@ def settings_or_exit(*, require_fal_key: bool = False, **overrides: Any) -> Sett
     _invocation.settings = settings
     _invocation.secrets = [
         urlsplit(settings.redis_url).password or "",
+        settings.redis_password.get_secret_value() if settings.redis_password else "",
+        settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else "",
         settings.fal_key_value,
         settings.callback_signing_key.get_secret_value() if settings.callback_signing_key else "",
         settings.output_s3_secret_access_key.get_secret_value()
@@ -143,9 +151,7 @@ def _positive_seconds(value: float) -> float:
 
 
 def _redis_client(settings: Settings, *, decode: bool = False) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_s, decode_responses=decode
-    )
+    return redis_client(settings, socket_timeout=settings.redis_socket_timeout_s, decode_responses=decode)
 
 
 # --------------------------------------------------------------------------------------------- job ids
@@ -1221,12 +1227,21 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    """PING Redis once (auth included); errors end the command through :func:`run`."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    """PING Redis once (auth included) and judge what it promises about keeping writes
+    (worker/contracts/redis_promise.py): with ``REFRAME_PRODUCTION`` a risk ends the command with a
+    one-line reason, otherwise each risk is noted once. Errors end the command through :func:`run`."""
+    client = redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()
+        found = risks(read_promise(client), min_replicas=settings.redis_min_replicas)
     finally:
         client.close()
+    if found and settings.production:
+        raise fail(
+            "REFRAME_PRODUCTION: this Redis cannot keep the no-double-pay promise: " + "; ".join(found)
+        )
+    for risk in found:
+        note(f"Redis durability risk (refused with REFRAME_PRODUCTION=true): {risk}")
 
 
 @app.command()
@@ -1663,12 +1678,19 @@ def _up_summary(cluster: Any, exporter_url: str, root: Path, console_link: str) 
 def _redis_error_message(exc: redis.RedisError) -> str:
     settings = _invocation.settings
     where = redact_url(settings.redis_url) if settings else "Redis"
+    url_var, auth_var = "REFRAME_REDIS_URL", "REFRAME_REDIS_URL"
+    if settings and settings.sentinel_addresses:
+        # with Sentinel the URL's host is not used: name what is
+        where = f"the primary {settings.redis_master_name!r} of the Sentinels {settings.redis_sentinels}"
+        url_var, auth_var = "REFRAME_REDIS_SENTINELS", "REFRAME_REDIS_PASSWORD"
     detail = _scrub(str(exc)) or type(exc).__name__
+    if isinstance(exc, MasterNotFoundError):  # its text is the repr of every Sentinel client tried
+        detail = "no Sentinel answered with a primary of that name"
     text = str(exc).upper()
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
-        return f"REFRAME_REDIS_URL: authentication failed at {where} ({detail})"
+        return f"{auth_var}: authentication failed at {where} ({detail})"
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"REFRAME_REDIS_URL: cannot reach {where} ({detail})"
+        return f"{url_var}: cannot reach {where} ({detail})"
     return f"redis: {type(exc).__name__} at {where} ({detail})"
 
 
@@ -1698,6 +1720,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         format_message = getattr(exc, "format_message", None)
         fail(format_message() if callable(format_message) else str(exc))
         return EXIT_USAGE
+    except NotReplicated as exc:
+        fail(str(exc), code=EXIT_NOT_REPLICATED)
+        return EXIT_NOT_REPLICATED
     except redis.RedisError as exc:
         fail(_redis_error_message(exc))
         return EXIT_USAGE

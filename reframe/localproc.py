@@ -160,11 +160,20 @@ class RedisServer:
         self.process.stop(timeout_s=5)
 
 
-def start_redis(workdir: Path, *, port: int | None = None, appendonly: bool = False) -> RedisServer:
+def start_redis(
+    workdir: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = False,
+    replica_of: int | None = None,
+    password: str | None = None,
+) -> RedisServer:
     """Start a redis-server on a free loopback port and wait until it answers PING.
 
     ``appendonly`` turns on the AOF with ``appendfsync always``: every write is on disk before Redis
     answers it, so a SIGKILL loses nothing that was acknowledged (what the crash tests need).
+    ``replica_of`` makes it a replica of the Redis on that loopback port. ``password`` is its
+    ``requirepass`` and ``masterauth`` (given on the command line: local test servers only).
     """
     import redis
 
@@ -181,13 +190,69 @@ def start_redis(workdir: Path, *, port: int | None = None, appendonly: bool = Fa
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
     ]  # fmt: skip
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+    if password:
+        argv += ["--requirepass", password, "--masterauth", password]
     proc = spawn(f"redis-{port}", argv, log_dir=workdir)
-    client = redis.Redis(port=port, socket_timeout=1)
+    client = redis.Redis(port=port, socket_timeout=1, password=password)
     try:
         wait_until(lambda: bool(client.ping()), timeout_s=15, what=f"redis-server on port {port}")
     except TimeoutError:
         proc.stop()
         raise RuntimeError(f"redis-server did not start:\n{proc.log_tail()}") from None
+    finally:
+        client.close()
+    return RedisServer(port=port, workdir=workdir, process=proc)
+
+
+def start_sentinel(
+    workdir: Path,
+    *,
+    master_port: int,
+    master_name: str = "mymaster",
+    quorum: int = 2,
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+    port: int | None = None,
+    auth_pass: str | None = None,
+    password: str | None = None,
+) -> RedisServer:
+    """Start a Redis Sentinel (the same binary with ``--sentinel``) watching the primary on
+    ``master_port``, on a free loopback port; wait until it answers PING.
+
+    Sentinel rewrites its config file (what it learnt about replicas and other Sentinels), so each
+    one gets its own file under ``workdir``. ``auth_pass`` is the data nodes' password, ``password``
+    the Sentinel's own (``requirepass``, and ``sentinel-pass`` towards the other Sentinels).
+    """
+    import redis
+
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / f"sentinel-{port}.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                f"dir {workdir}",
+                f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}",
+                f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+                f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+                f"sentinel parallel-syncs {master_name} 1",
+                *([f'sentinel auth-pass {master_name} "{auth_pass}"'] if auth_pass else []),
+                *([f'requirepass "{password}"', f'sentinel sentinel-pass "{password}"'] if password else []),
+                "",
+            ]
+        )
+    )
+    proc = spawn(f"sentinel-{port}", [redis_server_binary(), str(conf), "--sentinel"], log_dir=workdir)
+    client = redis.Redis(port=port, socket_timeout=1, password=password)
+    try:
+        wait_until(lambda: bool(client.ping()), timeout_s=15, what=f"redis-sentinel on port {port}")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError(f"redis-sentinel did not start:\n{proc.log_tail()}") from None
     finally:
         client.close()
     return RedisServer(port=port, workdir=workdir, process=proc)

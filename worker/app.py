@@ -18,6 +18,7 @@ from celery.signals import worker_init, worker_ready, worker_shutting_down
 from config import Settings, load_settings
 from worker import services
 from worker.cancel import cancel_at_fal
+from worker.contracts.connect import broker_transport_options, broker_url
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 from worker.contracts.wire import CALLBACK_TASK, CANCEL_TASK, SUBMIT_TASK
 from worker.fal import FalError
@@ -50,9 +51,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 25,
         "retry_on_timeout": True,
         "client_name": "reframe-worker",
+        # Sentinel: the primary's name and the Sentinels' password (worker/contracts/connect.py).
+        **broker_transport_options(settings),
     }
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url(settings),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,

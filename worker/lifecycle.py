@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import redis
 
 from worker.contracts.dedupe import LEADER_SLACK_S, Claim, is_canonical
+from worker.contracts.durable import NotReplicated
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.record import JobRecord
 from worker.contracts.store import BudgetAction, Fence, GateOutcome, MoveOutcome, SlotAction
@@ -159,13 +161,95 @@ def defer(
 
 
 def mark_submitting(rt: Runtime, job_id: str, attempt: str) -> MoveOutcome:
-    """Write the intent before the POST: only the attempt that owns the gate may."""
-    return rt.store.move(
+    """Write the intent before the POST: only the attempt that owns the gate may.
+
+    With ``REFRAME_REDIS_MIN_REPLICAS``, the intent counts only once that many replicas acknowledged
+    it (worker/contracts/durable.py); else :class:`NotReplicated` is raised and the caller sends
+    nothing (:func:`unsent`).
+    """
+    # A token only this call writes. A dropped connection can lose the script's reply after the
+    # script ran: the caller then sees a connection error (or, where the client sends the command
+    # again, a fence that refuses the second run against the first run's own write). Without the
+    # token either would read as "not written" or "another actor moved the job", the POST would not
+    # be sent, and the job would sit SUBMITTING until the ambiguous policy dead-letters it and
+    # charges its estimate (tests/chaos/test_lost_replies.py).
+    token = uuid.uuid4().hex
+    at_ms = rt.now_ms()
+    fields = {
+        "submit_started_at_ms": at_ms,
+        "submit_process": rt.process_id,
+        "submit_token": token,
+        "gate_until_ms": 0,
+    }
+    what = f"job {job_id}: the SUBMITTING intent"
+    with rt.replication.pinned(rt.redis) as conn:
+        try:
+            moved = rt.store.on(conn).move(
+                job_id,
+                JobState.SUBMITTING,
+                attempt_fence(attempt, states=PRE_SUBMIT_STATES),
+                fields=fields,
+                incr={"attempts": 1},
+            )
+        except redis.ConnectionError:
+            if not _wrote_intent(rt, job_id, attempt, token):
+                raise  # it did not run: nothing is written, nothing sent; the gate's TTL redispatches
+            moved = MoveOutcome(ok=False, state=JobState.SUBMITTING.value)
+        if (
+            not moved.ok
+            and moved.state == JobState.SUBMITTING.value
+            and _wrote_intent(rt, job_id, attempt, token)
+        ):
+            # Our own intent, whose reply was lost. With replicas to wait for, the connection that
+            # wrote it is gone, so no WAIT can vouch for it: it counts as not acknowledged (not sent).
+            if rt.replication.on:
+                raise NotReplicated(
+                    what,
+                    acked=0,
+                    wanted=rt.replication.min_replicas,
+                    timeout_ms=rt.replication.timeout_ms,
+                    detail="the write's reply was lost with its connection",
+                )
+            log.info("job %s: the SUBMITTING intent's reply was lost; the intent is ours", job_id)
+            return MoveOutcome(ok=True, state=JobState.SUBMITTING.value, at_ms=at_ms)
+        if moved.ok:
+            rt.replication.confirm(conn, what)
+    return moved
+
+
+def _wrote_intent(rt: Runtime, job_id: str, attempt: str, token: str) -> bool:
+    """Whether the record holds the intent this call wrote (state, attempt and token)."""
+    rec = rt.store.record(job_id)
+    return (
+        rec is not None
+        and rec.state is JobState.SUBMITTING
+        and rec.attempt == attempt
+        and rec.get("submit_token") == token
+    )
+
+
+def unsent(rt: Runtime, job_id: str, attempt: str, *, reason: str) -> MoveOutcome:
+    """The intent was not acknowledged by enough replicas: the POST is not sent; the attempt is
+    undone (SUBMITTING -> DEFERRED, attempts back, slot and reservation freed) and the housekeeper
+    dispatches the job again after the retry base delay.
+
+    Why this cannot pay twice: nothing went to fal. If a failover lost the intent, the job is back
+    in its pre-submit state and this fenced move finds it there and does nothing; if the intent
+    survived, this move takes the job out of SUBMITTING, so nobody resolves it as ambiguous. If
+    this move is lost too, the job stays SUBMITTING without a request and is resolved as
+    ambiguous, the conservative path (README, "Never paying twice").
+    """
+    delay_ms = int(rt.settings.retry_base_s * 1000)
+    return defer(
+        rt,
         job_id,
-        JobState.SUBMITTING,
-        attempt_fence(attempt, states=PRE_SUBMIT_STATES),
-        fields={"submit_started_at_ms": rt.now_ms(), "submit_process": rt.process_id, "gate_until_ms": 0},
-        incr={"attempts": 1},
+        attempt,
+        until_ms=rt.now_ms() + delay_ms,
+        reason=reason,
+        states=[JobState.SUBMITTING],
+        slot=SlotAction.RELEASE,
+        budget=BudgetAction.RELEASE,
+        incr={"attempts": -1},
     )
 
 
@@ -175,35 +259,49 @@ def accepted(rt: Runtime, rec: JobRecord, attempt: str, receipt: SubmitReceipt) 
     When the attempt has lost the job meanwhile (declared ambiguous while this process was
     stopped, cancelled), the receipt is not dropped: it is recorded as a late receipt and the
     request is cancelled at fal by the caller, so nothing is paid for a request nobody follows.
+
+    With ``REFRAME_REDIS_MIN_REPLICAS``, a receipt that replicas did not acknowledge raises
+    :class:`NotReplicated` *after* the job was handed to a tracker (the primary has it, so it is
+    followed); the caller does not report the job submitted (README, "Redis durability").
     """
     claim_ms = int(rt.settings.tracker_claim_ttl_s * 1000)
     # With fal webhooks on, the webhook finishes the job; a tracker looks only after the grace.
     grace_ms = int(rt.settings.webhook_grace_s * 1000) if rt.settings.webhooks_on else 0
     mine = rt.track_hook is not None and not grace_ms
-    moved = rt.store.move(
-        rec.id,
-        JobState.IN_QUEUE,
-        attempt_fence(attempt, states=[JobState.SUBMITTING]),
-        track_at_ms=rt.now_ms() + (grace_ms or (claim_ms if mine else 0)),
-        track_by=rt.process_id if mine else "",
-        fields={
-            "fal_request_id": receipt.request_id,
-            "fal_status_url": receipt.status_url,
-            "fal_response_url": receipt.response_url,
-            "fal_cancel_url": receipt.cancel_url,
-            "queue_position": "" if receipt.queue_position is None else receipt.queue_position,
-        },
-    )
+    track_at_ms = rt.now_ms() + (grace_ms or (claim_ms if mine else 0))
+    unconfirmed: NotReplicated | None = None
+    with rt.replication.pinned(rt.redis) as conn:
+        moved = rt.store.on(conn).move(
+            rec.id,
+            JobState.IN_QUEUE,
+            attempt_fence(attempt, states=[JobState.SUBMITTING]),
+            track_at_ms=track_at_ms,
+            track_by=rt.process_id if mine else "",
+            fields={
+                "fal_request_id": receipt.request_id,
+                "fal_status_url": receipt.status_url,
+                "fal_response_url": receipt.response_url,
+                "fal_cancel_url": receipt.cancel_url,
+                "queue_position": "" if receipt.queue_position is None else receipt.queue_position,
+            },
+        )
+        if moved.ok:
+            try:
+                rt.replication.confirm(conn, f"job {rec.id}: the receipt of fal request {receipt.request_id}")
+            except NotReplicated as err:
+                unconfirmed = err
     if not moved.ok:
         late_receipt(rt, rec.id, attempt, receipt, state=moved.state)
         return moved
     if grace_ms:
         # Nobody follows the request during the grace: its slot lease must outlast it.
         rt.flow.slots.renew([rec.id], ttl_ms=grace_ms + int(rt.settings.slot_lease_ttl_s * 1000))
-        return moved
-    rt.flow.slots.renew([rec.id])
-    if rt.track_hook is not None:
-        rt.track_hook(rec.id)
+    else:
+        rt.flow.slots.renew([rec.id])
+        if rt.track_hook is not None:
+            rt.track_hook(rec.id)
+    if unconfirmed is not None:
+        raise unconfirmed
     return moved
 
 

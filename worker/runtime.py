@@ -24,7 +24,9 @@ import redis
 
 from config import Settings
 from worker import output_store
+from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore
+from worker.contracts.durable import Replication
 from worker.contracts.models import Priority
 from worker.contracts.netguard import GuardedFetcher
 from worker.contracts.store import JobStore, SlotParams
@@ -102,8 +104,8 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, *, metrics: Metrics | None = None) -> Runtime:
         """Create clients (no network traffic yet) and start the event-loop thread."""
-        client = redis.Redis.from_url(
-            settings.redis_url,
+        client = redis_client(
+            settings,
             socket_timeout=settings.redis_socket_timeout_s,
             socket_keepalive=True,
             health_check_interval=25,
@@ -136,6 +138,11 @@ class Runtime:
             metrics=m,
             fetcher=GuardedFetcher.from_settings(settings),
         )
+
+    @functools.cached_property
+    def replication(self) -> Replication:
+        """How many replicas must acknowledge the writes that guard against paying twice."""
+        return Replication(self.settings.redis_min_replicas, self.settings.redis_replica_wait_ms)
 
     @functools.cached_property
     def dedupe(self) -> DedupeStore:

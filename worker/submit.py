@@ -32,6 +32,7 @@ from config import UnknownDurationPolicy
 from worker import lifecycle
 from worker.contracts.canonical import canonical_key, result_served
 from worker.contracts.dedupe import ClaimKind, is_canonical
+from worker.contracts.durable import NotReplicated
 from worker.contracts.media import probe_media
 from worker.contracts.models import PRE_SUBMIT_STATES, JobState
 from worker.contracts.quotes import ModelLimits
@@ -73,6 +74,8 @@ class Outcome(StrEnum):
     """Identical to a job in flight: parked until that job ends (it will not pay)."""
     SERVED = "served"
     """Identical to a succeeded job: finished with a copy of its result, no fal call."""
+    UNCONFIRMED = "unconfirmed"
+    """fal accepted the request, but too few Redis replicas acknowledged its receipt."""
 
 
 def submit_timeout_s(rt: Runtime) -> float:
@@ -232,7 +235,7 @@ class Submitter:
             return Outcome.DEFERRED
         outcome = self._submit(rec, attempt, probe=probe, breaker_state=decision.state)
         # After a pushback the first token is a lone probe: its outcome lets the others go.
-        self.flow.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST))
+        self.flow.rate.probe_done(token, outcome in (Outcome.SUBMITTED, Outcome.LOST, Outcome.UNCONFIRMED))
         return outcome
 
     def _take_tenant_token(self, rec: JobRecord, attempt: str) -> bool:
@@ -322,7 +325,14 @@ class Submitter:
 
     # ------------------------------------------------------------------ submit
     def _submit(self, rec: JobRecord, attempt: str, *, probe: bool, breaker_state: BreakerState) -> Outcome:
-        intent = lifecycle.mark_submitting(self.rt, rec.id, attempt)
+        try:
+            intent = lifecycle.mark_submitting(self.rt, rec.id, attempt)
+        except NotReplicated as err:
+            # A failover could lose the intent: no POST (nothing sent, nothing to pay), retry later.
+            self._give_back_probe(probe)
+            log.warning("%s; not submitted, retried later", err)
+            lifecycle.unsent(self.rt, rec.id, attempt, reason="redis_not_replicated")
+            return Outcome.DEFERRED
         if not intent.ok:
             # Another actor moved the job (cancelled, or a newer attempt): it owns the resources.
             self._give_back_probe(probe)
@@ -367,7 +377,14 @@ class Submitter:
         return self._accepted(rec, attempt, receipt)
 
     def _accepted(self, rec: JobRecord, attempt: str, receipt: SubmitReceipt) -> Outcome:
-        moved = lifecycle.accepted(self.rt, rec, attempt, receipt)
+        try:
+            moved = lifecycle.accepted(self.rt, rec, attempt, receipt)
+        except NotReplicated as err:
+            # The primary holds the receipt and a tracker follows the request; a failover may lose
+            # it, and then the job is found SUBMITTING (its intent was acknowledged) and resolved as
+            # ambiguous: never submitted again blindly. The request id is logged for reconciliation.
+            log.error("%s; the job is followed but not reported submitted", err)
+            return Outcome.UNCONFIRMED
         if not moved.ok:
             now = self.rt.store.record(rec.id)
             if now is not None and now.attempt == attempt and now.fal_request_id == receipt.request_id:

@@ -38,6 +38,7 @@ from reframe.api.routes import dead_letters, job_views, jobs, operator, ops, quo
 from reframe.api.schemas import BatchCreate, JobCreate, PurgeIn, ReplayIn
 from reframe.api.services import Services
 from reframe.console import install as install_console
+from worker.contracts.durable import NotReplicated
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,17 @@ def _install_handlers(app: FastAPI) -> None:
         response = body_too_large(exc.limit_bytes).response()
         response.headers["Connection"] = "close"
         return response
+
+    @app.exception_handler(NotReplicated)
+    async def _not_replicated(_request: Request, exc: NotReplicated) -> Response:
+        # The write is on the primary but a failover could lose it (README, "Redis durability").
+        return ProblemError(
+            503,
+            "not-replicated",
+            "Not acknowledged by Redis replicas",
+            str(exc),
+            headers={"Retry-After": "1"},
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> Response:

@@ -23,6 +23,7 @@ from producer import Producer
 from reframe.api.keys import Authorizer, KeyStore, Principal, Scope
 from reframe.api.problems import ProblemError
 from reframe.api.tenancy import TenantIndex
+from worker.contracts.connect import async_redis_client, redis_client
 from worker.contracts.netguard import GuardedFetcher
 from worker.flow import FlowControl
 
@@ -44,13 +45,13 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Clients and helpers for ``settings`` (connections open lazily, on first use)."""
-        r = redis.Redis.from_url(
-            settings.redis_url,
+        r = redis_client(
+            settings,
             socket_timeout=settings.redis_socket_timeout_s,
             health_check_interval=25,
             max_connections=256,
         )
-        ar = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s)
+        ar = async_redis_client(settings, socket_timeout=settings.redis_socket_timeout_s)
         keys = KeyStore(r, prefix=settings.key_prefix)
         authorizer = Authorizer(ar, keys, rate_per_s=settings.api_rate_per_s, burst=settings.api_rate_burst)
         return cls(

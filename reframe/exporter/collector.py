@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from config import Settings
+from worker.contracts.connect import redis_client
 from worker.contracts.keys import KOMBU_PRIORITY_SEP, Keys
 from worker.contracts.wire import SUBMIT_TASK, decode_task
 from worker.flow import BreakerState, FlowControl, micro_to_usd
@@ -728,8 +729,8 @@ def exporter_redis_client(settings: Settings, *, timeout_s: float = 2.0) -> redi
     anyway), well inside the scrape timeout.
     """
     timeout = min(timeout_s, settings.redis_socket_timeout_s)
-    return redis.Redis.from_url(
-        settings.redis_url,
+    return redis_client(
+        settings,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 0),

@@ -27,6 +27,7 @@ SECRET_KEYS = {
     "redis-url",
     "redis-address",
     "redis-password",
+    "redis-sentinel-password",
     "fal-key",
     "callback-signing-key",
     "callback-secrets",

@@ -142,6 +142,17 @@ def subprocess_cases(good_url: str, auth_hostport: str, held_port: int) -> list[
                 f"down+password {args}",
             )
         )
+    # Sentinel: the message names the Sentinels and the primary's name, never the URL's unused host
+    no_sentinel = {"REFRAME_REDIS_URL": good_url, "REFRAME_REDIS_SENTINELS": f"127.0.0.1:{free_port()}"}
+    for args in (url_cmds[1], url_cmds[4], url_cmds[11]):
+        cases.append(
+            Case(
+                args,
+                "REFRAME_REDIS_SENTINELS: cannot reach the primary 'mymaster' of the Sentinels 127.0.0.1:",
+                no_sentinel,
+                f"sentinel down {args}",
+            )
+        )
     for url, tag in ((wrong, "wrong password"), (wrong_user, "wrong user:password"), (none, "no password")):
         for args in (url_cmds[0], url_cmds[1], url_cmds[4], url_cmds[6], url_cmds[7], url_cmds[11]):
             cases.append(Case(args, "REFRAME_REDIS_URL: authentication failed", {"REFRAME_REDIS_URL": url},
@@ -212,7 +223,7 @@ def subprocess_results(
     yield cases, results, before, after
 
 
-SUBPROCESS_CASE_COUNT = 12 + 4 + 18 + 15 + 3
+SUBPROCESS_CASE_COUNT = 12 + 4 + 3 + 18 + 15 + 3
 
 
 @pytest.mark.parametrize("index", range(SUBPROCESS_CASE_COUNT))

@@ -35,6 +35,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.commands.core import AsyncScript
 
 from config import Settings
+from worker.contracts.durable import Replication
 from worker.contracts.lua import load_lua, script_path
 from worker.contracts.models import (
     DEFAULT_MAX_DATA_URI_BYTES,
@@ -453,6 +454,13 @@ def index_horizon_ms(settings: Settings) -> int:
     return int(life_s * 1000)
 
 
+def _what(results: Sequence[EnqueueResult]) -> str:
+    """Names the enqueue in a :class:`NotReplicated` message (the first job and how many)."""
+    first = results[0].job_id if results else "?"
+    more = f" and {len(results) - 1} more" if len(results) > 1 else ""
+    return f"the enqueue of job {first}{more} (retry with the same idempotency key)"
+
+
 @dataclass(frozen=True)
 class _Plan:
     """One call of ``lua/enqueue.lua``: which calls it carries, and its keys and arguments."""
@@ -475,8 +483,11 @@ class Intake:
         default_deadline_s: float,
         index_horizon_ms: int,
         dedupe_default: bool = False,
+        replication: Replication | None = None,
     ) -> None:
         self.store = store
+        #: Replicas that must acknowledge an enqueue before the caller hears of it (else NotReplicated).
+        self.replication = replication or Replication(0, 1)
         self.dedupe_default = dedupe_default
         self.default_deadline_s = default_deadline_s
         self.index_horizon_ms = index_horizon_ms
@@ -496,8 +507,10 @@ class Intake:
         plan = self._plan(calls, batch=batch, tenant=tenant)
         if plan is None:
             return []
-        raw: Any = self._script(keys=plan.keys, args=plan.argv)
-        results, existing = self._results(calls, plan, raw, batch=batch)
+        with self.replication.pinned(self.store.r) as conn:
+            raw: Any = self._script(keys=plan.keys, args=plan.argv, client=conn)
+            results, existing = self._results(calls, plan, raw, batch=batch)
+            self.replication.confirm(conn, _what(results))
         if not existing:
             return results
         pipe = self.store.r.pipeline(transaction=False)
@@ -515,8 +528,10 @@ class Intake:
         script = self._async_scripts.get(id(client))
         if script is None:
             script = self._async_scripts[id(client)] = client.register_script(self.source)
-        raw: Any = await script(keys=plan.keys, args=plan.argv)
-        results, existing = self._results(calls, plan, raw, batch=batch)
+        async with self.replication.pinned_async(client) as conn:
+            raw: Any = await script(keys=plan.keys, args=plan.argv, client=conn)
+            results, existing = self._results(calls, plan, raw, batch=batch)
+            await self.replication.confirm_async(conn, _what(results))
         if not existing:
             return results
         async with client.pipeline(transaction=False) as pipe:

@@ -11,6 +11,7 @@ each life of a job yields exactly one result event and one callback.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -244,6 +245,13 @@ class JobStore:
         t = time.gmtime()
         return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", f"{t.tm_year:04d}-{t.tm_mon:02d}", ""
 
+    def on(self, client: redis.Redis) -> JobStore:
+        """This store writing over ``client`` (the same scripts), e.g. one pinned connection whose
+        writes :class:`worker.contracts.durable.Replication` then confirms."""
+        twin = copy.copy(self)
+        twin.r = client
+        return twin
+
     def run_job_script(self, script: Script, job_id: str, extra_keys: Sequence[str], args: list[Any]) -> Any:
         """Run a lifecycle script (KEYS as ``lua/job_head.lua``, then ``extra_keys``) for ``job_id``.
 
@@ -257,7 +265,7 @@ class JobStore:
         raw: Any = None
         for _ in range(3):
             keys = [*self._job_keys(job_id, day, month, tenant), *extra_keys]
-            raw = script(keys=keys, args=args)
+            raw = script(keys=keys, args=args, client=self.r)
             refusal = _text(raw[1]) if int(raw[0]) == 0 and len(raw) > 1 else ""
             if not refusal.startswith("BUDGET_KEYS:"):
                 return raw
