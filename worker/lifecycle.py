@@ -519,11 +519,14 @@ def finish(
     callback: Mapping[str, Any] | None = None,
     ledger_kind: str = "settled",
     billed_s: float | None = None,
+    copy: Mapping[str, Any] | None = None,
 ) -> bool:
     """End the job's life once: state, resources, event and callback in one step. True if it did.
 
     A settlement appends one cost-ledger entry of ``ledger_kind`` (``settled`` from the output,
-    ``estimate`` when the outcome is unknown), with ``billed_s`` when fal's bill is known."""
+    ``estimate`` when the outcome is unknown), with ``billed_s`` when fal's bill is known.
+    ``copy``: the output copy entry of a success (:mod:`worker.output_copy` publishes the held
+    event and callback once the output is stored)."""
     record = dict(fields or {})
     ev = dict(event or {})
     cb: dict[str, Any] = {"video": None, "cost_usd": None, "error": None, **(callback or {})}
@@ -549,6 +552,7 @@ def finish(
         idempotency_key=rec.idempotency_key,
         ledger_kind=ledger_kind,
         billed_s="" if billed_s is None else f"{billed_s:g}",
+        copy=copy,
     )
     if not moved.ok:
         return False
@@ -558,7 +562,8 @@ def finish(
     e2e_s = max(0.0, (moved.at_ms - rec.created_at_ms) / 1000) if rec.created_at_ms else 0.0
     label = "dead_lettered" if dead_letter else OUTCOME_BY_STATE[to]
     rt.metrics.job_finished(label, rec.priority.value, e2e_s)
-    rt.metrics.result_published()
+    if copy is None:  # else published by the copier, with the stored location
+        rt.metrics.result_published()
     if budget is BudgetAction.SETTLE and settle_micro > 0:
         rt.metrics.spent(settle_micro / 1e6)
     if dead_letter and failure is not None:
