@@ -201,7 +201,8 @@ class Settings(BaseSettings):
         default=None,
         description="Ask fal to delete each request's output media this many seconds after it is made "
         "(X-Fal-Object-Lifecycle-Preference on submit); unset: fal's default retention. Must cover "
-        "REFRAME_DEDUPE_RETENTION_S, which hands the same output URL to identical jobs.",
+        "REFRAME_DEDUPE_RETENTION_S, which hands the same output URL to identical jobs, and exceed "
+        "REFRAME_OUTPUT_COPY_WINDOW_S while the output store is on.",
     )
     fal_multipart_threshold_bytes: Annotated[int, Field(ge=1024 * 1024)] = Field(
         default=100 * 1024 * 1024,
@@ -749,6 +750,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REFRAME_FAL_OUTPUT_EXPIRATION_S must be >= REFRAME_DEDUPE_RETENTION_S (a deduplicated job "
                 "is handed the same fal output URL for that long)"
+            )
+        if (
+            expiration_s is not None
+            and self.output_store_url.strip().lower() != "off"
+            and expiration_s <= self.output_copy_window_s
+        ):
+            raise ValueError(
+                "REFRAME_FAL_OUTPUT_EXPIRATION_S must be > REFRAME_OUTPUT_COPY_WINDOW_S (a copy still being "
+                "retried must find fal's file)"
             )
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("REFRAME_HEARTBEAT_TTL_MS must be at least 2 x REFRAME_HEARTBEAT_INTERVAL_MS")
