@@ -17,7 +17,7 @@ report is not counted).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from worker import lifecycle
 from worker.contracts.media import video_duration_s
@@ -129,28 +129,11 @@ def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueS
         callback={"video": video.model_dump(mode="json"), "cost_usd": actual / 1e6},
         ledger_kind="estimate" if duration is None else "settled",
         billed_s=billed_s,
-        copy=copy_entry(rt, rec, video.url, settled_micro=actual, billed_s=billed_s),
+        copy=lifecycle.copy_entry(rt, rec, video.url, settled_micro=actual, billed_s=billed_s),
     )
     if done and isinstance(inference, int | float):
         rt.metrics.fal_inference(float(inference))
     return _counted(rt, via, done)
-
-
-def copy_entry(
-    rt: Runtime, rec: JobRecord, source_url: str, *, settled_micro: int, billed_s: float | None
-) -> dict[str, Any] | None:
-    """The output copy work of a success (worker/output_copy.py), or None when no store is set:
-    where to read the output, what was asked for (verification) and what was settled (its
-    correction to the verified duration)."""
-    if rt.outputs is None or not source_url:
-        return None
-    return {
-        "source_url": source_url,
-        "aspect_ratio": str(rec.input.get("aspect_ratio") or ""),
-        "input_duration_s": rec.get("input_measured_s"),
-        "settled_micro": settled_micro,
-        "settled_billed_s": "" if billed_s is None else f"{billed_s:g}",
-    }
 
 
 def lost(rt: Runtime, rec: JobRecord, message: str, *, via: Via) -> None:
