@@ -23,6 +23,7 @@ from bench.accounts import bench_accounts
 from bench.clusters import cluster_with_clip, inflight_env
 from bench.durable import bench_durable
 from bench.headroom import bench_headroom
+from bench.outputs import bench_outputs
 from bench.recovery import bench_recovery
 from bench.report import Row, console, mean_open, pct, table
 from bench.tenants import bench_tenants
@@ -224,6 +225,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "headroom": (
         "Headroom: Redis commands, bytes and CPU per job; jobs/s per Redis and per worker (bench/headroom.py)",
         bench_headroom,
+    ),
+    "outputs": (
+        "Output store: obstore vs boto3 into S3, what the copy adds before publishing (bench/outputs.py)",
+        bench_outputs,
     ),
     "durable": (
         "Redis durability: enqueue with a replica's acknowledgement, Sentinel failover (bench/durable.py)",

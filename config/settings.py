@@ -201,7 +201,8 @@ class Settings(BaseSettings):
         default=None,
         description="Ask fal to delete each request's output media this many seconds after it is made "
         "(X-Fal-Object-Lifecycle-Preference on submit); unset: fal's default retention. Must cover "
-        "REFRAME_DEDUPE_RETENTION_S, which hands the same output URL to identical jobs.",
+        "REFRAME_DEDUPE_RETENTION_S, which hands the same output URL to identical jobs, and exceed "
+        "REFRAME_OUTPUT_COPY_WINDOW_S while the output store is on.",
     )
     fal_multipart_threshold_bytes: Annotated[int, Field(ge=1024 * 1024)] = Field(
         default=100 * 1024 * 1024,
@@ -472,6 +473,60 @@ class Settings(BaseSettings):
         description="Accept a callback_url without REFRAME_CALLBACK_SIGNING_KEY (unsigned POSTs).",
     )
 
+    # --- output store (worker/output_store.py, worker/output_copy.py) ---------------------------
+    output_store_url: str = Field(
+        default="file://./.reframe/outputs",
+        description="Where finished outputs are copied: `file://DIR` (a local directory, the embedded "
+        "default; relative to the working directory), `s3://BUCKET[/PREFIX]` (any S3-compatible store, "
+        "see REFRAME_OUTPUT_S3_*), or `off` (events carry fal's URL only).",
+    )
+    output_s3_endpoint: str = Field(
+        default="",
+        description="S3 endpoint URL for a non-AWS store (GCS interop, R2, MinIO, ...); empty = AWS.",
+    )
+    output_s3_region: str = Field(default="us-east-1", description="S3 region (signing).")
+    output_s3_access_key_id: str = Field(default="", description="S3 access key id (empty: none).")
+    output_s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key (a secret: k8s Secret `reframe-secrets`)."
+    )
+    output_s3_allow_http: bool = Field(
+        default=False, description="Allow a plain-http S3 endpoint (a local MinIO or test server)."
+    )
+    output_presign_expiry_s: Annotated[int, Field(gt=0, le=7 * 86400)] = Field(
+        default=3600, description="Life of a presigned output URL (S3 allows at most 7 days)."
+    )
+    output_retention_days: PosFloat = Field(
+        default=30.0,
+        description="How long stored outputs are kept: `reframe outputs cleanup` deletes older ones.",
+    )
+    output_copy_window_s: PosFloat = Field(
+        default=6 * 3600.0,
+        description="How long a failing copy is retried before it is given up (`output_copy=failed`, "
+        "alerted, `reframe outputs retry`); keep it well under fal's media retention.",
+    )
+    output_copy_backoff_cap_s: PosFloat = Field(default=300.0, description="Longest wait between copy tries.")
+    output_copy_lease_s: PosFloat = Field(
+        default=300.0,
+        description="How long one claimed copy may take before another worker takes it over (a worker "
+        "that died mid-copy hands it back after this).",
+    )
+    output_copy_workers: PosInt = Field(default=4, description="Copies in parallel per worker process.")
+    output_max_bytes: PosInt = Field(
+        default=2 * 1024**3, description="Largest output copied; a larger one fails the copy."
+    )
+    output_copy_timeout_s: PosFloat = Field(
+        default=600.0, description="Deadline of one download of an output from fal's CDN."
+    )
+    output_ratio_tolerance: NonNegFloat = Field(
+        default=0.02,
+        description="Largest relative difference between the output's width/height and the requested "
+        "aspect ratio that still verifies.",
+    )
+    output_duration_tolerance_s: NonNegFloat = Field(
+        default=0.5,
+        description="Largest difference between the output's and the input's duration that still verifies.",
+    )
+
     # --- input limits ------------------------------------------------------------------------
     max_data_uri_bytes: PosInt = Field(default=8 * 1024 * 1024, description="Largest `data:` video_url.")
     max_prompt_chars: PosInt = Field(default=2000, description="Longest prompt accepted.")
@@ -560,6 +615,18 @@ class Settings(BaseSettings):
         default=None,
         description="Link to the Grafana dashboard shown by the operator console (/console); unset: no link.",
     )
+
+    @field_validator("output_store_url")
+    @classmethod
+    def _check_output_store_url(cls, value: str) -> str:
+        text = value.strip()
+        if text.lower() in {"off", "none", ""}:
+            return "off"
+        if text.startswith("file://") and len(text) > len("file://"):
+            return text
+        if text.startswith("s3://") and text.removeprefix("s3://").split("/", 1)[0]:
+            return text
+        raise ValueError("must be file://DIR, s3://BUCKET[/PREFIX] or off")
 
     @field_validator("redis_url")
     @classmethod
@@ -684,6 +751,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REFRAME_FAL_OUTPUT_EXPIRATION_S must be >= REFRAME_DEDUPE_RETENTION_S (a deduplicated job "
                 "is handed the same fal output URL for that long)"
+            )
+        if (
+            expiration_s is not None
+            and self.output_store_url.strip().lower() != "off"
+            and expiration_s <= self.output_copy_window_s
+        ):
+            raise ValueError(
+                "REFRAME_FAL_OUTPUT_EXPIRATION_S must be > REFRAME_OUTPUT_COPY_WINDOW_S (a copy still being "
+                "retried must find fal's file)"
             )
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError("REFRAME_HEARTBEAT_TTL_MS must be at least 2 x REFRAME_HEARTBEAT_INTERVAL_MS")

@@ -148,6 +148,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
     start_timeout_s = _float_or_none(request.headers.get("x-fal-request-timeout"))
     store_io = request.headers.get("x-fal-store-io", "1").strip().lower() not in {"0", "false", "no"}
     runner_fault = state.faults.take("submit", frozenset({"runner_error"}))
+    output_fault = None if runner_fault else state.faults.take("submit", frozenset({"bad_output"}))
     req = state.submit(
         app_prefix=app_prefix,
         endpoint=endpoint,
@@ -155,6 +156,7 @@ async def _submit(request: Request, app_prefix: str, endpoint: str) -> Response:
         base_url=_base_url(request),
         webhook_url=request.query_params.get("fal_webhook"),
         runner_fault=runner_fault,
+        output_fault=output_fault,
         start_timeout_s=start_timeout_s,
         store_io=store_io,
         output_expiration_s=_lifecycle_expiration_s(request),

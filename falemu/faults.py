@@ -11,6 +11,10 @@ Kinds and when they are consumed:
 * ``slow``: the call is processed, then the response waits ``delay_s`` before it is sent.
 * ``runner_error``: consumed by the next accepted *submit*; that request later ends COMPLETED with
   ``error_type`` (default ``runner_disconnected``) and its result replays ``status`` (default 503).
+* ``bad_output``: consumed by the next accepted *submit*; that request succeeds (and is billed) with a
+  wrong output: ``output: ratio`` renders another aspect ratio than the one asked for, ``output: truncate``
+  cuts the video to ``keep`` (default 0.5) of its length while the File's ``duration`` still claims the
+  whole length (fal bills the file it returned: the cut length).
 * ``expire_result``: consumed by the next result GET of a completed request; that result (and later GETs)
   answer 404 as if fal's retention had passed.
 
@@ -31,7 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = frozenset({"http", "drop", "slow", "runner_error", "expire_result", "duplicate"})
+KINDS = frozenset({"http", "drop", "slow", "runner_error", "bad_output", "expire_result", "duplicate"})
+#: What a ``bad_output`` fault does to the output.
+BAD_OUTPUTS = frozenset({"ratio", "truncate"})
 OPS = frozenset({"submit", "status", "stream", "result", "cancel", "upload", "upload_part", "webhook", "any"})
 #: Fault kinds applied to webhook deliveries.
 WEBHOOK_KINDS = frozenset({"drop", "slow", "duplicate"})
@@ -87,6 +93,8 @@ class Fault:
     delay_s: float = 0.0
     error_type: str | None = None
     after_handling: bool = False
+    output: str | None = None
+    keep: float = 0.5
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Fault:
@@ -106,6 +114,10 @@ class Fault:
             raise ValueError("a duplicate fault needs op webhook")
         if fault.kind == "http" and fault.status is None:
             raise ValueError("an http fault needs a status")
+        if fault.kind == "bad_output" and (fault.output not in BAD_OUTPUTS or fault.op != "submit"):
+            raise ValueError(f"a bad_output fault needs op submit and output one of {sorted(BAD_OUTPUTS)}")
+        if not 0 < fault.keep < 1:
+            raise ValueError("keep must be between 0 and 1")
         if fault.times == 0 or fault.times < -1:
             raise ValueError("times must be >= 1 or -1")
         fault.headers = {str(k): str(v) for k, v in (fault.headers or {}).items()}

@@ -204,6 +204,34 @@ class RenderCache:
             size_bytes=out.stat().st_size,
         )
 
+    async def truncated(self, rendered: Rendered, keep_s: float) -> Rendered:
+        """A copy of ``rendered`` cut to its first ``keep_s`` seconds (the ``bad_output`` fault)."""
+        out = self._dir / f"{rendered.path.stem}.cut{int(keep_s * 1000)}.mp4"
+        if not out.exists():
+            tmp = self._dir / f"{out.stem}.{os.getpid()}.tmp.mp4"
+            argv = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i"]
+            argv += [
+                str(rendered.path),
+                "-t",
+                f"{keep_s:.3f}",
+                "-c",
+                "copy",
+                "-movflags",
+                "+faststart",
+                str(tmp),
+            ]
+            async with self._slots:
+                await self._exec(argv, tmp)
+            tmp.replace(out)
+        info = await asyncio.to_thread(probe, out)
+        return Rendered(
+            path=out,
+            width=info.width,
+            height=info.height,
+            duration_s=info.duration_s,
+            size_bytes=out.stat().st_size,
+        )
+
     async def _run_ffmpeg(self, src: Path, dst: Path, layout: Layout) -> None:
         argv = [
             ffmpeg_exe(),
@@ -234,6 +262,9 @@ class RenderCache:
             "+faststart",
             str(dst),
         ]
+        await self._exec(argv, dst)
+
+    async def _exec(self, argv: list[str], dst: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )

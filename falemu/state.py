@@ -23,7 +23,7 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ class QueueRequest:
     runner_fault: Fault | None = None
     #: The key id that submitted it (its fal account); never the secret.
     account: str = ""
+    output_fault: Fault | None = None
     #: ``X-Fal-Store-IO``: False drops the input payload once the request ends (and hides both payloads).
     store_io: bool = True
     #: ``X-Fal-Object-Lifecycle-Preference``'s expiration: the output media is gone this long after it is made
@@ -208,6 +209,7 @@ class EmulatorState:
         runner_fault: Fault | None,
         start_timeout_s: float | None = None,
         account: str = "",
+        output_fault: Fault | None = None,
         store_io: bool = True,
         output_expiration_s: float | None = None,
     ) -> QueueRequest:
@@ -228,6 +230,7 @@ class EmulatorState:
             generation=self._generation,
             runner_fault=runner_fault,
             account=account,
+            output_fault=output_fault,
             store_io=store_io,
             output_expiration_s=output_expiration_s,
         )
@@ -381,8 +384,19 @@ class EmulatorState:
             errors = fetch_error(f"video is longer than {cfg.max_input_duration_s:g} s", params.video_url)
             return Outcome(422, {"detail": errors}, _first_msg(errors), "validation_error")
         req.log(f"Reframing {info.width}x{info.height} {info.duration_s:.2f}s to {params.aspect_ratio}")
+        bad = req.output_fault.output if req.output_fault is not None else None
+        claimed_s: float | None = None
         try:
-            rendered = await self.cache.render(fetched.path, fetched.sha256, params)
+            if bad == "ratio":  # a scripted wrong output: another aspect ratio than asked for
+                wrong = "16:9" if params.aspect_ratio in {"1:1", "9:16", "3:4", "9:21"} else "9:16"
+                rendered = await self.cache.render(
+                    fetched.path, fetched.sha256, replace(params, aspect_ratio=wrong)
+                )
+            else:
+                rendered = await self.cache.render(fetched.path, fetched.sha256, params)
+            if bad == "truncate" and req.output_fault is not None:
+                claimed_s = rendered.duration_s  # the File still claims the whole length
+                rendered = await self.cache.truncated(rendered, rendered.duration_s * req.output_fault.keep)
         except RenderError as exc:
             return request_error(500, str(exc), "runner_server_error")
         expires_at = None if req.output_expiration_s is None else time.time() + req.output_expiration_s
@@ -394,9 +408,10 @@ class EmulatorState:
             "file_size": rendered.size_bytes,
             "width": rendered.width,
             "height": rendered.height,
-            "duration": round(rendered.duration_s, 3),
+            "duration": round(claimed_s if claimed_s is not None else rendered.duration_s, 3),
         }
         req.log("Done")
+        # fal bills the output it returned
         return Outcome(
             200, {"video": video}, billed_s=billable_s(rendered.duration_s, self.config.billing_unit_s)
         )

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 import time
@@ -122,11 +123,24 @@ class Job:
     dead_letter_reason: str | None = None
     deduped_from: str | None = None
     """The job whose result this one reused (paying once for identical work); None when it paid."""
+    output_copy: str | None = None
+    """The copy of a success's output into the output store: ``pending``, ``retrying``, ``copied``,
+    ``failed`` (given up: fal's URL only; ``reframe outputs retry``), None when no store is set."""
+    output_copy_error: str | None = None
+    """Why the last copy try failed (``retrying`` or ``failed``)."""
+    output_key: str | None = None
+    """The stored output's content-addressed key (``reframe outputs url JOB`` signs a URL for it)."""
+    output_verify: str | None = None
+    """``ok`` or ``mismatch`` (the output is not what was asked for; ``output_verification`` says how)."""
+    output_verification: dict[str, Any] | None = None
+    """The measured output (width, height, duration_s, codec, ...) and the reasons of a mismatch."""
 
     @property
     def terminal(self) -> bool:
-        """True once the job SUCCEEDED, FAILED or was CANCELLED."""
-        return self.state.terminal
+        """True once the job SUCCEEDED, FAILED or was CANCELLED and its end is out: a success whose
+        output copy is still ``pending`` (its first try under way; the result event waits for it)
+        is not yet terminal here, one whose copy is ``retrying`` or ``failed`` is."""
+        return self.state.terminal and self.output_copy != "pending"
 
     @property
     def video_url(self) -> str | None:
@@ -161,7 +175,25 @@ class Job:
             timestamps_ms={k: int(v) for k, v in rec.items() if k.startswith("ts_") and isinstance(v, int)},
             dead_letter_reason=rec.get("dead_letter_reason") or None,
             deduped_from=rec.get("deduped_from") or None,
+            output_copy=rec.get("output_copy") or None,
+            output_copy_error=rec.get("output_copy_error") or None,
+            output_key=rec.get("output_key") or None,
+            output_verify=rec.get("output_verify") or None,
+            output_verification=_json_object(rec.get("output_verification")),
         )
+
+
+def _json_object(raw: Any) -> dict[str, Any] | None:
+    """A JSON object stored as text in a record field (None when absent or not an object)."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _tenant(tenant: str | None) -> str:
@@ -473,9 +505,11 @@ class Producer:
     def wait(self, job_id: str, timeout_s: float, *, poll_interval_s: float = 0.5) -> Job:
         """Block until the job is terminal; raise ``TimeoutError`` after ``timeout_s``.
 
-        Blocks on the result stream (``XREAD``) rather than polling the record, so a waiter wakes as
-        soon as the terminal event is published; the record is re-read at least every
-        ``poll_interval_s`` in case the stream was trimmed.
+        A success whose output copy is still ``pending`` (its first copy try under way) is waited for
+        too, so the job returned names the stored output; a copy that is ``retrying`` (the store is
+        down) does not hold the wait. Blocks on the result stream (``XREAD``) rather than polling the
+        record, so a waiter wakes as soon as the terminal event is published; the record is re-read
+        at least every ``poll_interval_s`` in case the stream was trimmed.
         """
         args = {"job_id": job_id, "timeout_s": timeout_s, "poll_interval_s": poll_interval_s}
         call: WaitCall = check_call(WaitCall, args, self.limits)

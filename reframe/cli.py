@@ -78,6 +78,10 @@ costs_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(costs_app, name="costs")
+outputs_app = typer.Typer(
+    help="The output store: signed URLs, retrying given-up copies, retention cleanup.", no_args_is_help=True
+)
+app.add_typer(outputs_app, name="outputs")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -139,6 +143,9 @@ def settings_or_exit(*, require_fal_key: bool = False, **overrides: Any) -> Sett
         settings.fal_key_value,
         *settings.fal_account_key_map.values(),
         settings.callback_signing_key.get_secret_value() if settings.callback_signing_key else "",
+        settings.output_s3_secret_access_key.get_secret_value()
+        if settings.output_s3_secret_access_key
+        else "",
     ]
     return settings
 
@@ -617,6 +624,17 @@ def _job_json(job: Any) -> dict[str, Any]:
         "error": job.error,
         "dead_letter_reason": job.dead_letter_reason,
         "timestamps_ms": job.timestamps_ms,
+        **(
+            {
+                "output_copy": job.output_copy,
+                "output_copy_error": job.output_copy_error,
+                "output_key": job.output_key,
+                "output_verify": job.output_verify,
+                "output_verification": job.output_verification,
+            }
+            if job.output_copy
+            else {}
+        ),
     }
 
 
@@ -962,6 +980,120 @@ def callbacks_redeliver(
             console.print(f"{event_id} {'queued for delivery' if ok else 'unknown or expired'}")
     if missed:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def _output_store(settings: Settings) -> Any:
+    from worker.output_store import OutputStoreError, from_settings
+
+    try:
+        store = from_settings(settings)
+    except (ValueError, OutputStoreError, OSError) as exc:
+        raise fail(f"REFRAME_OUTPUT_STORE_URL: {exc}") from None
+    if store is None:
+        raise fail("REFRAME_OUTPUT_STORE_URL: the output store is off")
+    return store
+
+
+@outputs_app.command("url")
+def outputs_url(
+    job_id: Annotated[str, typer.Argument(help="Job id (or a unique prefix).")],
+    expires_s: Annotated[
+        int | None,
+        typer.Option("--expires-s", min=1, help="Life of the URL (REFRAME_OUTPUT_PRESIGN_EXPIRY_S)."),
+    ] = None,
+) -> None:
+    """Print a URL of a job's stored output: presigned (S3) or file:// (local store)."""
+    from worker.output_ops import OutputOps
+    from worker.output_store import OutputStoreError
+
+    settings = settings_or_exit()
+    store = _output_store(settings)
+    client = _redis_client(settings)
+    try:
+        (full,) = resolve_job_ids(settings, client, [job_id])
+        key = OutputOps(client, Keys(settings.key_prefix)).stored_key(full)
+    finally:
+        client.close()
+    if not key:
+        raise fail(f"job_id: the output of {full} is not in the store (see `reframe status {full}`)")
+    try:
+        url = store.url(key, expires_s=expires_s or settings.output_presign_expiry_s)
+    except OutputStoreError as exc:
+        raise fail(f"output store: {exc}") from None
+    print(url)
+
+
+@outputs_app.command("retry")
+def outputs_retry(
+    job_ids: Annotated[list[str] | None, typer.Argument(help="Job ids (or unique prefixes).")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Retry every given-up copy.")] = False,
+) -> None:
+    """Copy given-up outputs again (from fal's URL, while fal keeps the file); never submits to fal."""
+    from worker.output_ops import OutputOps
+
+    settings = settings_or_exit()
+    if not job_ids and not failed:
+        raise fail("job_ids: name jobs or pass --failed")
+    client = _redis_client(settings)
+    try:
+        ops = OutputOps(client, Keys(settings.key_prefix))
+        if failed:
+            event_ids = [c.event_id for c in ops.failed(100_000)]
+        else:
+            event_ids = [ops.event_id_of(j) for j in resolve_job_ids(settings, client, job_ids or [])]
+        missed = 0
+        for event_id in event_ids:
+            ok = bool(event_id) and ops.retry(event_id)
+            missed += not ok
+            console.print(f"{event_id or '?'} {'queued for copy' if ok else 'not a given-up copy'}")
+    finally:
+        client.close()
+    if missed:
+        raise typer.Exit(1)
+
+
+@outputs_app.command("failed")
+def outputs_failed(limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100) -> None:
+    """List output copies given up after REFRAME_OUTPUT_COPY_WINDOW_S (or fal's file gone)."""
+    from worker.output_ops import OutputOps
+
+    settings = settings_or_exit()
+    client = _redis_client(settings)
+    try:
+        rows = OutputOps(client, Keys(settings.key_prefix)).failed(limit)
+    finally:
+        client.close()
+    table = Table("event", "job", "given up", "last error")
+    for row in rows:
+        given_up = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.failed_at_ms / 1000))
+        table.add_row(row.event_id, row.job_id, given_up, row.error)
+    console.print(table)
+
+
+@outputs_app.command("cleanup")
+def outputs_cleanup(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete stored outputs older than REFRAME_OUTPUT_RETENTION_DAYS."""
+    from worker.output_ops import cleanup
+    from worker.output_store import OutputStoreError, utcnow
+
+    settings = settings_or_exit()
+    store = _output_store(settings)
+    try:
+        gone = cleanup(
+            store, now=utcnow(), retention_s=settings.output_retention_days * 86400, dry_run=dry_run
+        )
+    except OutputStoreError as exc:
+        raise fail(f"output store: {exc}") from None
+    for obj in gone:
+        verb = "would delete" if dry_run else "deleted"
+        print(f"{verb} {obj.key} ({obj.size} bytes, {obj.last_modified:%Y-%m-%dT%H:%M:%SZ})")
+    done = "past" if dry_run else "deleted past"
+    console.print(f"{len(gone)} output(s) {done} {settings.output_retention_days:g} days")
 
 
 # --------------------------------------------------------------------------------------------- costs

@@ -318,6 +318,8 @@ def start_cluster(
             # The emulator serves the media it stores on loopback: allow exactly that for fetches
             # (the guarded fetcher refuses loopback by default, worker/contracts/netguard.py).
             **({"REFRAME_FETCH_ALLOW": "127.0.0.1/32"} if cluster.emulator else {}),
+            # finished outputs are copied into the cluster's own directory (worker/output_store.py)
+            "REFRAME_OUTPUT_STORE_URL": f"file://{(workdir / 'outputs').resolve()}",
             **webhook_env,
             **dict(env or {}),
         }

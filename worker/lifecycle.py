@@ -519,11 +519,14 @@ def finish(
     callback: Mapping[str, Any] | None = None,
     ledger_kind: str = "settled",
     billed_s: float | None = None,
+    copy: Mapping[str, Any] | None = None,
 ) -> bool:
     """End the job's life once: state, resources, event and callback in one step. True if it did.
 
     A settlement appends one cost-ledger entry of ``ledger_kind`` (``settled`` from the output,
-    ``estimate`` when the outcome is unknown), with ``billed_s`` when fal's bill is known."""
+    ``estimate`` when the outcome is unknown), with ``billed_s`` when fal's bill is known.
+    ``copy``: the output copy entry of a success (:mod:`worker.output_copy` publishes the held
+    event and callback once the output is stored)."""
     record = dict(fields or {})
     ev = dict(event or {})
     cb: dict[str, Any] = {"video": None, "cost_usd": None, "error": None, **(callback or {})}
@@ -549,6 +552,7 @@ def finish(
         idempotency_key=rec.idempotency_key,
         ledger_kind=ledger_kind,
         billed_s="" if billed_s is None else f"{billed_s:g}",
+        copy=copy,
     )
     if not moved.ok:
         return False
@@ -558,7 +562,8 @@ def finish(
     e2e_s = max(0.0, (moved.at_ms - rec.created_at_ms) / 1000) if rec.created_at_ms else 0.0
     label = "dead_lettered" if dead_letter else OUTCOME_BY_STATE[to]
     rt.metrics.job_finished(label, rec.priority.value, e2e_s)
-    rt.metrics.result_published()
+    if copy is None:  # else published by the copier, with the stored location
+        rt.metrics.result_published()
     if budget is BudgetAction.SETTLE and settle_micro > 0:
         rt.metrics.spent(settle_micro / 1e6)
     if dead_letter and failure is not None:
@@ -736,6 +741,24 @@ def attach(rt: Runtime, job_id: str, attempt: str, *, leader: str) -> MoveOutcom
     )
 
 
+def copy_entry(
+    rt: Runtime, rec: JobRecord, source_url: str, *, settled_micro: int, billed_s: float | None
+) -> dict[str, Any] | None:
+    """The output copy work of a success (worker/output_copy.py), or None when no store is set:
+    where to read the output, what was asked for (verification) and what was settled (its
+    correction to the verified duration; ``billed_s`` None: nothing to correct, as for a job served
+    an identical job's result, which was charged nothing)."""
+    if rt.outputs is None or not source_url:
+        return None
+    return {
+        "source_url": source_url,
+        "aspect_ratio": str(rec.input.get("aspect_ratio") or ""),
+        "input_duration_s": rec.get("input_measured_s"),
+        "settled_micro": settled_micro,
+        "settled_billed_s": "" if billed_s is None else f"{billed_s:g}",
+    }
+
+
 def serve_identical(rt: Runtime, rec: JobRecord, attempt: str, claim: Claim) -> bool:
     """Finish the job SUCCEEDED with a copy of an identical job's result, without a fal call: fenced
     by ``attempt`` from a pre-submit state, charged nothing (no ledger entry), its own event and
@@ -759,6 +782,9 @@ def serve_identical(rt: Runtime, rec: JobRecord, attempt: str, claim: Claim) -> 
             "deduped_from": claim.other,
         },
         callback={"video": video or None, "cost_usd": 0.0, "deduped_from": claim.other},
+        # its own copy in the output store, under its own tenant (the same bytes of the same tenant
+        # are the same object); charged nothing, so nothing to correct
+        copy=copy_entry(rt, rec, str(video.get("url") or ""), settled_micro=0, billed_s=None),
     )
     if done:
         rt.metrics.dedup("served", claim.cost_micro / 1e6)

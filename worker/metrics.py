@@ -56,6 +56,8 @@ BUDGET_PERIODS: Final = ("day", "month", "tenant_day", "tenant_month")
 RESULT_SINKS: Final = ("stream",)
 PUBLISH_OUTCOMES: Final = ("ok",)
 CALLBACK_OUTCOMES: Final = ("delivered", "failed", "gave_up")
+OUTPUT_COPY_OUTCOMES: Final = ("copied", "failed", "gave_up")
+OUTPUT_VERIFY_RESULTS: Final = ("ok", "mismatch")
 TRACKER_POLL_OUTCOMES: Final = ("ok",)
 COMPLETION_PATHS: Final = ("webhook", "status")
 DEDUP_OUTCOMES: Final = ("led", "attached", "served", "alone", "no_key")
@@ -84,6 +86,7 @@ HTTP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 RATE_WAIT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 TASK_RUNTIME_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 90, 300)
 CALLBACK_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+OUTPUT_COPY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 #: Distinct exception class names kept per task before further ones are recorded as ``other``.
 MAX_EXCEPTION_CLASSES: Final = 30
@@ -334,6 +337,29 @@ class Metrics:
             buckets=CALLBACK_BUCKETS,
             registry=registry,
         )
+        self.output_copies = Counter(
+            f"{p}_output_copies_total",
+            "Output copy tries by outcome: copied (stored and verified), failed (retried from the "
+            "copy outbox), gave_up (copy window over or fal's file gone: output_copy=failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.output_copy_duration = Histogram(
+            f"{p}_output_copy_duration_seconds",
+            "Duration of one successful output copy (download from fal, verify, upload).",
+            buckets=OUTPUT_COPY_BUCKETS,
+            registry=registry,
+        )
+        self.output_copy_bytes = Counter(
+            f"{p}_output_copy_bytes_total", "Bytes of outputs copied into the store.", registry=registry
+        )
+        self.output_verify = Counter(
+            f"{p}_output_verify_total",
+            "Copied outputs checked against their request: ok, or mismatch (wrong aspect ratio or "
+            "duration; recorded on the job with the measured numbers).",
+            ["result"],
+            registry=registry,
+        )
 
         # --- completion tracker ------------------------------------------------------------------
         self.tracker_jobs = Gauge(
@@ -416,6 +442,8 @@ class Metrics:
             (self.budget_rejections, {"period": BUDGET_PERIODS}),
             (self.results_published, {"sink": RESULT_SINKS, "outcome": PUBLISH_OUTCOMES}),
             (self.callback_deliveries, {"outcome": CALLBACK_OUTCOMES}),
+            (self.output_copies, {"outcome": OUTPUT_COPY_OUTCOMES}),
+            (self.output_verify, {"result": OUTPUT_VERIFY_RESULTS}),
             (self.tracker_polls, {"outcome": TRACKER_POLL_OUTCOMES}),
             (self.job_completions, {"via": COMPLETION_PATHS}),
             (self.dedup_jobs, {"outcome": DEDUP_OUTCOMES}),
@@ -535,6 +563,21 @@ class Metrics:
         self.callback_deliveries.labels(outcome=out).inc()
         if duration_s is not None:
             self.callback_duration.observe(_seconds(duration_s))
+
+    def output_copy(self, outcome: str, duration_s: float | None = None, size_bytes: int = 0) -> None:
+        """Count an output copy try (copied, failed, gave_up), its duration and bytes when copied."""
+        out = self._guard.closed("output_copy_outcome", outcome, OUTPUT_COPY_OUTCOMES)
+        self.output_copies.labels(outcome=out).inc()
+        if duration_s is not None:
+            self.output_copy_duration.observe(_seconds(duration_s))
+        if size_bytes > 0:
+            self.output_copy_bytes.inc(size_bytes)
+
+    def output_verified(self, result: str) -> None:
+        """Count a verification of a copied output (ok, mismatch)."""
+        self.output_verify.labels(
+            result=self._guard.closed("output_verify", result, OUTPUT_VERIFY_RESULTS)
+        ).inc()
 
     # --- tracker -----------------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ def succeeded(rt: Runtime, rec: JobRecord, output: ReframeOutput, status: QueueS
         callback={"video": video.model_dump(mode="json"), "cost_usd": actual / 1e6},
         ledger_kind="estimate" if duration is None else "settled",
         billed_s=billed_s,
+        copy=lifecycle.copy_entry(rt, rec, video.url, settled_micro=actual, billed_s=billed_s),
     )
     if done and isinstance(inference, int | float):
         rt.metrics.fal_inference(float(inference))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 
 from config import Settings
+from worker import output_store
 from worker.contracts.connect import redis_client
 from worker.contracts.dedupe import DedupeStore
 from worker.contracts.durable import Replication
@@ -33,6 +34,7 @@ from worker.fal import FalAuthError, FalClient
 from worker.flow import FlowControl
 from worker.flow.accounts import pool_arg
 from worker.metrics import Metrics, get_metrics
+from worker.output_store import OutputStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,6 +168,11 @@ class Runtime:
     def dedupe(self) -> DedupeStore:
         """The scripts of paying once for identical work (worker/contracts/dedupe.py)."""
         return DedupeStore(self.redis, self.store.keys)
+
+    @functools.cached_property
+    def outputs(self) -> OutputStore | None:
+        """The output store (worker/output_store.py); None when ``REFRAME_OUTPUT_STORE_URL=off``."""
+        return output_store.from_settings(self.settings)
 
     def now_ms(self) -> int:
         """Redis time in ms: the one clock every worker shares."""

@@ -14,6 +14,7 @@ from config import Settings
 from worker.health import CONSUMER_LINK, HealthServer
 from worker.housekeeper import Housekeeper
 from worker.outbox import Outbox
+from worker.output_copy import OutputCopier
 from worker.presence import STATE_DRAINING, Presence, PresenceBeat, effective_limits
 from worker.runtime import Runtime, install
 from worker.tracker import Tracker, start_tracker, stop_tracker
@@ -28,6 +29,7 @@ class _State:
     housekeeper: Housekeeper | None = None
     tracker: Tracker | None = None
     outbox: Outbox | None = None
+    copier: OutputCopier | None = None
     presence: PresenceBeat | None = None
     ready: bool = False
 
@@ -98,8 +100,12 @@ def start_background() -> None:
     _state.housekeeper = hk
     _state.outbox = Outbox(rt)
     _state.outbox.start()
+    store = rt.outputs
+    if store is not None:  # copies finished outputs into the store (worker/output_copy.py)
+        _state.copier = OutputCopier(rt, store)
+        _state.copier.start()
     _state.ready = True
-    log.info("worker ready: tracker, housekeeper and outbox running")
+    log.info("worker ready: tracker, housekeeper, outbox and output copier running")
 
 
 def stop_background() -> None:
@@ -113,6 +119,9 @@ def stop_background() -> None:
     if _state.outbox is not None:
         _state.outbox.stop()
         _state.outbox = None
+    if _state.copier is not None:
+        _state.copier.stop()
+        _state.copier = None
     if _state.runtime is not None and _state.tracker is not None:
         stop_tracker(_state.runtime, _state.tracker)
         _state.tracker = None

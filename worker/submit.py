@@ -365,7 +365,11 @@ class Submitter:
             micro = self.flow.budget.estimate_micro(duration)
         else:
             micro = self.flow.budget.estimate_micro(duration + self.s.estimate_margin_s)
-        self.rt.store.set_fields(rec.id, estimate_micro=micro, input_duration_s=f"{duration:.3f}")
+        measured = "" if info.known_duration_s is None else f"{info.known_duration_s:.3f}"
+        # input_measured_s: only a read duration (the output is verified against it), never the maximum
+        self.rt.store.set_fields(
+            rec.id, estimate_micro=micro, input_duration_s=f"{duration:.3f}", input_measured_s=measured
+        )
         return micro
 
     # ------------------------------------------------------------------ submit

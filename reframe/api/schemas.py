@@ -91,6 +91,18 @@ class JobOut(BaseModel):
     deduped_from: str | None = Field(
         default=None, description="The job whose result this one reused without a fal call (null: it paid)."
     )
+    output_copy: str | None = Field(
+        default=None,
+        description="The output's copy into the output store: pending, retrying, copied or failed "
+        "(null: no store, or not a paid success).",
+    )
+    output_key: str | None = Field(default=None, description="The stored output's content-addressed key.")
+    output_verify: str | None = Field(
+        default=None, description="ok, or mismatch: the output is not the requested aspect ratio or length."
+    )
+    output_verification: dict[str, Any] | None = Field(
+        default=None, description="The measured output (width, height, duration_s, codec, ...), reasons."
+    )
 
     @classmethod
     def of(cls, job: Job, tenant: str | None) -> JobOut:
@@ -113,6 +125,10 @@ class JobOut(BaseModel):
             timestamps_ms=job.timestamps_ms,
             dead_letter_reason=job.dead_letter_reason,
             deduped_from=job.deduped_from,
+            output_copy=job.output_copy,
+            output_key=job.output_key,
+            output_verify=job.output_verify,
+            output_verification=job.output_verification,
         )
 
 

@@ -146,6 +146,20 @@ _SPECS: Final = (
         "How far past its due time the most overdue tracking entry is; 0 when none is due.",
     ),
     _Spec(
+        "reframe_output_copies_pending",
+        "Output copies not done yet: first try or retrying (ZCARD P:outputs:pending); their result "
+        "events wait for them.",
+    ),
+    _Spec(
+        "reframe_output_copy_oldest_pending_age_seconds",
+        "Age since its job finished of the oldest pending output copy; fal deletes its file when "
+        "its media retention ends. 0 when none.",
+    ),
+    _Spec(
+        "reframe_output_copies_failed",
+        "Output copies given up (output_copy=failed; ZCARD P:outputs:failed): `reframe outputs retry`.",
+    ),
+    _Spec(
         "reframe_celery_unacked_messages",
         "Celery messages delivered to a worker and not yet acknowledged (HLEN of kombu's unacked).",
     ),
@@ -308,6 +322,9 @@ class _Raw:
     slot_holders: list[str] = field(default_factory=list)
     unacked_n: int = 0
     events_n: int = 0
+    copies_pending: int = 0
+    copies_failed: int = 0
+    copies_oldest: Any = None
     records: dict[str, list[str | None]] = field(default_factory=dict)
     expired_n: int = 0
     overdue_n: int = 0
@@ -422,6 +439,9 @@ class ClusterCollector(Collector):
         pipe.zrange(k.slots, 0, self._slot_scan - 1)
         pipe.hlen(self._unacked_key)
         pipe.xlen(k.events)
+        pipe.zcard(k.outputs_pending)
+        pipe.zcard(k.outputs_failed)
+        pipe.zrange(k.outputs_since, 0, 0, withscores=True)
         replies = iter(pipe.execute())
 
         secs, usecs = next(replies)
@@ -440,6 +460,8 @@ class ClusterCollector(Collector):
         )
         raw.slot_holders = [_text(m) for m in next(replies)]
         raw.unacked_n, raw.events_n = int(next(replies)), int(next(replies))
+        raw.copies_pending, raw.copies_failed = int(next(replies)), int(next(replies))
+        raw.copies_oldest = next(replies)
 
         job_ids = sorted(
             {h.job_id for h in raw.celery_tails if h is not None and h.job_id}
@@ -511,6 +533,13 @@ class ClusterCollector(Collector):
             ("reframe_celery_unacked_oldest_age_seconds", (), unacked_age),
             ("reframe_dead_letter_jobs", (), float(raw.dlq_n)),
             ("reframe_result_stream_length", (), float(raw.events_n)),
+            ("reframe_output_copies_pending", (), float(raw.copies_pending)),
+            (
+                "reframe_output_copy_oldest_pending_age_seconds",
+                (),
+                _age_s(now_ms, _zhead_score(raw.copies_oldest)),
+            ),
+            ("reframe_output_copies_failed", (), float(raw.copies_failed)),
         ]
         out.extend(self._flow_samples(now_ms))
         out.extend(self._tenants.samples(self._r, now_ms))

@@ -64,6 +64,16 @@ def test_identical_requests_pay_once(chaos_cluster: ClusterFactory, whole_clip: 
         assert [j.state for j in jobs] == [JobState.SUCCEEDED] * 20
         assert submits_of(cluster, request) == 1
         assert len({j.video_url for j in jobs}) == 1 and jobs[0].video_url
+        # every job, served ones too, has its own copy in the output store under its own tenant:
+        # one object per tenant for the same bytes
+        wait_until(
+            lambda: all(r.hget(KEYS.job(j), "output_copy") == "copied" for j in ids),
+            timeout_s=60,
+            what="every output copied",
+        )
+        stored = {j: (r.hget(KEYS.job(j), "tenant"), r.hget(KEYS.job(j), "output_key")) for j in ids}
+        assert all((key or "").startswith(f"t/{tenant}/") for tenant, key in stored.values()), stored
+        assert len({key for _t, key in stored.values()}) == 2, stored
         assert jobs[0].deduped_from is None and jobs[0].cost_usd == BILLED_MICRO / 1e6
         assert {j.deduped_from for j in jobs[1:]} == {first}
         assert {j.cost_usd for j in jobs[1:]} == {0.0}

@@ -73,6 +73,8 @@ def cluster(make_cluster: ClusterFactory) -> LocalCluster:
             "REFRAME_FAL_STORE_IO": "false",
             "REFRAME_FAL_OUTPUT_EXPIRATION_S": str(EXPIRATION_S),
             "REFRAME_DEDUPE_RETENTION_S": str(EXPIRATION_S),
+            # a copy still retried must find fal's file: the copy window stays inside the expiration
+            "REFRAME_OUTPUT_COPY_WINDOW_S": str(EXPIRATION_S - 1),
         },
         emulator_args=["--max-input-bytes", str(LIMIT_BYTES)],
     )

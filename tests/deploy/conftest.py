@@ -34,6 +34,8 @@ SECRET_KEYS = {
     "callback-secrets",
     "callback-tenant-secrets",
     "webhook-secret",
+    "output-s3-access-key-id",
+    "output-s3-secret-access-key",
 }
 
 

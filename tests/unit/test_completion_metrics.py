@@ -130,7 +130,7 @@ def test_a_receiver_without_metrics_still_answers() -> None:
 # --------------------------------------------------------------------- the worker's completions
 @pytest.fixture
 def rt() -> SimpleNamespace:
-    return SimpleNamespace(metrics=Metrics(CollectorRegistry()))
+    return SimpleNamespace(metrics=Metrics(CollectorRegistry()), outputs=None)  # no output store
 
 
 @pytest.fixture

@@ -404,8 +404,15 @@ def test_a_follower_is_parked_then_served_when_its_leader_succeeds(
     assert json.loads(served["result"])["video"]["url"] == OUT
     entries = [f for _id, f in rclient.xrange(KEYS.ledger)]
     assert [f["job_id"] for f in entries] == []  # the leader's settlement was not part of this test
-    event = [f for _id, f in rclient.xrange(KEYS.events) if f["job_id"] == follower]
-    assert event[0]["deduped_from"] == leader and event[0]["cost_usd"] == "0.000000"
+    # its own copy of the output goes to the store (no copier runs here): the event waits in the copy
+    # entry, charged nothing, so the copy has nothing to correct
+    assert served["output_copy"] == "pending"
+    assert not [f for _id, f in rclient.xrange(KEYS.events) if f["job_id"] == follower]
+    entry = rclient.hgetall(KEYS.output_entry(served["event_id"]))
+    assert entry["source_url"] == OUT and entry["settled_billed_s"] == "" and entry["settled_micro"] == "0"
+    pairs = json.loads(entry["event"])  # the stream entry's field list, published by the copier
+    held = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    assert held["deduped_from"] == leader and held["cost_usd"] == "0.000000"
     assert runtime.metrics.dedup_saved._value.get() == pytest.approx(0.18)
 
 

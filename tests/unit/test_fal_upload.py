@@ -93,8 +93,15 @@ def test_every_submit_carries_what_fal_should_keep(store_io: bool) -> None:
 def test_an_expiration_shorter_than_dedupe_reuse_is_refused() -> None:
     with pytest.raises(ValueError, match="REFRAME_FAL_OUTPUT_EXPIRATION_S must be >= REFRAME_DEDUPE"):
         load_settings({"REFRAME_FAL_OUTPUT_EXPIRATION_S": "3600"})
-    ok = load_settings({"REFRAME_FAL_OUTPUT_EXPIRATION_S": "3600", "REFRAME_DEDUPE_RETENTION_S": "3600"})
+    both = {"REFRAME_FAL_OUTPUT_EXPIRATION_S": "3600", "REFRAME_DEDUPE_RETENTION_S": "3600"}
+    # the output store's copies are retried for REFRAME_OUTPUT_COPY_WINDOW_S: fal's file must outlive that
+    with pytest.raises(
+        ValueError, match="REFRAME_FAL_OUTPUT_EXPIRATION_S must be > REFRAME_OUTPUT_COPY_WINDOW_S"
+    ):
+        load_settings(both)
+    ok = load_settings({**both, "REFRAME_OUTPUT_COPY_WINDOW_S": "1800"})
     assert ok.fal_output_expiration_s == 3600
+    assert load_settings({**both, "REFRAME_OUTPUT_STORE_URL": "off"}).fal_output_expiration_s == 3600
 
 
 class Storage:

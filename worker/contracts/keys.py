@@ -163,6 +163,26 @@ class Keys:
         return f"{self.root}:callbacks:failed"
 
     @property
+    def outputs_pending(self) -> str:
+        """ZSET event id -> when its output copy is due (ms); a copier leases it by moving the time ahead."""
+        return f"{self.root}:outputs:pending"
+
+    @property
+    def outputs_since(self) -> str:
+        """ZSET event id -> when its job finished (ms) of every pending copy (given-up ones are in
+        ``outputs_failed``): the oldest pending copy's age, against fal's media retention."""
+        return f"{self.root}:outputs:since"
+
+    def output_entry(self, event_id: str) -> str:
+        """HASH of one output copy: fal's URL, the held event and callback, claims, tries, last error."""
+        return f"{self.root}:output:{event_id}"
+
+    @property
+    def outputs_failed(self) -> str:
+        """ZSET event id -> when its copy was given up (ms); ``reframe outputs retry`` takes them back."""
+        return f"{self.root}:outputs:failed"
+
+    @property
     def housekeeper_lock(self) -> str:
         """Lock held by the one process running the periodic sweeps."""
         return f"{self.root}:housekeeper"

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -281,6 +282,52 @@ def read_local_video(path: Path) -> MediaInfo:
     if info.width is None:
         raise UnreadableVideo("has no video stream")
     return info
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What a finished output's container says: duration, frame size and video codec."""
+
+    duration_s: float | None
+    width: int | None
+    height: int | None
+    codec: str
+    size_bytes: int
+
+
+def read_container(path: Path) -> ContainerInfo:
+    """Duration, width, height and video codec of a local file (restricted open as above).
+
+    Raises :class:`UnreadableVideo` when it is not a video with a video stream."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        try:
+            with av.open(
+                handle,
+                mode="r",
+                options={"format_whitelist": ALLOWED_DEMUXERS, "protocol_whitelist": "none"},
+                io_open=_refuse_nested_open,
+            ) as container:
+                if not container.streams.video:
+                    raise UnreadableVideo("has no video stream")
+                stream = container.streams.video[0]
+                duration_s: float | None = None
+                if container.duration is not None:
+                    duration_s = float(container.duration) / 1_000_000
+                elif stream.duration is not None and stream.time_base is not None:
+                    duration_s = float(stream.duration * stream.time_base)
+                ctx = stream.codec_context
+                return ContainerInfo(
+                    duration_s=duration_s,
+                    width=ctx.width or None,
+                    height=ctx.height or None,
+                    codec=str(ctx.name or ""),
+                    size_bytes=size,
+                )
+        except UnreadableVideo:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyAV raises many types for "not a video"
+            raise UnreadableVideo(f"is not a readable video ({type(exc).__name__})") from None
 
 
 def _safe_reason(exc: BaseException) -> str:

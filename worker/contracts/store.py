@@ -420,11 +420,14 @@ class JobStore:
         idempotency_key: str = "",
         ledger_kind: str = "settled",
         billed_s: str = "",
+        copy: Mapping[str, Any] | None = None,
     ) -> MoveOutcome:
         """End the job's life exactly once (see ``lua/finish.lua``).
 
         ``event_id`` must be the record's :attr:`~worker.contracts.record.JobRecord.event_id`;
         ``callback`` holds the members of the callback body besides those the script writes.
+        ``copy`` (a success only): the fields of an output copy entry; the event and callback are
+        then held in it until the copy is settled (``worker/lua/output_settle.lua``).
         """
         if to not in TERMINAL_STATES:
             raise ValueError(f"{to} is not terminal")
@@ -442,9 +445,19 @@ class JobStore:
             "set": {k: _encode(v) for k, v in (fields or {}).items()} or None,
             "event": {k: _encode(v) for k, v in (event or {}).items()} or None,
             "body_tail": tail[1:] if tail != "{}" else '"_":null}',
+            "copy": {k: _encode(v) for k, v in copy.items()} if copy else None,
         }
         k = self.keys
-        extra = [k.events, k.dlq, k.outbox, k.outbox_entry(event_id), k.idem(idempotency_key)]
+        extra = [
+            k.events,
+            k.dlq,
+            k.outbox,
+            k.outbox_entry(event_id),
+            k.idem(idempotency_key),
+            k.outputs_pending,
+            k.output_entry(event_id),
+            k.outputs_since,
+        ]
         raw = self.run_job_script(self._finish, job_id, extra, [job_id, _options(opt)])
         if int(raw[0]) == 0:
             return MoveOutcome(ok=False, state=_text(raw[1]))

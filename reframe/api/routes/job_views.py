@@ -135,7 +135,14 @@ def _idem(value: Any, tenant: str) -> str | None:
 
 
 def _mark(rec: dict[str, Any]) -> tuple[Any, ...]:
-    return (rec.get("state"), rec.get("attempts"), rec.get("replays"), rec.get("fal_request_id"))
+    # output_copy too: a success is terminal (Job.terminal) once its copy is out of `pending`
+    return (
+        rec.get("state"),
+        rec.get("attempts"),
+        rec.get("replays"),
+        rec.get("fal_request_id"),
+        rec.get("output_copy") == "pending",
+    )
 
 
 @router.get(

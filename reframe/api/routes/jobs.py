@@ -371,7 +371,8 @@ def job_events(
                 return
             rec = decode_record(raw)
             job = Job.from_record(rec)
-            mark = (job.state, job.attempts, rec.get("replays"), job.fal_request_id)
+            # terminal too: a success is terminal once its output copy is out of `pending`
+            mark = (job.state, job.attempts, rec.get("replays"), job.fal_request_id, job.terminal)
             if mark != last_seen:
                 last_seen = mark
                 seq += 1
