@@ -122,8 +122,8 @@ _SPECS: Final = (
     ),
     _Spec(
         "reframe_fal_account_budget_cap_usd",
-        "The daily/monthly budget of one fal account; only accounts that declare one. The account "
-        "takes no new job while spent + reserved + one largest job would pass it.",
+        "The daily/monthly budget of one fal account (+Inf: it declares none). The account takes no "
+        "new job while spent + reserved + one largest job would pass it.",
         ("account", "period"),
     ),
     _Spec("reframe_slots_reserved_high", "Slots only high-priority jobs may take (reserved_high_slots)."),
@@ -409,10 +409,13 @@ class ClusterCollector(Collector):
             ("reframe_slots_capacity", (), float(s.slot_capacity)),
             *[("reframe_fal_account_capacity", (a.id,), float(a.cap)) for a in s.fal_account_specs],
             *[
-                ("reframe_fal_account_budget_cap_usd", (a.id, period), float(cap))
+                (
+                    "reframe_fal_account_budget_cap_usd",
+                    (a.id, period),
+                    math.inf if cap is None else float(cap),
+                )
                 for a in s.fal_account_specs
                 for period, cap in (("day", a.daily_usd), ("month", a.monthly_usd))
-                if cap is not None
             ],
             ("reframe_slots_reserved_high", (), float(s.reserved_high_slots)),
             ("reframe_celery_visibility_timeout_seconds", (), float(s.visibility_timeout_s)),
