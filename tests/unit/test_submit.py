@@ -425,9 +425,9 @@ def test_a_reservation_settles_into_the_period_it_was_made_in(runtime: Runtime, 
     the reservation's period keys (every key it touches is in KEYS)."""
     job_id = enqueue(runtime)
     attempt = at_fal(runtime, job_id, "R1")
-    micro, _day, _month, at_ms, tenant = rclient.hget("{reframe}:fc:budget:res", job_id).split("|")
-    assert tenant == "default"
-    rclient.hset("{reframe}:fc:budget:res", job_id, f"{micro}|2020-01-31|2020-01|{at_ms}|{tenant}")
+    micro, _day, _month, at_ms, tenant, account = rclient.hget("{reframe}:fc:budget:res", job_id).split("|")
+    assert (tenant, account) == ("default", "default")  # the slot bound it to the fal account
+    rclient.hset("{reframe}:fc:budget:res", job_id, f"{micro}|2020-01-31|2020-01|{at_ms}|{tenant}|{account}")
     rclient.hset("{reframe}:fc:budget:day:2020-01-31", "reserved", micro)
     rclient.hset("{reframe}:fc:budget:tenant:default:day:2020-01-31", "reserved", micro)
     rec = runtime.store.record(job_id)

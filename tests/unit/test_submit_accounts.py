@@ -13,6 +13,7 @@ from config import Settings
 from producer import Producer
 from worker import lifecycle
 from worker.contracts.models import JobState
+from worker.contracts.store import BudgetAction, SlotAction
 from worker.metrics import Metrics
 from worker.runtime import Runtime
 from worker.submit import Outcome, Submitter
@@ -86,3 +87,38 @@ def test_an_open_breaker_drains_its_account_and_the_job_goes_to_another(runtime:
     key = runtime.store.keys.job(second)
     gate2 = lifecycle.begin(runtime, second)
     assert runtime.flow.slots.acquire(second, "normal", record_key=key, attempt=gate2.attempt).account == "b"
+
+
+def test_a_transition_settles_before_it_hands_on_the_slot_so_a_refund_admits_at_once(
+    make_settings: Callable[..., Settings], rclient: redis.Redis
+) -> None:
+    # one account with room for one largest job (31 s at $0.06/s = $1.86) and $0.059999 more: the
+    # first job (estimate $0.06) runs, the second waits for budget, not for a slot
+    settings = make_settings(fal_accounts="a:2:-:1.919999", callback_allow_unsigned=True, fal_key="ida:seca")
+    rt = Runtime.build(settings, metrics=Metrics(CollectorRegistry()))
+    try:
+        first, second = enqueue(rt, 2)
+        attempts = {}
+        for job_id in (first, second):
+            gate = lifecycle.begin(rt, job_id)
+            attempts[job_id] = gate.attempt
+            key = rt.store.keys.job(job_id)
+            assert rt.flow.budget.reserve(job_id, 60_000, record_key=key, attempt=gate.attempt).ok
+            rt.flow.slots.acquire(job_id, "normal", record_key=key, attempt=gate.attempt)
+        assert rt.flow.slots.account_of(first) == "a" and rt.flow.slots.account_of(second) == ""
+        # the first job ends billed $0.03 (a refund of half its estimate): in the same script the
+        # account's money is settled, then its slot handed on, to the second job
+        moved = rt.store.move(
+            first,
+            JobState.DEFERRED,
+            lifecycle.attempt_fence(attempts[first], states=[JobState.QUEUED]),
+            slot=SlotAction.RELEASE,
+            budget=BudgetAction.SETTLE,
+            settle_micro=30_000,
+        )
+        assert moved.ok and moved.admitted == (second,)
+        assert rt.flow.slots.account_of(second) == "a"
+        (status,) = rt.flow.accounts.status()
+        assert (status.day_spent_micro, status.reserved_micro) == (30_000, 60_000)
+    finally:
+        rt.close()

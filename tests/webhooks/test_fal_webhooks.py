@@ -357,6 +357,8 @@ def test_a_webhook_later_than_the_wait_resolves_the_dead_letter(
         assert json.loads(rec["result"])["video"]["url"]
         assert book["billed_requests"] == 1 and book["billed_seconds"] == 3
         assert budget_day(r) == (3 * PRICE_MICRO_PER_S, 0)  # the estimate (with margin) was corrected
+        fair = r.hgetall(f"{KEYS.root}:fc:fair")  # and so was the spend of the job's fal account
+        assert int(fair[f"abs:default:d:{fair['abd:default']}"]) == 3 * PRICE_MICRO_PER_S, fair
         assert r.zscore(KEYS.slots, job_id) is None  # the slot held for the unseen request is free
         assert _job_events(wc, ids) == {job_id: [f"{job_id}.1"]}  # the life is not reopened
 

@@ -35,6 +35,14 @@ if delta ~= 0 then
   end
   append_ledger(job_id, tenant, delta, {attempt = opt.attempt, request_id = opt.request_id,
     billed_s = opt.billed_s or '', kind = 'correction'})
+  -- the fal account the attempt was bound to (its budget, accounts_lib) gets the same correction,
+  -- in the periods of KEYS 12 and 13
+  local acct = redis.call('HGET', job_key, 'fal_account') or ''
+  local day, month = string.match(KEYS[12], ':day:([^:]+)$'), string.match(KEYS[13], ':month:([^:]+)$')
+  if acct ~= '' and day and month then
+    account_spend(acct, 'd', day, delta)
+    account_spend(acct, 'm', month, delta)
+  end
 end
 local out = {1, now_ms}
 for _, id in ipairs(release_slot(job_id)) do out[#out + 1] = id end

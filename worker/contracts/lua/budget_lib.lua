@@ -45,7 +45,8 @@ local function account_spend(acct, period, which, micro)
     if cur then redis.call('HDEL', fair, 'abs:' .. acct .. ':' .. period .. ':' .. cur) end
     redis.call('HSET', fair, ptr, which)
   end
-  redis.call('HINCRBY', fair, 'abs:' .. acct .. ':' .. period .. ':' .. which, micro)
+  local field = 'abs:' .. acct .. ':' .. period .. ':' .. which
+  if redis.call('HINCRBY', fair, field, micro) < 0 then redis.call('HSET', fair, field, 0) end  -- a correction
 end
 -- take a reservation back out of a period; never below zero (a period key may have expired)
 local function unreserve(k, est)

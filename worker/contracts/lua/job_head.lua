@@ -57,6 +57,16 @@ end
 -- ledger_kind). Returns the ids admitted into freed slots.
 local function free_resources()
   local admitted = {}
+  -- the money first: a fal account's budget room (accounts_lib) freed by this settlement is then
+  -- seen by the admission of the freed slot
+  if opt.budget == 'release' then
+    settle_reservation(job_id, -1)
+  elseif opt.budget == 'settle' then
+    local who = redis.call('HMGET', job_key, 'attempt', 'fal_request_id')
+    settle_reservation(job_id, tonumber(opt.settle_micro), {
+      attempt = who[1] or '', request_id = who[2] or '', billed_s = opt.billed_s or '',
+      kind = opt.ledger_kind or 'settled'})
+  end
   if opt.slot == 'release' then
     admitted = release_slot(job_id)
   elseif opt.slot == 'drop' then
@@ -67,14 +77,6 @@ local function free_resources()
     if redis.call('ZSCORE', slots, job_id) then
       redis.call('ZADD', slots, now_ms + tonumber(opt.hold_ms), job_id)
     end
-  end
-  if opt.budget == 'release' then
-    settle_reservation(job_id, -1)
-  elseif opt.budget == 'settle' then
-    local who = redis.call('HMGET', job_key, 'attempt', 'fal_request_id')
-    settle_reservation(job_id, tonumber(opt.settle_micro), {
-      attempt = who[1] or '', request_id = who[2] or '', billed_s = opt.billed_s or '',
-      kind = opt.ledger_kind or 'settled'})
   end
   return admitted
 end
