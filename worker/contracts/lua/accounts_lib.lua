@@ -15,8 +15,9 @@
 -- (abd:<account> / abm:<account> name them; an older period's field is dropped when a newer one is
 -- written, budget_lib settle_reservation), so the fields per account stay bounded.
 --
--- The budget reservations HASH is read (never written here) at account_take: `<prefix>:fc:budget:res`
--- (worker/flow/budget.py), derived from fair `<prefix>:fc:fair` (same hash tag, so the same slot).
+-- The budget reservations HASH `<prefix>:fc:budget:res` (worker/flow/budget.py) is read at
+-- account_take and the job's entry rewritten with its account: derived from fair `<prefix>:fc:fair`
+-- (same hash tag, so the same cluster slot), not declared in KEYS (as `<wait_q>:ready`, slots_lib).
 --
 -- The rule: a slot is taken on the usable (not drained) account with the most free slots (the
 -- first listed on ties), and only when it has one, so an account never holds more than its cap;
