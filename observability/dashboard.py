@@ -651,6 +651,59 @@ def results(d: Dashboard) -> Dashboard:
     )
 
 
+def outputs(d: Dashboard) -> Dashboard:
+    """The output store: copies of successes off fal's CDN, their backlog and verification."""
+    d = d.with_row(Row("Output store"))
+    d = d.with_panel(
+        ts(
+            "Output copies",
+            "Copy tries per second by outcome (copied; failed: retried with backoff; gave_up: the copy "
+            "window ended or fal's file is gone, output_copy=failed) and the p95 of a copy (download, "
+            "hash, verify, upload).",
+            [
+                q(f"sum by (outcome) (rate(reframe_output_copies_total{sel()}[{RATE}]))", "{{outcome}}/s"),
+                q(
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"(rate(reframe_output_copy_duration_seconds_bucket{sel()}[{RATE}])))",
+                    "p95 copy (s)",
+                ),
+            ],
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Copies pending and given up",
+            "Copies not done yet (their results wait to be published) and copies given up "
+            "(`reframe outputs retry`; alert ReframeOutputCopiesFailed).",
+            [
+                q(f"max(reframe_output_copies_pending{sel()})", "pending"),
+                q(f"max(reframe_output_copies_failed{sel()})", "given up"),
+            ],
+            span=6,
+        )
+    )
+    d = d.with_panel(
+        single(
+            "Oldest pending copy",
+            "Age of the oldest copy not done yet; it must end well before fal deletes the output "
+            "(alert ReframeOutputCopyNearRetention).",
+            f"max(reframe_output_copy_oldest_pending_age_seconds{sel()})",
+            unit="s",
+            steps=((None, "green"), (3600, "orange"), (10800, "red")),
+            span=4,
+        )
+    )
+    return d.with_panel(
+        ts(
+            "Output verification",
+            "Copied outputs checked against the request per second: ok, or mismatch (aspect ratio or "
+            "duration off: the evidence is on the job for a refund request at fal).",
+            [q(f"sum by (result) (rate(reframe_output_verify_total{sel()}[{RATE}]))", "{{result}}/s")],
+            span=6,
+        )
+    )
+
+
 def tracker(d: Dashboard) -> Dashboard:
     """Completion tracking load."""
     d = d.with_row(Row("Completion tracker"))
@@ -875,6 +928,7 @@ def build() -> dict[str, Any]:
         dedupe,
         failures,
         results,
+        outputs,
         tracker,
         http_api,
         celery,

@@ -106,6 +106,8 @@ def feed(m: Metrics, api: ApiMetrics, stop: threading.Event) -> None:
         m.budget_rejection("day")
         m.result_published()
         m.callback_delivery("delivered", 0.1)
+        m.output_copy("copied", 0.15, 4096)
+        m.output_verified("ok")
         m.tracker_load(3, capacity=2000)
         m.tracker_stream_reconnect()
         m.tracker_poll("ok")
