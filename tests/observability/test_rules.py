@@ -23,6 +23,7 @@ REQUIRED_ALERTS = {
     "ReframeFal429Ratio",
     "ReframeBreakerOpen",
     "ReframeFalAccountDrained",
+    "ReframeRedisNotReplicated",
     "ReframeBudgetNearlyExhausted",
     "ReframeBudgetExhausted",
     "ReframeDeadLettersGrowing",
