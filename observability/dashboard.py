@@ -455,7 +455,7 @@ def capacity(d: Dashboard) -> Dashboard:
         .thresholds(thresholds((None, "green"), (1, "yellow"), (2, "red")))
     )
     d = d.with_panel(with_targets(breaker, [q(BREAKER_EXPR, "breaker")]))
-    return d.with_panel(
+    d = d.with_panel(
         ts(
             "Breaker window and retry budget",
             "Failure ratio in the breaker's window, transitions per second, and retry tokens left.",
@@ -471,6 +471,27 @@ def capacity(d: Dashboard) -> Dashboard:
                 ),
                 q(f"max(reframe_retry_budget_tokens{sel()})", "retry tokens"),
             ],
+        )
+    )
+    return d.with_panel(
+        ts(
+            "fal account budgets",
+            "Per fal account with an optional budget (REFRAME_FAL_ACCOUNTS id:cap:rate:daily:monthly): "
+            "dollars spent this UTC day and month and held by jobs in flight (the caps: "
+            "reframe_fal_account_budget_cap_usd, `reframe accounts list`). An account takes no new job "
+            "once the largest possible job no longer fits under a cap.",
+            [
+                q(
+                    f"max by (account, period) (reframe_fal_account_budget_spent_usd{sel()})",
+                    "{{account}} spent ({{period}})",
+                ),
+                q(
+                    f"max by (account) (reframe_fal_account_budget_reserved_usd{sel()})",
+                    "{{account}} reserved",
+                ),
+            ],
+            unit="currencyUSD",
+            span=24,
         )
     )
 
