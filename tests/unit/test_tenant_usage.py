@@ -34,7 +34,9 @@ def budget(r: redis.Redis) -> Budget:
 
 def test_rows_of_tenants_with_limits_or_slots(r: redis.Redis) -> None:
     registry = TenantRegistry(r, KEYS)
-    registry.set("acme", TenantLimits(daily_budget_usd=1.0, monthly_budget_usd=20.0, weight=3, max_concurrent=4))
+    registry.set(
+        "acme", TenantLimits(daily_budget_usd=1.0, monthly_budget_usd=20.0, weight=3, max_concurrent=4)
+    )
     registry.set("idle", TenantLimits(weight=2))
     slots, b = pool(r), budget(r)
     for i in range(3):
