@@ -43,6 +43,10 @@ def http(emu: EmulatorServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def clip_url(server: EmulatorServer, clip: Path) -> str:
     """The clip uploaded into the emulator's storage (uploads survive resets)."""
+    # A session fixture is set up before the test's own `emu` resets the config, so the keys a
+    # previous test locked or revoked would refuse this upload (which test runs first depends on
+    # how the files are spread over processes): start from the defaults.
+    server.configure(**DEFAULTS)
     response = httpx.post(
         server.url + "/files/upload",
         content=clip.read_bytes(),
