@@ -506,9 +506,9 @@ class Settings(BaseSettings):
     )
     output_copy_backoff_cap_s: PosFloat = Field(default=300.0, description="Longest wait between copy tries.")
     output_copy_lease_s: PosFloat = Field(
-        default=300.0,
-        description="How long one claimed copy may take before another worker takes it over (a worker "
-        "that died mid-copy hands it back after this).",
+        default=30.0,
+        description="Lease of a claimed copy, renewed every third of it while the copy runs: a worker "
+        "that died or stopped mid-copy hands its copies back this long after its last renewal.",
     )
     output_copy_workers: PosInt = Field(default=4, description="Copies in parallel per worker process.")
     output_max_bytes: PosInt = Field(

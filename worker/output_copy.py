@@ -92,6 +92,10 @@ class OutputCopier:
         self._claim = rt.redis.register_script(load_lua(script_path(__file__, "output_claim")))
         self._take = rt.redis.register_script(load_lua(script_path(__file__, "output_take")))
         self._settle = rt.redis.register_script(load_lua(script_path(__file__, "output_settle")))
+        self._renew = rt.redis.register_script(load_lua(script_path(__file__, "output_renew")))
+        self._working: set[str] = set()  # event ids this process is copying (their claims are renewed)
+        self._working_lock = threading.Lock()
+        self._renewed_at = 0.0
         workers = rt.settings.output_copy_workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reframe-copy")
         self._slots = threading.Semaphore(workers * 2)
@@ -113,10 +117,26 @@ class OutputCopier:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self.renew_claims()
                 self.run_once()
             except Exception:
                 log.warning("output copy claim failed", exc_info=True)
             self._stop.wait(self.interval_s)
+
+    def renew_claims(self, *, force: bool = False) -> int:
+        """Keep the claims of the copies under way in this process (every third of the lease), so a
+        long download keeps its copy while a copier that died or stopped hands its copies back one
+        lease later; returns how many were renewed."""
+        lease_ms = int(self.rt.settings.output_copy_lease_s * 1000)
+        now = time.monotonic()
+        if not force and now - self._renewed_at < lease_ms / 3000:
+            return 0
+        self._renewed_at = now
+        with self._working_lock:
+            working = sorted(self._working)
+        if not working:
+            return 0
+        return int(self._renew(keys=[self.keys.outputs_pending], args=[lease_ms, *working]))
 
     def run_once(self, limit: int = 16) -> list[str]:
         """Claim due copies (as many as there are free copy slots) and start them; the claimed ids."""
@@ -139,11 +159,15 @@ class OutputCopier:
         return ids
 
     def _copy_released(self, event_id: str) -> None:
+        with self._working_lock:
+            self._working.add(event_id)
         try:
             self.copy_one(event_id)
         except Exception:
             log.exception("output copy %s crashed; its lease returns it", event_id)
         finally:
+            with self._working_lock:
+                self._working.discard(event_id)
             self._slots.release()
 
     # ------------------------------------------------------------------ one copy

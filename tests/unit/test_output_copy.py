@@ -224,3 +224,18 @@ def test_outputs_cli_lists_retries_signs_and_cleans_up(
     r.hdel(K.job(job_id), "output_key")
     assert cli.run(["outputs", "url", job_id]) == 2
     assert "is not in the store" in capsys.readouterr().err
+
+
+def test_a_copy_under_way_keeps_its_claim_and_a_settled_one_is_not_brought_back(rclient: redis.Redis) -> None:
+    """The copier renews the lease of the copies it is working on (a long download keeps its copy);
+    the renewal only moves entries still pending, so a settled copy never reappears."""
+    r = redis.Redis(connection_pool=rclient.connection_pool, decode_responses=True)
+    claim = r.register_script(load_lua(LUA / "output_claim.lua"))
+    renew = r.register_script(load_lua(LUA / "output_renew.lua"))
+    r.zadd(K.outputs_pending, {"e1": 0, "e2": 0})
+    assert sorted(claim(keys=[K.outputs_pending], args=[10, 1_000])) == ["e1", "e2"]  # type: ignore[operator]
+    leased = r.zscore(K.outputs_pending, "e1")
+    assert renew(keys=[K.outputs_pending], args=[60_000, "e1", "gone"]) == 1  # type: ignore[operator]
+    assert r.zscore(K.outputs_pending, "e1") >= leased + 59_000  # held for another lease
+    assert r.zscore(K.outputs_pending, "e2") == leased  # not renewed: it comes back after its lease
+    assert r.zscore(K.outputs_pending, "gone") is None  # XX: nothing is added back
