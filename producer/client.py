@@ -56,13 +56,13 @@ from worker.contracts.models import (
     ReframeInput,
     parse_input,
 )
-from worker.contracts.quotes import MediaInfo, ModelLimits, Quote, build_quote, read_budgets
+from worker.contracts.quotes import ModelLimits, Quote, build_quote, read_budgets
 from worker.contracts.store import BudgetAction, Fence, JobStore, SlotAction
 from worker.contracts.tenants import DEFAULT_TENANT, check_tenant
 from worker.contracts.wire import CANCEL_TASK, task_message
 
 if TYPE_CHECKING:
-    from worker.contracts.netguard import GuardedFetcher
+    from producer.inputs import InputReader
 
 __all__ = [
     "CancelOutcome",
@@ -252,8 +252,8 @@ class Producer:
             dedupe_default=settings.dedupe_default,
             replication=Replication(settings.redis_min_replicas, settings.redis_replica_wait_ms),
         )
-        self._fetcher: GuardedFetcher | None = None
-        self._fetcher_lock = threading.Lock()
+        self._inputs: InputReader | None = None
+        self._inputs_lock = threading.Lock()
 
     def __enter__(self) -> Producer:
         return self
@@ -265,8 +265,8 @@ class Producer:
         """Close the Redis connection pool if this producer created it."""
         if self._own_client:
             self.r.close()
-        if self._fetcher is not None:
-            self._fetcher.close()
+        if self._inputs is not None:
+            self._inputs.close()
 
     # ------------------------------------------------------------------ enqueue
     def validate(self, request: ReframeInput | Mapping[str, Any]) -> ReframeInput:
@@ -374,7 +374,7 @@ class Producer:
         for i, call in enumerate(calls):
             url = call.input.video_url
             if url not in found:
-                found[url] = limits.problems(self._probe(url))
+                found[url] = limits.problems(self._reader().probe(url))
             where = f"items[{i}].video_url" if batch else "video_url"
             problems += [(where, f"the video {problem}; nothing was enqueued") for problem in found[url]]
         if problems:
@@ -407,10 +407,10 @@ class Producer:
         chosen = _tenant(tenant)
         hit: Hit | None = None
         if isinstance(request_or_url, os.PathLike):
-            info, source = self._read_file(Path(request_or_url)), "file"
+            info, source = self._reader().read_file(Path(request_or_url)), "file"
         else:
             url = self._video_url(request_or_url)
-            info, source = self._probe(url), "data" if url[:5].lower() == "data:" else "url"
+            info, source = self._reader().probe(url), "data" if url[:5].lower() == "data:" else "url"
             if isinstance(request_or_url, ReframeInput | Mapping) and self._dedupe_on(chosen, dedupe):
                 hit = self._identical(check_enqueue({"input": request_or_url}, self.limits).input)
         budgets = read_budgets(self.r, prefix=self.settings.key_prefix, settings=self.settings, tenant=chosen)
@@ -434,14 +434,9 @@ class Producer:
         return said == "on" if said in ("on", "off") else self.settings.dedupe_default
 
     def _identical(self, request: ReframeInput) -> Hit | None:
-        """The job an identical request reuses now (canonical key as the submitter computes it,
-        worker/contracts/canonical.py, through the guarded fetcher), or None."""
-        from worker.contracts.canonical import canonical_key  # loads httpx: on first use (see below)
-
-        key = canonical_key(request.to_fal(), fetcher=self._guarded_fetcher(), settings=self.settings)
-        if key.value is None:
-            return None
-        return DedupeStore(self.r, self.store.keys).lookup(key.value)
+        """The job an identical request reuses now (canonical key as the submitter computes it), or None."""
+        key = self._reader().canonical_key(request)
+        return None if key is None else DedupeStore(self.r, self.store.keys).lookup(key)
 
     def _video_url(self, request_or_url: object) -> str:
         """The checked ``video_url`` of a request or of a bare URL (errors name ``video_url``)."""
@@ -452,42 +447,16 @@ class Producer:
             return check_enqueue({"input": request_or_url}, self.limits).input.video_url
         raise InvalidRequest([("input", "must be a request, a video URL or a local file (pathlib.Path)")])
 
-    def _guarded_fetcher(self) -> GuardedFetcher:
-        # Loaded on first use, not to dodge a cycle but for weight: importing the producer never loads
-        # httpx or PyAV (tests/unit/test_packaging.py); only quotes and dedupe lookups need them.
-        from worker.contracts.netguard import GuardedFetcher
+    def _reader(self) -> InputReader:
+        """The input reader of quotes, the enqueue probe and dedupe lookups (made on first use)."""
+        # The one import of ours made on first use, for weight, not to dodge a cycle: it loads httpx
+        # and PyAV, which importing the producer must not (tests/unit/test_packaging.py).
+        from producer.inputs import InputReader
 
-        with self._fetcher_lock:
-            if self._fetcher is None:
-                self._fetcher = GuardedFetcher.from_settings(self.settings)
-            return self._fetcher
-
-    def _probe(self, url: str) -> MediaInfo:
-        """Size, duration and resolution of ``url`` through the guarded fetcher (None where unknown)."""
-        from worker.contracts.media import probe_media  # loads PyAV: on first use (see above)
-
-        s = self.settings
-        return probe_media(
-            url, fetcher=self._guarded_fetcher(), timeout_s=s.probe_timeout_s, max_bytes=s.probe_max_bytes
-        )
-
-    @staticmethod
-    def _read_file(path: Path) -> MediaInfo:
-        """A local video's facts, read here; :class:`InvalidRequest` naming ``video_url`` otherwise."""
-        from worker.contracts.media import UnreadableVideo, read_local_video  # PyAV: on first use
-
-        shown = repr(str(path))
-        if not path.is_file():
-            raise InvalidRequest([("video_url", f"{shown} is neither a URL nor an existing file")])
-        try:
-            if path.stat().st_size == 0:
-                raise InvalidRequest([("video_url", f"{shown} is empty")])
-            return read_local_video(path)
-        except UnreadableVideo as exc:
-            raise InvalidRequest([("video_url", f"{shown} {exc}")]) from None
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise InvalidRequest([("video_url", f"{shown} is not readable ({reason})")]) from None
+        with self._inputs_lock:
+            if self._inputs is None:
+                self._inputs = InputReader(self.settings)
+            return self._inputs
 
     # ------------------------------------------------------------------ observe
     def get(self, job_id: str) -> Job | None:
