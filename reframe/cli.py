@@ -471,24 +471,22 @@ def quote(
         except ValueError as exc:
             raise fail(str(exc)) from None
     target: Any = source if _is_url(source) else Path(source)
-    others = (image_url, prompt, grid_position_x, grid_position_y, x_start, x_end, y_start, y_end)
-    if aspect_ratio is None and any(v is not None for v in others):
+    optional = _request_fields(
+        image_url=image_url,
+        prompt=prompt,
+        grid_position_x=grid_position_x,
+        grid_position_y=grid_position_y,
+        x_start=x_start,
+        x_end=x_end,
+        y_start=y_start,
+        y_end=y_end,
+    )
+    if aspect_ratio is None and optional:
         raise fail("--aspect-ratio: the request's other options quote a whole request, which needs it")
     if aspect_ratio is not None:
         if not _is_url(source):
             raise fail("--aspect-ratio: a whole request needs a video URL (a local file is quoted alone)")
-        target = _request_fields(
-            video_url=source,
-            aspect_ratio=aspect_ratio,
-            image_url=image_url,
-            prompt=prompt,
-            grid_position_x=grid_position_x,
-            grid_position_y=grid_position_y,
-            x_start=x_start,
-            x_end=x_end,
-            y_start=y_start,
-            y_end=y_end,
-        )
+        target = {"video_url": source, "aspect_ratio": aspect_ratio, **optional}
     with Producer(settings) as producer:
         try:
             found = producer.quote(target, tenant=tenant, dedupe=dedupe)
